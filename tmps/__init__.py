@@ -1,0 +1,1 @@
+"""tmps: calibrated Tucker / MPS compression of transformer attention."""

@@ -1,0 +1,150 @@
+"""Matrix product states (tensor trains) by TT-SVD (Oseledets, "Tensor-Train Decomposition", 2011).
+
+An order-N tensor is written as a chain of order-3 cores
+
+    X[i_1, …, i_N] = G_1[:, i_1, :] G_2[:, i_2, :] … G_N[:, i_N, :],   G_k: (r_{k-1}, I_k, r_k),
+
+with boundary ranks ``r_0 = r_N = 1``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._linalg import column_signs
+from ._validate import validate_eps, validate_tensor
+
+__all__ = ["TTTensor", "tt_svd", "tt_to_tensor", "energy_rank", "tt_error_bound"]
+
+
+@dataclass
+class TTTensor:
+    """A tensor train: ``cores[k]`` has shape ``(r_{k-1}, I_k, r_k)`` with ``r_0 = r_N = 1``."""
+
+    cores: list[torch.Tensor]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(c.shape[1] for c in self.cores)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (1,) + tuple(c.shape[2] for c in self.cores)
+
+    def num_parameters(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    def to_tensor(self) -> torch.Tensor:
+        return tt_to_tensor(self)
+
+    def __iter__(self):
+        return iter(self.cores)
+
+    def __len__(self) -> int:
+        return len(self.cores)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.cores[k]
+
+
+def tt_to_tensor(tt: TTTensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract the cores left to right into the full tensor of shape ``(I_1, …, I_N)``."""
+    cores = tt.cores if isinstance(tt, TTTensor) else list(tt)
+    shape = [c.shape[1] for c in cores]
+    result = cores[0].reshape(cores[0].shape[1], cores[0].shape[2])
+    for core in cores[1:]:
+        result = result @ core.reshape(core.shape[0], -1)
+        result = result.reshape(-1, core.shape[2])
+    return result.reshape(shape)
+
+
+def energy_rank(singular_values: torch.Tensor, eps: float) -> int:
+    """Fewest leading singular values whose squared sum reaches ``eps`` of the total energy.
+
+    ``r = min{ r : Σ_{i≤r} σ_i² ≥ eps · Σ_i σ_i² }`` (at least 1). The discarded energy is then at
+    most ``(1 − eps) Σ σ_i²``.
+    """
+    energy = singular_values.double().pow(2)
+    total = energy.sum()
+    if total <= 0:
+        return 1
+    cumulative = torch.cumsum(energy, 0) / total
+    # A tiny slack so that eps = 1.0 keeps every non-zero value despite rounding of the cumsum.
+    return max(1, int((cumulative < eps - 1e-12).sum().item()) + 1)
+
+
+def tt_svd(
+    tensor: torch.Tensor,
+    eps: float | None = None,
+    max_rank: int | Sequence[int] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> TTTensor:
+    """TT-SVD: sequential truncated SVDs of the unfoldings, left to right.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        Order-N floating tensor of shape ``(I_1, …, I_N)``, N >= 2.
+    eps : float in (0, 1], optional
+        Energy kept at each unfolding (the prototype's ``mps_eps``; higher keeps more). At step k,
+        with singular values ``σ`` of the current ``(r_{k-1} I_k) × (I_{k+1}…I_N)`` unfolding,
+        keep the fewest ``r_k`` with ``Σ_{i≤r_k} σ_i² ≥ eps Σ σ_i²``. Each step discards at most
+        ``(1 − eps)‖X‖²`` and the discarded parts are orthogonal, so
+        ``‖X − X̂‖_F / ‖X‖_F ≤ sqrt((N − 1)(1 − eps))``.
+    max_rank : int or sequence of N-1 ints, optional
+        Upper bound on each internal rank ``r_1 … r_{N-1}`` (applied after ``eps``).
+        With neither ``eps`` nor ``max_rank`` the decomposition is exact.
+    compute_dtype : torch.dtype, optional
+        Compute in this dtype and cast the cores back (half precision is computed in float32).
+
+    Returns
+    -------
+    TTTensor
+        Cores ``(r_{k-1}, I_k, r_k)``; all but the last are left-orthonormal, with the sign
+        convention of :func:`fix_signs` on each left factor.
+    """
+    validate_tensor(tensor, min_order=2)
+    if eps is not None:
+        eps = validate_eps(eps, "eps")
+    order = tensor.ndim
+    if max_rank is None:
+        bounds = [None] * (order - 1)
+    elif isinstance(max_rank, int):
+        bounds = [max_rank] * (order - 1)
+    else:
+        bounds = list(max_rank)
+        if len(bounds) != order - 1:
+            raise ValueError(f"max_rank needs {order - 1} internal ranks for an order-{order} tensor, got {len(bounds)}")
+    for b in bounds:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"max_rank entries must be positive integers, got {max_rank!r}")
+
+    out_dtype = tensor.dtype
+    work_dtype = compute_dtype or (torch.float32 if tensor.element_size() < 4 else tensor.dtype)
+    shape = tensor.shape
+    remainder = tensor.to(work_dtype).reshape(shape[0], -1)
+    cores, rank = [], 1
+    for k in range(order - 1):
+        remainder = remainder.reshape(rank * shape[k], -1)
+        u, s, vh = torch.linalg.svd(remainder, full_matrices=False)
+        new_rank = s.numel()
+        if eps is not None:
+            new_rank = energy_rank(s, eps)
+        if bounds[k] is not None:
+            new_rank = min(new_rank, bounds[k])
+        # Flip u's columns and vh's rows together: the product, hence the tensor, is unchanged.
+        signs = column_signs(u[:, :new_rank])
+        u = u[:, :new_rank] * signs
+        remainder = signs[:, None] * s[:new_rank, None] * vh[:new_rank]
+        cores.append(u.reshape(rank, shape[k], new_rank).to(out_dtype))
+        rank = new_rank
+    cores.append(remainder.reshape(rank, shape[-1], 1).to(out_dtype))
+    return TTTensor(cores)
+
+
+def tt_error_bound(order: int, eps: float) -> float:
+    """The relative error bound ``sqrt((order − 1)(1 − eps))`` of :func:`tt_svd` with ``eps``."""
+    return math.sqrt((order - 1) * (1.0 - eps))
