@@ -1,0 +1,124 @@
+"""Calibration data: validation, batching, sampling from the model itself, and capturing layer inputs."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    pass
+
+
+def sample_from_model(model: nn.Module, num_sequences: int = 16, seq_len: int = 128, seed: int = 0,
+                      batch_size: int = 8) -> torch.Tensor:
+    """Calibration without a dataset: ``(num_sequences, seq_len)`` token ids sampled from the model.
+
+    Starts each sequence at the BOS token and samples with temperature 1 under a fixed seed
+    (``torch.random.fork_rng`` leaves the caller's RNG untouched). Needs a ``*ForCausalLM``.
+    """
+    if not hasattr(model, "generate"):
+        raise ValueError("calibration=None samples text from the model, which needs a *ForCausalLM; "
+                         "pass calibration token ids for a bare *Model")
+    device = next(model.parameters()).device
+    bos = getattr(model.config, "bos_token_id", None)
+    bos = 0 if bos is None else bos
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, num_sequences, batch_size):
+            n = min(batch_size, num_sequences - start)
+            prompt = torch.full((n, 1), bos, dtype=torch.long, device=device)
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
+                                 temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                 pad_token_id=bos)
+            out.append(ids[:, :seq_len])
+    return torch.cat(out)
+
+
+def calibration_batches(calibration, model: nn.Module, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalise ``calibration`` into ``[(input_ids (b, s), attention_mask (b, s))]`` after checking it.
+
+    Accepts a LongTensor ``(n, seq)``, or an iterable of such tensors or of tokenizer outputs
+    (mappings with ``input_ids`` and optionally ``attention_mask``).
+    """
+    if isinstance(calibration, torch.Tensor):
+        items = list(calibration.split(batch_size)) if calibration.ndim == 2 else [calibration]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
+        items = list(calibration)
+    else:
+        raise TypeError(f"calibration must be a LongTensor (n, seq) or an iterable of batches, got {type(calibration).__name__}")
+    device = next(model.parameters()).device
+    vocab = getattr(model.config, "vocab_size", None)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    batches = []
+    for item in items:
+        mask = None
+        if isinstance(item, dict) or hasattr(item, "keys"):
+            if "input_ids" not in item:
+                raise ValueError("a calibration batch given as a mapping needs an 'input_ids' entry")
+            ids, mask = item["input_ids"], item.get("attention_mask")
+        else:
+            ids = item
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"calibration token ids must be 2-D (batch, seq), got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"calibration must hold integer token ids, got dtype {ids.dtype}; tokenize the text first")
+        if ids.device != device:
+            raise ValueError(f"calibration is on {ids.device} but the model is on {device}; move it with .to({str(device)!r})")
+        if ids.numel() == 0:
+            continue
+        if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); "
+                             f"got values in [{ids.min().item()}, {ids.max().item()}]")
+        if max_pos is not None and ids.shape[1] > max_pos:
+            raise ValueError(f"calibration sequences have {ids.shape[1]} tokens, more than the model's "
+                             f"max_position_embeddings={max_pos}; cut them shorter")
+        mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+        batches.append((ids.long(), mask.long()))
+    if not batches:
+        raise ValueError("calibration data is empty: give at least one sequence of token ids (or calibration=None "
+                         "to sample from the model)")
+    return batches
+
+
+def capture_first_layer_inputs(model: nn.Module, first_layer: nn.Module, batches) -> list[tuple[torch.Tensor, dict]]:
+    """Run the embeddings for each batch and keep what the first decoder layer receives: ``(hidden, kwargs)``."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for key in ("cache", "past_key_values"):
+            kwargs.pop(key, None)
+        kwargs["use_cache"] = False
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids, mask in batches:
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """``Σ x̃ x̃ᵀ`` over unmasked tokens, ``x̃ = [x; 1]``: ``(d+1, d+1)`` float64."""
+    flat = x.reshape(-1, x.shape[-1])[token_mask.reshape(-1).bool()].double()
+    flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)], dim=1)
+    return flat.T @ flat

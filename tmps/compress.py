@@ -1,0 +1,360 @@
+"""``tmps.compress``: calibrated, sequential, transactional compression of every attention block.
+
+Two passes over the calibration data, one decoder layer at a time, keeping only the current
+layer's hidden states and a ``(d+1)²`` second moment per layer (no stored activations beyond that):
+
+1. dense pass: second moments of every attention input; their spectra set the ranks of each layer
+   (a global ``ratio`` is spent where the calibration error drops most);
+2. sequential pass: layer l is decomposed from the inputs that the *already compressed* layers
+   0..l-1 produce, swapped in, and run to make layer l+1's inputs; the attention output error on
+   the calibration data is measured on the way.
+
+If anything fails (bad option, NaN, out of memory, KeyboardInterrupt) every swapped layer is put
+back: the model is left exactly as it was.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import (
+    augmented_moment,
+    calibration_batches,
+    capture_first_layer_inputs,
+    run_layer,
+    sample_from_model,
+)
+from .config import CompressionConfig
+from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
+from .solvers import DenseAttentionWeights, LayerSolver, allocate_by_threshold, ranks_by_energy
+
+__all__ = ["compress", "is_compressed"]
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return getattr(model, "tmps_info", None) is not None
+
+
+def _check_weights(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the model's weight {name} has NaN/Inf entries; tmps cannot compress a broken model "
+                             "(reload it from its checkpoint)")
+
+
+@torch.no_grad()
+def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
+             ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
+             error_budget: float | None = None, allocation: str = "greedy", batch_size: int = 8,
+             calibration_samples: int = 16, calibration_seq_len: int = 128, seed: int = 0,
+             progress: bool = True, damping: float = 1e-6) -> nn.Module:
+    """Replace the attention of ``model`` (in place) by compressed attention and return it.
+
+    Parameters
+    ----------
+    model : OPT or Llama-family ``*ForCausalLM`` / ``*Model``.
+    calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
+        None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
+    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation : see :class:`CompressionConfig`.
+    batch_size : calibration sequences per forward.
+    progress : show progress bars.
+
+    Returns the same model object, with ``model.tmps_info`` describing every layer (see
+    :func:`tmps.report`).
+    """
+    config = CompressionConfig(mode=mode, method=method, ratio=ratio, mps_eps=mps_eps, hooi_ranks=hooi_ranks,
+                               error_budget=error_budget, allocation=allocation, damping=damping)
+    arch = architecture_of(model)
+    if is_compressed(model):
+        raise ValueError("this model is already compressed by tmps; compress the dense model again "
+                         "(recompressing stored factors would compound their error)")
+    _check_weights(model)
+    if calibration is None:
+        calibration = sample_from_model(model, calibration_samples, calibration_seq_len, seed, batch_size)
+    batches = calibration_batches(calibration, model, batch_size)
+
+    layers = arch.decoder_layers(model)
+    swapped: list[tuple[int, nn.Module]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        info = _compress_layers(model, arch, layers, batches, config, swapped, progress)
+    except BaseException:
+        for index, original in reversed(swapped):
+            layers[index] = original
+        raise
+    finally:
+        model.train(was_training)
+    model.tmps_info = {"config": config.to_dict(), "layers": info}
+    return model
+
+
+def _attention_moments(arch, layers, inputs, masks, progress: bool, desc: str):
+    """Dense pass: the augmented second moment of every attention input, layer by layer."""
+    moments = []
+    hidden = [h for h, _ in inputs]
+    for layer in tqdm(layers, desc=desc, disable=not progress, leave=False):
+        moment = _run_with_moment(arch, layer, hidden, inputs, masks)
+        moments.append(moment)
+    return moments
+
+
+def _run_with_moment(arch, layer, hidden, inputs, masks):
+    """Run ``layer`` over every batch (updating ``hidden`` in place) and return its attention input moment."""
+    attention = arch.attention_of(layer)
+    state = {"moment": None, "count": 0, "mask": None}
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        m = augmented_moment(x, state["mask"])
+        state["moment"] = m if state["moment"] is None else state["moment"] + m
+        state["count"] += int(state["mask"].sum())
+
+    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, (_, kwargs) in enumerate(inputs):
+            state["mask"] = masks[i]
+            hidden[i] = run_layer(layer, hidden[i], kwargs)
+    finally:
+        handle.remove()
+    return state["moment"] / max(state["count"], 1)
+
+
+def _solver(arch, attention, config, moment) -> LayerSolver:
+    q, k, v, o = arch.projections(attention)
+    weights = DenseAttentionWeights.from_linears(q, k, v, o)
+    return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping)
+
+
+def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[dict]:
+    """Per-layer ranks from the rank rule; kv: {'k': [...], 'v': [...]}, weights: {'r_in', ...}."""
+    plans = []
+    if config.mode == "kv":
+        spectra = [s.kv_spectra() for s in solvers]
+        if config.ratio is not None and config.allocation == "greedy" and config.method != "svd":
+            flat, index = [], []
+            for l, sp in enumerate(spectra):
+                for name in ("k", "v"):
+                    for h, lam in enumerate(sp[name]):
+                        flat.append(lam), index.append((l, name, h))
+            budget = config.ratio * sum(lam.numel() for lam in flat)
+            if config.method == "eigen":  # EigenAttention: one energy threshold for every head
+                ranks = _uniform_threshold(flat, budget)
+            else:
+                ranks = allocate_by_threshold(flat, [1] * len(flat), budget)
+            for l, sp in enumerate(spectra):
+                plans.append({n: [0] * len(sp[n]) for n in ("k", "v")})
+            for (l, name, h), r in zip(index, ranks):
+                plans[l][name][h] = r
+        else:
+            for sp in spectra:
+                plan = {}
+                for j, name in enumerate(("k", "v")):
+                    if config.ratio is not None:
+                        plan[name] = [max(1, round(config.ratio * lam.numel())) for lam in sp[name]]
+                    elif config.hooi_ranks is not None:
+                        total = sum(lam.numel() for lam in sp[name])
+                        if config.hooi_ranks[j] > total:
+                            raise ValueError(f"hooi_ranks[{j}]={config.hooi_ranks[j]} exceeds the {name.upper()} "
+                                             f"width {total}; use a rank <= {total}")
+                        plan[name] = _split_rank(config.hooi_ranks[j], [lam.numel() for lam in sp[name]])
+                    else:
+                        eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
+                        plan[name] = [ranks_by_energy(lam, eps) for lam in sp[name]]
+                plans.append(plan)
+        return plans
+
+    # weights mode
+    if config.method == "svd":
+        for s in solvers:
+            sp = s.projection_spectra()
+            d = s.shape.hidden_size
+            if config.ratio is not None:
+                ranks = [max(1, math.floor(config.ratio * lam.numel() * out / (out + d)))
+                         for lam, out in zip(sp, (s.shape.q_width, s.shape.kv_width, s.shape.kv_width))]
+                ranks = [max(1, math.floor(config.ratio * d * out / (out + d)))
+                         for out in (s.shape.q_width, s.shape.kv_width, s.shape.kv_width)]
+            elif config.hooi_ranks is not None:
+                ranks = [min(config.hooi_ranks[0], lam.numel()) for lam in sp]
+            else:
+                eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
+                ranks = [ranks_by_energy(lam, eps) for lam in sp]
+            plans.append({"svd_ranks": ranks})
+        return plans
+
+    heads_out = [s.shape.q_width + 2 * s.shape.kv_width for s in solvers]
+    spectra = [s.weight_spectrum() for s in solvers]
+    if config.hooi_ranks is not None:
+        r = list(config.hooi_ranks)
+        for s in solvers:
+            t, _ = s.whitened_tensor()
+            dims = t.shape if len(r) == 3 else (t.shape[0], t.shape[2])
+            for value, dim in zip(r if len(r) > 1 else r[:1], dims):
+                if value > dim:
+                    raise ValueError(f"hooi_ranks={r} exceeds the tensor dims {tuple(t.shape)} (input, heads, head_dim)")
+        for _ in solvers:
+            plan = {"r_in": r[0], "mps_eps": config.mps_eps}
+            if len(r) == 2:
+                plan["r_out"] = r[1]
+            if len(r) == 3:
+                plan["r_head"], plan["r_out"] = r[1], r[2]
+            plans.append(plan)
+        return plans
+    if config.ratio is not None:
+        d = solvers[0].shape.hidden_size
+        costs = [s.shape.hidden_size + out for s, out in zip(solvers, heads_out)]
+        dense = [s.shape.hidden_size * out for s, out in zip(solvers, heads_out)]
+        if config.allocation == "greedy":
+            r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense))
+        else:
+            r_in = [max(1, math.floor(config.ratio * dn / c)) for dn, c in zip(dense, costs)]
+        del d
+        return [{"r_in": min(r, lam.numel())} for r, lam in zip(r_in, spectra)]
+    eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
+    return [{"r_in": ranks_by_energy(lam, eps), "mps_eps": eps} for lam in spectra]
+
+
+def _split_rank(total: int, widths: list[int]) -> list[int]:
+    share = [max(1, round(total * w / sum(widths))) for w in widths]
+    return share
+
+
+def _uniform_threshold(spectra: list[torch.Tensor], budget: float) -> list[int]:
+    """EigenAttention's rule: one energy threshold for all, found by bisection to fit ``budget``."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if sum(ranks_by_energy(lam, mid) for lam in spectra) > budget:
+            hi = mid
+        else:
+            lo = mid
+    return [ranks_by_energy(lam, lo) if lo > 0 else 1 for lam in spectra]
+
+
+def _compress_layers(model, arch, layers, batches, config, swapped, progress):
+    inputs = capture_first_layer_inputs(model, layers[0], batches)
+    masks = [mask for _, mask in batches]
+    dtype = next(model.parameters()).dtype
+
+    # Pass 1: dense statistics for every layer, to plan ranks across layers.
+    moments = _attention_moments(arch, layers, inputs, masks, progress, "tmps: calibration statistics")
+    solvers = [_solver(arch, arch.attention_of(layer), config, m) for layer, m in zip(layers, moments)]
+    plans = _plan_ranks(config, solvers)
+    del solvers
+
+    # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
+    hidden = [h for h, _ in inputs]
+    info = []
+    rotary = arch.rotary_embedding(model)
+    for index in tqdm(range(len(layers)), desc=f"tmps: compressing ({config.mode}, {config.method})",
+                      disable=not progress):
+        layer = layers[index]
+        dense_attention = arch.attention_of(layer)
+        moment = _moment_only(arch, layer, hidden, inputs, masks)
+        solver = _solver(arch, dense_attention, config, moment)
+        compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
+        swapped.append((index, layer))
+        arch.set_attention(layers, index, compressed)
+        error = _run_and_measure(arch, layers[index], compressed, dense_attention, hidden, inputs, masks)
+        if not math.isfinite(error):
+            raise FloatingPointError(f"layer {index}: the compressed attention produced NaN/Inf on the calibration "
+                                     "data; try a larger ratio or damping")
+        info.append(layer_info(compressed, arch.shape(dense_attention), error, plans[index]))
+    return info
+
+
+def _moment_only(arch, layer, hidden, inputs, masks):
+    attention = arch.attention_of(layer)
+    total, count = None, 0
+    state = {}
+
+    def hook(module, args, kwargs):
+        raise _Captured(args[0] if args else kwargs["hidden_states"])
+
+    for i, (_, kwargs) in enumerate(inputs):
+        handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            run_layer(layer, hidden[i], kwargs)
+        except _Captured as cap:
+            m = augmented_moment(cap.x, masks[i])
+            total = m if total is None else total + m
+            count += int(masks[i].sum())
+        finally:
+            handle.remove()
+    del state
+    return total / max(count, 1)
+
+
+class _Captured(Exception):
+    def __init__(self, x):
+        self.x = x
+
+
+def _run_and_measure(arch, layer, compressed, dense_attention, hidden, inputs, masks) -> float:
+    """Run the (compressed) layer over every batch and return the relative attention output error."""
+    sums = {"err": 0.0, "ref": 0.0}
+    state = {}
+
+    def hook(module, args, kwargs, output):
+        ref = dense_attention(*args, **kwargs)[0]
+        mask = state["mask"].unsqueeze(-1).to(ref.dtype)
+        sums["err"] += float((((output[0] - ref) * mask).double() ** 2).sum())
+        sums["ref"] += float(((ref * mask).double() ** 2).sum())
+
+    handle = compressed.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for i, (_, kwargs) in enumerate(inputs):
+            state["mask"] = masks[i]
+            hidden[i] = run_layer(layer, hidden[i], kwargs)
+    finally:
+        handle.remove()
+    return math.sqrt(sums["err"] / max(sums["ref"], 1e-300))
+
+
+def build_compressed_attention(arch, dense_attention, solver: LayerSolver, plan: dict, config, rotary, dtype):
+    """The compressed attention for one block, its factors cast to the model's dtype and device."""
+    if config.mode == "kv":
+        qkv, k_up, v_up = solver.build_kv(plan)
+    else:
+        qkv = solver.build_weights(plan.get("r_in"), plan.get("r_head"), plan.get("r_out"), plan.get("mps_eps"),
+                                   plan.get("svd_ranks"))
+        k_up = v_up = None
+    return assemble_attention(arch, dense_attention, config.mode, qkv, k_up, v_up, rotary, dtype)
+
+
+def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dtype):
+    """Wrap factors into ``arch.compressed_attention_class`` sharing the dense block's attributes and o_proj."""
+    device = arch.projections(dense_attention)[3].weight.device
+    module = new_like(arch.compressed_attention_class, dense_attention)
+    module.mode = mode
+    module.add_module(arch.o_name, arch.projections(dense_attention)[3])
+    module.add_module("qkv", qkv.to(device=device, dtype=dtype))
+    module.register_buffer("k_up", None if k_up is None else k_up.to(device=device, dtype=dtype))
+    module.register_buffer("v_up", None if v_up is None else v_up.to(device=device, dtype=dtype))
+    if rotary is not None:
+        detach_rotary(module, rotary)
+    return module
+
+
+def layer_info(attention, shape: AttentionShape, error: float, plan: dict) -> dict:
+    """What ``tmps.report`` shows for one layer."""
+    qkv = attention.qkv
+    params = qkv.num_parameters()
+    if attention.k_up is not None:
+        params += attention.k_up.numel() + attention.v_up.numel()
+    bias = 1 if qkv.bias_0 is not None else 0
+    dense = (shape.q_width + 2 * shape.kv_width) * (shape.hidden_size + bias)
+    if attention.mode == "kv":
+        kv_kept = (attention.k_up.shape[1] + attention.v_up.shape[1]) / (2 * shape.kv_width)
+        ranks = {"k": attention.k_up.shape[1], "v": attention.v_up.shape[1]}
+    else:
+        kv_kept = 1.0
+        ranks = {"r_in": qkv.in_factor.shape[1]} if qkv.in_factor is not None else \
+            {"q/k/v": [qkv.group(g)[0].shape[1] for g in range(3)]}
+    flops = qkv.flops_per_token()
+    return {"ranks": ranks, "qkv_parameters": params, "dense_qkv_parameters": dense,
+            "kv_cache_kept": kv_kept, "calibration_error": error, "qkv_flops_per_token": flops,
+            "dense_qkv_flops_per_token": 2 * (shape.q_width + 2 * shape.kv_width) * shape.hidden_size}

@@ -1,0 +1,73 @@
+"""The compression configuration: one dataclass, validated on construction."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MODES = ("kv", "weights")
+METHODS = ("tucker-mps", "tucker", "mps", "svd", "eigen")
+ALLOCATIONS = ("greedy", "uniform")
+
+
+@dataclass
+class CompressionConfig:
+    """How to compress every attention block.
+
+    mode : "kv" (latent K/V cache) or "weights" (factored Q/K/V, cache unchanged).
+    method : "tucker-mps" (default), "tucker", "mps", or the baselines "svd" (activation-aware
+        per-projection low rank; in kv mode: per-projection output PCA, Palu-like) and "eigen"
+        (EigenAttention: per-head bases of calibration activations, K sharing Q's basis).
+    ratio : fraction kept, in (0, 1]: of the KV cache in kv mode, of the Q/K/V parameters in
+        weights mode. Allocated across layers (and K/V) by ``allocation``.
+    mps_eps : energy kept, in (0, 1]: picks ranks per layer by the TT-SVD rule instead of ``ratio``.
+    hooi_ranks : explicit ranks for every layer. weights mode: ``[r_in]``, ``[r_in, r_out]`` or
+        ``[r_in, r_head, r_out]`` over the (input, head, head_dim) modes; kv mode: ``[r_k, r_v]``.
+    error_budget : per-layer relative error allowed (EigenAttention's rule): keep the fewest
+        components whose dropped (weighted) energy is at most this fraction.
+    allocation : "greedy" spends a global ``ratio`` where the calibration error drops most;
+        "uniform" cuts every layer alike.
+    """
+
+    mode: str = "kv"
+    method: str = "tucker-mps"
+    ratio: float | None = None
+    mps_eps: float | None = None
+    hooi_ranks: Sequence[int] | None = None
+    error_budget: float | None = None
+    allocation: str = "greedy"
+    damping: float = 1e-6
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; use one of {list(MODES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not supported; use one of {list(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r} is not supported; use one of {list(ALLOCATIONS)}")
+        chosen = [k for k in ("ratio", "mps_eps", "hooi_ranks", "error_budget") if getattr(self, k) is not None]
+        if len(chosen) > 1 and not (set(chosen) == {"mps_eps", "hooi_ranks"}):
+            raise ValueError(f"give one rank rule, not {chosen}: ratio, error_budget, or mps_eps/hooi_ranks")
+        if not chosen:
+            self.ratio = 0.5
+        for name in ("ratio", "mps_eps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0.0 < float(value) <= 1.0):
+                raise ValueError(f"{name}={value!r} is outside (0, 1]; it is the fraction kept, e.g. 0.5")
+        if self.error_budget is not None:
+            if isinstance(self.error_budget, bool) or not isinstance(self.error_budget, (int, float)) \
+                    or not 0.0 <= float(self.error_budget) < 1.0:
+                raise ValueError(f"error_budget={self.error_budget!r} must be in [0, 1), e.g. 0.02")
+        if self.hooi_ranks is not None:
+            ranks = list(self.hooi_ranks)
+            allowed = (2,) if self.mode == "kv" else (1, 2, 3)
+            if len(ranks) not in allowed or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+                raise ValueError(
+                    f"hooi_ranks={self.hooi_ranks!r}: {self.mode} mode needs {' or '.join(map(str, allowed))} "
+                    "positive integers (weights: [r_in, r_head, r_out]; kv: [r_k, r_v])")
+            self.hooi_ranks = ranks
+        if self.method == "eigen" and self.mode != "kv":
+            raise ValueError("method='eigen' (EigenAttention) compresses the KV cache: use mode='kv'")
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -1,0 +1,121 @@
+"""What the compressor needs to know about an architecture, and the registry from model type to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionShape:
+    """Head layout of one attention block."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class Architecture:
+    """Per-architecture knowledge; one instance per supported ``model_type``."""
+
+    model_type: str
+    dense_attention_class: type
+    compressed_attention_class: type
+    q_name: str = "q_proj"
+    k_name: str = "k_proj"
+    v_name: str = "v_proj"
+    o_name: str = "o_proj"
+    uses_rope: bool = False
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The bare ``*Model`` inside a ``*ForCausalLM`` (or the model itself)."""
+        return getattr(model, "model", model)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def attention_of(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def set_attention(self, layers: nn.ModuleList, index: int, attention: nn.Module) -> None:
+        layers[index].self_attn = attention
+
+    def shape(self, attention: nn.Module) -> AttentionShape:
+        cfg = attention.config
+        heads = cfg.num_attention_heads
+        return AttentionShape(
+            hidden_size=cfg.hidden_size,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=attention.head_dim,
+        )
+
+    def projections(self, attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        return tuple(getattr(attention, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
+
+    def rotary_embedding(self, model: nn.Module):
+        return getattr(self.base_model(model), "rotary_emb", None) if self.uses_rope else None
+
+
+REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    for name in (arch.model_type, *arch.aliases):
+        REGISTRY[name] = arch
+    return arch
+
+
+def supported_model_types() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The registered architecture of ``model``, or a ValueError naming the supported ones."""
+    from . import llama, opt  # noqa: F401  (registration)
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in REGISTRY:
+        raise ValueError(
+            f"unsupported model: {type(model).__name__} (model_type={model_type!r}); "
+            f"tmps.compress supports model types {supported_model_types()} "
+            "(their *ForCausalLM and bare *Model classes)"
+        )
+    return REGISTRY[model_type]
+
+
+def new_like(cls: type, dense: nn.Module) -> nn.Module:
+    """An instance of ``cls`` (a subclass of ``type(dense)``) sharing ``dense``'s attributes, without re-initialising."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    own = set(vars(module)) - {"training"}  # fresh parameter/buffer/hook dicts: never share them
+    for key, value in vars(dense).items():
+        if key not in own:
+            module.__dict__[key] = value
+    return module
+
+
+def detach_rotary(module: nn.Module, rotary) -> None:
+    """Keep a handle on the model's rotary embedding without registering it as a submodule."""
+    object.__setattr__(module, "_rotary_handle", (rotary,))
+
+
+def torch_dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype

@@ -1,0 +1,94 @@
+"""The factor-core-factor projection that replaces Q/K/V linears, in torch (the Triton kernel's twin).
+
+Math, for inputs ``x: (..., d_in)``:
+
+    z   = x B                          (..., r)       shared input factor B: (d_in, r), or z = x
+    t_g = z ·_h core_gᵀ                 (..., n_g, s_g) one core per head: core_g: (n_g, s_g, r)
+    y_g = t_g A_gᵀ + b_g               (..., n_g·o_g)  output factor A_g: (o_g, s_g), or y_g = t_g
+
+Every compressed attention holds one of these: group order is (q, k, v). In ``weights`` mode the
+groups output full heads; in ``kv`` mode the k and v groups output the cached latents.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FactoredProjection(nn.Module):
+    """Computes several projections of one input through an optional shared input factor.
+
+    Parameters
+    ----------
+    in_factor : Tensor (d_in, r) or None
+    cores : list of Tensor (n_g, s_g, r)   (``r = d_in`` when ``in_factor`` is None)
+    out_factors : list of Tensor (o_g, s_g) or None
+    biases : list of Tensor (n_g · o_g,) or None
+    """
+
+    def __init__(self, in_factor, cores, out_factors, biases):
+        super().__init__()
+        if not (len(cores) == len(out_factors) == len(biases)):
+            raise ValueError("cores, out_factors and biases must have one entry per group")
+        self.num_groups = len(cores)
+        self.register_buffer("in_factor", in_factor)
+        for g, (core, out, bias) in enumerate(zip(cores, out_factors, biases)):
+            self.register_buffer(f"core_{g}", core)
+            self.register_buffer(f"out_factor_{g}", out)
+            self.register_buffer(f"bias_{g}", bias)
+        # "auto" uses the Triton kernel on CUDA when it is available; "torch" / "triton" force a path.
+        self.backend = "auto"
+
+    def group(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return getattr(self, f"core_{g}"), getattr(self, f"out_factor_{g}"), getattr(self, f"bias_{g}")
+
+    @property
+    def groups(self):
+        return [self.group(g) for g in range(self.num_groups)]
+
+    def output_widths(self) -> list[int]:
+        return [core.shape[0] * (out.shape[0] if out is not None else core.shape[1]) for core, out, _ in self.groups]
+
+    def num_parameters(self) -> int:
+        return sum(b.numel() for b in self.buffers())
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds ×2 per input row (bias adds not counted)."""
+        total = 2 * self.in_factor.numel() if self.in_factor is not None else 0
+        for core, out, _ in self.groups:
+            total += 2 * core.numel()
+            if out is not None:
+                total += 2 * core.shape[0] * out.numel()
+        return total
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch" or self.in_factor is None:
+            return False
+        from .kernels_bridge import triton_path_available
+
+        if self.backend == "triton":
+            if not triton_path_available(x.device):
+                raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
+            return True
+        return x.device.type == "cuda" and triton_path_available(x.device)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self._use_triton(x):
+            from .kernels_bridge import fused_factored_projection
+
+            cores, outs, biases = zip(*self.groups)
+            return fused_factored_projection(x, self.in_factor, list(cores), list(outs), list(biases))
+        return factored_projection_torch(x, self.in_factor, self.groups)
+
+
+def factored_projection_torch(x, in_factor, groups) -> list[torch.Tensor]:
+    """The unfused chain: one matmul for ``z``, then per group a matmul by the stacked cores and one by the out factor."""
+    z = x @ in_factor if in_factor is not None else x
+    outputs = []
+    for core, out, bias in groups:
+        n, s, r = core.shape
+        t = z @ core.reshape(n * s, r).T
+        if out is not None:
+            t = (t.reshape(*t.shape[:-1], n, s) @ out.T).reshape(*t.shape[:-1], n * out.shape[0])
+        outputs.append(t + bias if bias is not None else t)
+    return outputs

@@ -1,0 +1,255 @@
+"""Per-layer decompositions: from calibration statistics and dense weights to factored projections.
+
+Notation for one attention block: inputs ``x: (d,)``, augmented ``x̃ = [x; 1]``, the calibration
+second moment ``C = E[x̃ x̃ᵀ]: (d+1, d+1)``, weights with their bias column ``W̃_p = [W_p | b_p]``.
+Output second moments follow without storing activations: ``E[y_p y_pᵀ] = W̃_p C W̃_pᵀ``.
+
+kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P ≈ I`` on the data.
+  * weighted (tucker family): minimise ``E‖S (k − U P k)‖²`` for an output metric ``S² = M``.
+    K is weighted by the queries (``M`` = the query second moment of each KV group, averaged over
+    RoPE rotation pairs), V by the output projection (``M = Σ_h W_o,hᵀ W_o,h``): the errors the
+    attention output sees. Solution: eigenvectors ``V`` of ``S E[kkᵀ] S``; ``P = Vᵀ S``, ``U = S⁻¹ V``.
+  * svd: the same with ``S = I`` (per-projection output PCA = activation-aware SVD, Palu-like).
+  * eigen (EigenAttention): one basis per head; K's from the K and Q activations of its group.
+weights mode: the whitened stacked weights ``T = [W_q; W_k; W_v] L`` (``L Lᵀ = E[xxᵀ]``) as a
+  3-way tensor ``(d, heads, head_dim)``, decomposed by HOOI / TT-SVD / Tucker-MPS into a shared
+  input factor, per-head cores and an optional output factor; ``svd`` factors each projection alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .decompose import hooi, input_metric, tt_svd, tucker_mps_tensor
+from .decompose.tt import energy_rank
+from .models.base import AttentionShape
+from .projection import FactoredProjection
+
+
+@dataclass
+class DenseAttentionWeights:
+    """Float64 copies of one block's projections (biases are zeros when absent, ``has_bias`` says which)."""
+
+    wq: torch.Tensor
+    bq: torch.Tensor
+    wk: torch.Tensor
+    bk: torch.Tensor
+    wv: torch.Tensor
+    bv: torch.Tensor
+    wo: torch.Tensor
+    has_bias: bool
+
+    @classmethod
+    def from_linears(cls, q, k, v, o) -> "DenseAttentionWeights":
+        def bias(lin):
+            return lin.bias.detach().double() if lin.bias is not None else torch.zeros(lin.out_features, dtype=torch.float64, device=lin.weight.device)
+        return cls(q.weight.detach().double(), bias(q), k.weight.detach().double(), bias(k),
+                   v.weight.detach().double(), bias(v), o.weight.detach().double(), q.bias is not None)
+
+    def augmented(self, name: str) -> torch.Tensor:
+        w, b = getattr(self, "w" + name), getattr(self, "b" + name)
+        return torch.cat([w, b[:, None]], dim=1)
+
+
+def psd_sqrt(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD matrix and its inverse; eigenvalues floored at ``damping·mean``."""
+    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    floor = damping * evals.clamp_min(0).mean().clamp_min(1e-300)
+    root = evals.clamp_min(floor).sqrt()
+    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
+def block_diag_heads(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.block_diag(*blocks)
+
+
+class LayerSolver:
+    """Everything one attention block needs: its spectra (for rank allocation) and its factors."""
+
+    def __init__(self, method: str, mode: str, shape: AttentionShape, weights: DenseAttentionWeights,
+                 second_moment: torch.Tensor, uses_rope: bool, damping: float = 1e-6):
+        self.method, self.mode, self.shape, self.w = method, mode, shape, weights
+        self.c = second_moment
+        self.uses_rope, self.damping = uses_rope, damping
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ kv mode
+    def output_moment(self, name: str) -> torch.Tensor:
+        w = self.w.augmented(name)
+        return w @ self.c @ w.T
+
+    def _query_metric(self) -> torch.Tensor:
+        s, hd = self.shape, self.shape.head_dim
+        cq = self.output_moment("q")
+        blocks = []
+        for j in range(s.num_kv_heads):
+            m = sum(cq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] for h in range(j * s.group_size, (j + 1) * s.group_size))
+            if self.uses_rope:  # average over rotation angles: each (i, i+hd/2) pair becomes (tr/2)·I
+                diag = torch.diagonal(m)
+                pair = (diag[: hd // 2] + diag[hd // 2:]) / 2
+                m = torch.diag(torch.cat([pair, pair]))
+            blocks.append(m)
+        return block_diag_heads(blocks)
+
+    def _output_metric(self) -> torch.Tensor:
+        s, hd = self.shape, self.shape.head_dim
+        blocks = []
+        for j in range(s.num_kv_heads):
+            cols = [self.w.wo[:, h * hd:(h + 1) * hd] for h in range(j * s.group_size, (j + 1) * s.group_size)]
+            blocks.append(sum(c.T @ c for c in cols))
+        return block_diag_heads(blocks)
+
+    def kv_basis(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Spectrum ``(d_kv,)`` descending, and the full-rank ``P: (d_kv, d_kv)``, ``U: (d_kv, d_kv)`` (rows/cols ordered by it)."""
+        key = ("kv", name)
+        if key not in self._cache:
+            moment = self.output_moment(name)
+            if self.method == "svd":
+                evals, evecs = torch.linalg.eigh(moment)
+                evals, evecs = evals.flip(0), evecs.flip(1)
+                self._cache[key] = (evals.clamp_min(0), evecs.T, evecs)
+            else:
+                metric = self._query_metric() if name == "k" else self._output_metric()
+                root, inv_root = psd_sqrt(metric, self.damping)
+                evals, evecs = torch.linalg.eigh(root @ moment @ root)
+                evals, evecs = evals.flip(0), evecs.flip(1)
+                self._cache[key] = (evals.clamp_min(0), evecs.T @ root, inv_root @ evecs)
+        return self._cache[key]
+
+    def head_bases(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """EigenAttention: per KV head, (spectrum desc, orthonormal basis ``(hd, hd)``)."""
+        key = ("heads", name)
+        if key not in self._cache:
+            s, hd = self.shape, self.shape.head_dim
+            moment = self.output_moment(name)
+            cq = self.output_moment("q") if name == "k" else None
+            bases = []
+            for j in range(s.num_kv_heads):
+                m = moment[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd]
+                if cq is not None:  # K shares its basis with the queries that attend to it
+                    m = m + sum(cq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd]
+                                for h in range(j * s.group_size, (j + 1) * s.group_size))
+                evals, evecs = torch.linalg.eigh(m)
+                bases.append((evals.flip(0).clamp_min(0), evecs.flip(1)))
+            self._cache[key] = bases
+        return self._cache[key]
+
+    def kv_spectra(self) -> dict[str, list[torch.Tensor]]:
+        """Spectra to allocate over: one per K/V (global basis) or one per head (eigen)."""
+        if self.method == "eigen":
+            return {n: [e for e, _ in self.head_bases(n)] for n in ("k", "v")}
+        return {n: [self.kv_basis(n)[0]] for n in ("k", "v")}
+
+    def build_kv(self, ranks: dict[str, list[int]]) -> tuple[FactoredProjection, torch.Tensor, torch.Tensor]:
+        """Factored projection (q full, k/v latents) and the up-projections ``k_up (d_kv, r_k)``, ``v_up``."""
+        s = self.shape
+        ups, latents = {}, {}
+        for name in ("k", "v"):
+            if self.method == "eigen":
+                down_blocks, up_blocks = [], []
+                for (evals, basis), r in zip(self.head_bases(name), ranks[name]):
+                    down_blocks.append(basis[:, :r].T)
+                    up_blocks.append(basis[:, :r])
+                down, up = torch.block_diag(*down_blocks), torch.block_diag(*up_blocks)
+            else:
+                _, down_full, up_full = self.kv_basis(name)
+                r = ranks[name][0]
+                down, up = down_full[:r], up_full[:, :r]
+            w = self.w.augmented(name)
+            latents[name] = down @ w  # (r, d+1): weight and bias of the latent projection
+            ups[name] = up
+        q_core = self.w.wq.reshape(s.num_heads, s.head_dim, -1)
+        cores = [q_core, latents["k"][None, :, :-1], latents["v"][None, :, :-1]]
+        biases = [self.w.bq, latents["k"][:, -1], latents["v"][:, -1]] if self.w.has_bias else [None] * 3
+        return FactoredProjection(None, cores, [None] * 3, biases), ups["k"], ups["v"]
+
+    # ------------------------------------------------------------------ weights mode
+    def whitened_tensor(self) -> tuple[torch.Tensor, object]:
+        """``T = [W_q; W_k; W_v] L`` as ``(d, heads, head_dim)`` and the input metric."""
+        if "T" not in self._cache:
+            d = self.shape.hidden_size
+            metric = input_metric(self.c[:d, :d], self.damping)
+            stacked = torch.cat([self.w.wq, self.w.wk, self.w.wv]) @ metric.sqrt
+            heads = stacked.shape[0] // self.shape.head_dim
+            t = stacked.reshape(heads, self.shape.head_dim, d).permute(2, 0, 1).contiguous()
+            self._cache["T"] = (t, metric)
+        return self._cache["T"]
+
+    def weight_spectrum(self) -> torch.Tensor:
+        """Squared singular values of T's input-mode unfolding (the shared input factor's spectrum)."""
+        if "spectrum" not in self._cache:
+            t, _ = self.whitened_tensor()
+            flat = t.reshape(t.shape[0], -1)
+            self._cache["spectrum"] = torch.linalg.eigvalsh(flat @ flat.T).flip(0).clamp_min(0)
+        return self._cache["spectrum"]
+
+    def projection_spectra(self) -> list[torch.Tensor]:
+        """svd baseline: the whitened spectrum of each projection."""
+        _, metric = self.whitened_tensor()
+        return [torch.linalg.svdvals(metric.whiten(w)).pow(2) for w in (self.w.wq, self.w.wk, self.w.wv)]
+
+    def build_weights(self, r_in: int, r_head: int | None = None, r_out: int | None = None,
+                      mps_eps: float | None = None, svd_ranks: list[int] | None = None) -> FactoredProjection:
+        s = self.shape
+        t, metric = self.whitened_tensor()
+        d, heads, hd = t.shape
+        biases = [self.w.bq, self.w.bk, self.w.bv] if self.w.has_bias else [None] * 3
+        if self.method == "svd":
+            cores, outs = [], []
+            for w, r in zip((self.w.wq, self.w.wk, self.w.wv), svd_ranks):
+                u, sv, vh = torch.linalg.svd(metric.whiten(w), full_matrices=False)
+                cores.append(metric.input_factor(vh[:r].T).T[None])  # (1, r, d)
+                outs.append(u[:, :r] * sv[:r])                      # (d_p, r)
+            return FactoredProjection(None, cores, outs, biases)
+
+        r_head = r_head or heads
+        r_out = r_out or hd
+        if self.method == "mps":
+            c1, c2, c3 = tt_svd(t, eps=mps_eps, max_rank=[r_in, r_out]).cores
+            in_white, head_cores, out_factor = c1[0], c2.permute(1, 2, 0), c3[:, :, 0].T  # (H, s2, s1)
+        else:
+            if self.method == "tucker-mps":
+                tucker, _ = tucker_mps_tensor(t, mps_eps if mps_eps is not None else 1.0, [r_in, r_head, r_out])
+            else:
+                tucker = hooi(t, [r_in, r_head, r_out])
+            u_in, u_head, u_out = tucker.factors
+            # Per-head cores (H, r_out, r_in): G_h = Σ_j U_head[h, j] core[:, j, :], transposed.
+            head_cores = torch.einsum("hj,ijo->hoi", u_head, tucker.core)
+            in_white, out_factor = u_in, u_out
+        in_factor = metric.input_factor(in_white)                     # (d, r_in), acts on raw x
+        if out_factor.shape[0] == out_factor.shape[1]:                 # square output factor: fold it in
+            head_cores, out_factor = torch.einsum("os,hsi->hoi", out_factor, head_cores), None
+        splits = [s.num_heads, s.num_kv_heads, s.num_kv_heads]
+        cores = list(torch.split(head_cores, splits, dim=0))
+        return FactoredProjection(in_factor, cores, [out_factor] * 3, biases)
+
+
+def allocate_by_threshold(spectra: list[torch.Tensor], costs: list[int], budget: float,
+                          minimum: int = 1) -> list[int]:
+    """Ranks that keep the largest normalised eigenvalues ``λ_i / Σλ`` across all spectra within ``budget``.
+
+    Equalises the marginal relative error across layers (a global threshold on normalised
+    energy), at ``costs[j]`` per rank unit of spectrum j. Every spectrum keeps at least ``minimum``.
+    """
+    scores, owners = [], []
+    ranks = [minimum] * len(spectra)
+    spent = sum(c * minimum for c in costs)
+    for j, lam in enumerate(spectra):
+        normalised = lam / lam.sum().clamp_min(1e-300)
+        scores.append(normalised[minimum:] / costs[j])
+        owners.append(torch.full((lam.numel() - minimum,), j))
+    if scores:
+        order = torch.argsort(torch.cat(scores), descending=True, stable=True)
+        owner = torch.cat(owners)[order]
+        for j in owner.tolist():
+            if spent + costs[j] > budget + 1e-9:
+                continue
+            ranks[j] += 1
+            spent += costs[j]
+    return ranks
+
+
+def ranks_by_energy(spectrum: torch.Tensor, eps: float) -> int:
+    """The TT-SVD rule on an eigenvalue spectrum (``λ = σ²``)."""
+    return energy_rank(spectrum.clamp_min(0).sqrt(), eps)
