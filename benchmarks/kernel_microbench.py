@@ -1,0 +1,259 @@
+"""Microbenchmark: fused factored QKV projection (Triton) against torch, with a roofline.
+
+    python benchmarks/kernel_microbench.py --out results/kernels.md     # CUDA: full sweep
+    python benchmarks/kernel_microbench.py --smoke                      # CPU: one tiny interpreted shape
+
+Shapes follow OPT-like attention: hidden h in {768, 2048, 4096}, n = h / 64 heads of head_dim 64,
+three groups (q, k, v).  Rank ratio rho in {0.5, 0.25, 0.125} defines the shared rank
+``r = rho * h``; the per-head core width is ``s = head_dim = 64``.  Two layouts:
+
+* ``weights``: every group has an out factor (64, 64) and a bias (OPT's q/k/v biases),
+  output (M, h) per group;
+* ``kv_latent``: no out factors and no biases, output = the per-head latents (M, n * 64).
+
+Providers (fp16, timed with ``triton.testing.do_bench``, median of its repetitions):
+
+* ``torch_dense``: ``F.linear`` with the concatenated dense (3h, h) QKV weight;
+* ``torch_factored``: the unfused chain, ``fused_factored_projection_ref``;
+* ``torch_compile``: ``torch.compile`` of that chain;
+* ``triton``: ``fused_factored_projection`` (autotuned; its first call per shape tunes).
+
+The same run measures the ceilings: an fp16 8192^3 matmul (TFLOP/s) and a 1 GiB device copy
+(GB/s, read + write).  For Triton it reports achieved TFLOP/s (factorised flops
+``2M(d_in r + sum_g n_g s_g r + sum_g n_g s_g o_g)``), GB/s over the fewest bytes (read x and the
+factors once, write the outputs) and % of roofline ``max(flops / peak_flops, bytes / peak_bw) /
+time``, plus speedups ``provider_ms / triton_ms``.  The GPU's name heads the output.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+HIDDEN = (768, 2048, 4096)
+TOKENS = (1, 16, 512, 4096, 16384)
+RATIOS = (0.5, 0.25, 0.125)
+LAYOUTS = ("weights", "kv_latent")
+HEAD_DIM = 64
+DECODE_MAX_TOKENS = 16
+PROVIDERS = ("torch_dense", "torch_factored", "torch_compile", "triton")
+DEVICE = "cuda"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="also write the markdown tables to this file")
+    p.add_argument("--smoke", action="store_true", help="one tiny shape on CPU under TRITON_INTERPRET=1")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch_compile provider")
+    return p.parse_args(argv)
+
+
+def make_case(hidden, tokens, ratio, layout, dtype, device, torch):
+    """Inputs of one shape plus the dense QKV weight of the same output width."""
+    n = hidden // HEAD_DIM
+    r = max(1, int(round(ratio * hidden)))
+    s = HEAD_DIM
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rand(tokens, hidden)
+    in_factor = rand(hidden, r, scale=hidden**-0.5)
+    cores = [rand(n, s, r, scale=r**-0.5) for _ in range(3)]
+    if layout == "weights":
+        out_factors = [rand(HEAD_DIM, s, scale=s**-0.5) for _ in range(3)]
+        biases = [rand(n * HEAD_DIM, scale=0.1) for _ in range(3)]
+    else:
+        out_factors = [None] * 3
+        biases = [None] * 3
+    widths = [n * (s if a is None else a.shape[0]) for a in out_factors]
+    dense_weight = rand(sum(widths), hidden, scale=hidden**-0.5)
+    dense_bias = torch.cat(biases) if biases[0] is not None else None
+    return dict(x=x, in_factor=in_factor, cores=cores, out_factors=out_factors, biases=biases, r=r, n=n, s=s,
+                widths=widths, dense_weight=dense_weight, dense_bias=dense_bias)
+
+
+def work(case, elt):
+    """(factorised flops, fewest bytes) of one call."""
+    m, d_in = case["x"].shape
+    r, n, s = case["r"], case["n"], case["s"]
+    flops = d_in * r
+    nbytes = m * d_in + d_in * r
+    for core, a, b, w in zip(case["cores"], case["out_factors"], case["biases"], case["widths"]):
+        flops += n * s * r + (0 if a is None else n * s * a.shape[0])
+        nbytes += core.numel() + (0 if a is None else a.numel()) + (0 if b is None else b.numel()) + m * w
+    return 2 * m * flops, elt * nbytes
+
+
+def providers(case, compiled_chain, torch, fp):
+    args = (case["x"], case["in_factor"], case["cores"], case["out_factors"], case["biases"])
+    fns = {
+        "torch_dense": lambda: torch.nn.functional.linear(case["x"], case["dense_weight"], case["dense_bias"]),
+        "torch_factored": lambda: fp.fused_factored_projection_ref(*args),
+        "triton": lambda: fp.fused_factored_projection(*args),
+    }
+    if compiled_chain is not None:
+        fns["torch_compile"] = lambda: compiled_chain(*args)
+    return fns
+
+
+def ceilings(torch, triton):
+    """(fp16 matmul TFLOP/s, copy GB/s) of this GPU."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    del a, b
+    src = torch.empty(1 << 29, device="cuda", dtype=torch.float16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    gbps = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return tflops, gbps
+
+
+def fmt(value, spec=".3f"):
+    return "n/a" if value is None else format(value, spec)
+
+
+HEADER = ("| hidden | layout | r | tokens | " + " | ".join(f"{p} ms" for p in PROVIDERS)
+          + " | triton TFLOP/s | triton GB/s | % roofline | vs dense | vs factored | vs compile | config |")
+
+
+def row(hidden, layout, r, tokens, ms, tflops, gbps, roof, config):
+    speed = [None if ms.get(p) is None or ms.get("triton") is None else ms[p] / ms["triton"]
+             for p in ("torch_dense", "torch_factored", "torch_compile")]
+    cells = [str(hidden), layout, str(r), str(tokens)] + [fmt(ms.get(p), ".4f") for p in PROVIDERS]
+    cells += [fmt(tflops, ".2f"), fmt(gbps, ".0f"), fmt(roof, ".1f")]
+    cells += [fmt(v, ".2f") + ("x" if v else "") for v in speed]
+    cells.append(config)
+    return "| " + " | ".join(cells) + " |"
+
+
+def config_str(cfg):
+    if cfg is None:
+        return "n/a"
+    return (f"m{cfg.block_m} t{cfg.block_t} cs{cfg.col_splits} k{cfg.block_k} r{cfg.block_r} "
+            f"w{cfg.num_warps} st{cfg.num_stages}")
+
+
+def run_cuda(args):
+    import torch
+    import triton
+    import triton.testing
+
+    from tmps.kernels import fused_projection as fp
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    compiled_chain = None if args.no_compile else torch.compile(fp.fused_factored_projection_ref)
+    device_name = torch.cuda.get_device_name()
+    peak_tflops, peak_gbps = ceilings(torch, triton)
+    lines = [
+        f"# Fused factored QKV projection on {device_name}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, fp16, times in ms (do_bench median). "
+        f"Ceilings measured in this run: fp16 8192^3 matmul {peak_tflops:.1f} TFLOP/s, 1 GiB copy "
+        f"{peak_gbps:.0f} GB/s. r = ratio * hidden, s = head_dim = {HEAD_DIM}, 3 groups of hidden/64 heads.",
+    ]
+    regimes = (("Decode", [t for t in args.tokens if t <= DECODE_MAX_TOKENS]),
+               ("Prefill", [t for t in args.tokens if t > DECODE_MAX_TOKENS]))
+    for regime, tokens_list in regimes:
+        if not tokens_list:
+            continue
+        lines += ["", f"## {regime} ({device_name})", "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+        for hidden in args.hidden:
+            for layout in args.layouts:
+                for ratio in args.ratios:
+                    for tokens in tokens_list:
+                        case = make_case(hidden, tokens, ratio, layout, torch.float16, DEVICE, torch)
+                        ms = {}
+                        for name, fn in providers(case, compiled_chain, torch, fp).items():
+                            try:
+                                fn()  # compile / autotune outside the timing
+                                torch.cuda.synchronize()
+                                ms[name] = triton.testing.do_bench(fn, return_mode="median")
+                            except torch.cuda.OutOfMemoryError:
+                                ms[name] = None
+                                torch.cuda.empty_cache()
+                        flops, nbytes = work(case, 2)
+                        t = ms.get("triton")
+                        tflops = None if t is None else flops / (t * 1e-3) / 1e12
+                        gbps = None if t is None else nbytes / (t * 1e-3) / 1e9
+                        roof_ms = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9)) * 1e3
+                        roof = None if t is None else 100 * roof_ms / t
+                        _, r, groups = fp._validate(case["x"], case["in_factor"], case["cores"],
+                                                    case["out_factors"], case["biases"])
+                        cfg = fp._TUNED.get(fp._tune_key(case["x"].device, torch.float16, tokens, hidden, r, groups))
+                        line = row(hidden, layout, case["r"], tokens, ms, tflops, gbps, roof, config_str(cfg))
+                        lines.append(line)
+                        print(line, flush=True)
+                        del case
+    return lines
+
+
+def run_smoke(args):
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton and the kernels are imported
+    import torch
+
+    from tmps.kernels import fused_projection as fp
+
+    if not fp._interpreted():
+        raise SystemExit("--smoke: the kernel module was imported before TRITON_INTERPRET=1 could take effect")
+    case = make_case(128, 3, 0.25, "weights", torch.float32, "cpu", torch)
+    args_ = (case["x"], case["in_factor"], case["cores"], case["out_factors"], case["biases"])
+    got = fp.fused_factored_projection(*args_)
+    want = fp.fused_factored_projection_ref(*args_)
+    for g, (y, ref) in enumerate(zip(got, want)):
+        err = (y - ref).abs().max().item() / ref.abs().max().item()
+        if not err < 1e-4:
+            raise SystemExit(f"--smoke: group {g} differs from the reference by {err:.3g} (relative to max)")
+    ms = {}
+    for name, fn in providers(case, None, torch, fp).items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        ms[name] = (time.perf_counter() - start) * 1e3
+    flops, nbytes = work(case, 4)
+    lines = [
+        "# Fused factored QKV projection: smoke run (CPU, Triton interpreter, fp32)",
+        "",
+        "Wall-clock of one call, not a benchmark: only proves the script and kernel run. torch_compile skipped.",
+        "",
+        HEADER,
+        "|" + "---|" * (HEADER.count("|") - 1),
+        row(128, "weights", case["r"], 3, ms, None, None, None, config_str(fp._INTERPRETER_CONFIG)),
+        "",
+        f"flops {flops}, fewest bytes {nbytes}; triton matches the reference.",
+    ]
+    print("\n".join(lines))
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        lines = run_smoke(args)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("kernel_microbench: no CUDA device; this benchmark needs a GPU "
+                  "(run with --smoke for a CPU check of the script)", file=sys.stderr)
+            return 2
+        lines = run_cuda(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

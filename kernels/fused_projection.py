@@ -1,0 +1,666 @@
+"""Fused factor-core-factor projection: Q, K and V of a factorised attention in one launch.
+
+Math
+----
+Every projection of a compressed attention layer shares one input factor ``B`` and owns a
+core per head and an optional output factor shared by its heads::
+
+    z              = x @ B                          (M, r)        computed once, shared by all groups
+    t_g[m, h, :]   = z[m] @ core_g[h]ᵀ              (M, n_g, s_g)
+    y_g[m, h, :]   = t_g[m, h] @ out_factor_gᵀ      (M, n_g, o_g) (t_g itself when out_factor_g is None)
+    y_g            = y_g.reshape(M, n_g * o_g) + bias_g
+
+for P = 1..4 groups g (typically q, k, v).  The unfused chain writes ``z`` and every ``t_g`` to
+memory and launches 1 + 2P GEMMs plus the bias adds; here ``t_g`` never leaves the chip, ``z``
+stays in registers (or, for large ranks, in a program-private scratch slice that L1/L2 serve back
+at once), and the whole thing is one launch.
+
+Shapes and layout (all row-major / contiguous, one dtype: fp32, fp16 or bf16)
+----------------------------------------------------------------------------
+    x            (..., d_in)       leading dims flattened to M rows; row stride free, unit column stride
+    in_factor    (d_in, r)         ``B``
+    cores[g]     (n_g, s_g, r)     read as an (n_g * s_g, r) matrix
+    out_factors  (o_g, s_g) | None
+    biases       (n_g * o_g,) | None
+    outputs      (..., n_g * o_g)  head-major columns: column h * o_g + j is head h, feature j
+                                   (the layout of ``nn.Linear(d_in, n_g * o_g)`` in HF models)
+
+Tiling
+------
+The output columns of all groups are cut into *column tiles*: ``HEADS_PER_TILE[g]`` whole heads
+of one group, sized so that the tile's latent width ``HEADS_PER_TILE[g] * S_PAD[g]`` is about
+``BLOCK_T``.  A 1-D grid runs ``cdiv(M, BLOCK_M) * COL_SPLITS`` programs; program
+``(row tile, split)`` owns ``BLOCK_M`` rows and a contiguous run of column tiles (possibly spanning
+groups), and
+
+1. computes its ``z`` tile = x_tile @ B once (loop over d_in in BLOCK_K chunks, fp32 accumulate,
+   rounded to the input dtype like the unfused chain),
+2. for each of its column tiles: ``t = z @ core_tileᵀ`` (fp32), then the per-head out factor as one
+   GEMM by folding heads into rows (``(BLOCK_M * heads, S_PAD) @ (S_PAD, O_PAD)``), adds the bias in
+   fp32, casts, stores with masks.
+
+Where ``z`` lives depends on the rank (``Z_IN_REGS``): when ``R_PAD <= _Z_REGS_MAX_R`` and
+``BLOCK_M * R_PAD <= _Z_REGS_MAX`` the tile stays in registers for the program's whole run; for
+larger ranks it is computed in BLOCK_R chunks into the program's slice of a (COL_SPLITS, M, r)
+scratch buffer that the same program reads back right away (a CTA barrier orders the writes and
+the reads).
+
+``COL_SPLITS`` trades parallelism against recomputation: each split recomputes the ``z`` tile,
+i.e. re-reads ``x_tile`` and all of ``B``.  Decode (M <= 16) is memory-bound with a single row
+tile, so it wants many splits (one column tile per program at the extreme) to put every SM to work;
+the price is ``COL_SPLITS`` reads of B, mostly from L2 (a two-launch variant, z first, would read
+B once; with no cross-program sync one launch cannot share z).  Prefill is compute-bound with plenty of row
+tiles, so it wants 1-4 splits (z recomputed at most 4x, versus once per column tile for a naive
+tiling).  r and s are padded to powers of two (>= 16, the smallest ``tl.dot`` size) with masks;
+M edges are masked; row offsets are int64, factor offsets int32 (the launcher checks each factor
+holds fewer than 2**31 elements).
+"""
+
+from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships for Linux only; the torch reference still works.
+    triton = None
+    tl = None
+
+# Without Triton the kernels stay plain (never called) functions so the module still imports.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+__all__ = [
+    "KernelConfig",
+    "fused_factored_projection",
+    "fused_factored_projection_ref",
+    "triton_available",
+]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GROUPS = 4
+_DECODE_MAX_M = 16
+# fp32 dots: "tf32x3" (three TF32 tensor-core products, error near fp32's) rather than "ieee", which
+# lowers to FMA loops that spilled and took minutes in ptxas; plain "tf32" would lose 13 mantissa bits.
+_FP32_DOT_PRECISION = "tf32x3"
+# Keep z in registers while its padded rank is at most _Z_REGS_MAX_R and the fp32 tile holds at
+# most _Z_REGS_MAX elements (32 KiB: 64 registers per thread at 4 warps).  The rank bound keeps
+# the whole-rank B and core tiles in shared memory: R_PAD = 512 needed 132 KiB at one stage
+# (fp16, sm_90 compile, BLOCK_K = 128).  Chosen from these budgets, not from timings.
+_Z_REGS_MAX_R = 128
+_Z_REGS_MAX = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Config space
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of the fused projection kernel.
+
+    block_m: rows of x per program.  block_t: target latent columns (heads * padded s) per column
+    tile.  col_splits: programs sharing one row tile, each walking a contiguous run of column
+    tiles and recomputing z; 0 means one program per column tile.  block_k: d_in chunk of
+    ``x @ B``.  block_r: r chunk of the scratch path.  z_in_regs: None picks from ``_Z_REGS_MAX``.
+    """
+
+    block_m: int = 64
+    block_t: int = 128
+    col_splits: int = 1
+    block_k: int = 64
+    block_r: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    z_in_regs: Optional[bool] = None
+
+    def __post_init__(self):
+        for name in ("block_m", "block_t", "block_k", "block_r"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+        if self.col_splits < 0:
+            raise ValueError(f"KernelConfig.col_splits must be >= 0, got {self.col_splits}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"KernelConfig.num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+# Candidates, untuned: sizes follow Triton's matmul tutorial and the register budget above.
+# Replace them with the winners of benchmarks/kernel_microbench.py once it has run on a GPU.
+# Decode: one 16-row tile, so parallelism must come from the columns (col_splits 0 = one program
+# per column tile; 16 = fewer programs that re-read B less often).
+_DECODE_CONFIGS = tuple(
+    KernelConfig(block_m=16, block_t=bt, col_splits=cs, block_k=128, block_r=64, num_warps=4, num_stages=3)
+    for bt in (64, 128, 256)
+    for cs in (0, 16)
+)
+# Prefill: many row tiles; few splits keep the recomputation of z at 1-4x.  Tiles of 64 x 128 and
+# up get 8 warps: at 4 warps the fp16 sm_90 compile of 64 x 128 with an out factor used 255
+# registers and spilled.
+_PREFILL_CONFIGS = tuple(
+    KernelConfig(block_m=bm, block_t=bt, col_splits=cs, block_k=64, block_r=64,
+                 num_warps=4 if bm * bt < 8192 else 8, num_stages=3)
+    for bm in (64, 128)
+    for bt in (64, 128)
+    for cs in (1, 2, 4)
+)
+# fp32 is the accuracy path, not the fast one: dots run as 3xTF32 (_FP32_DOT_PRECISION) whose
+# operand splitting doubles the registers, so fp32 gets one small config per regime, untuned.  The
+# fp16 prefill configs spilled up to 7 KiB in fp32 (sm_90 compile); these two compile without spills.
+_FP32_DECODE_CONFIG = KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=32, block_r=32, num_warps=4,
+                                   num_stages=2)
+_FP32_PREFILL_CONFIG = KernelConfig(block_m=32, block_t=64, col_splits=1, block_k=32, block_r=32, num_warps=8,
+                                    num_stages=2)
+# The CPU interpreter runs programs one after another in Python: fewest, largest programs.
+_INTERPRETER_CONFIG = KernelConfig(block_m=32, block_t=128, col_splits=1, block_k=64, block_r=32, num_warps=4,
+                                   num_stages=1)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _m_bucket(m: int) -> int:
+    """Autotuning key for the token count: decode sizes share one bucket, then powers of two."""
+    return _DECODE_MAX_M if m <= _DECODE_MAX_M else min(_next_pow2(m), 1 << 16)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the launch derives from (config, shapes): the constexpr metadata and the grid."""
+
+    s_pad: tuple
+    o_pad: tuple
+    heads_per_tile: tuple
+    tile_start: tuple  # P + 1 prefix sums of the groups' column tiles
+    tiles_per_program: int
+    col_splits: int
+    r_pad: int
+    z_in_regs: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
+    """groups: ((n_g, s_g, o_g, has_out_factor, has_bias), ...)."""
+    s_pad = tuple(max(16, _next_pow2(s)) for _, s, _, _, _ in groups)
+    o_pad = tuple(max(16, _next_pow2(o)) for _, _, o, _, _ in groups)
+    heads_per_tile = tuple(
+        min(_next_pow2(n), max(1, config.block_t // sp)) for (n, _, _, _, _), sp in zip(groups, s_pad)
+    )
+    tile_start = [0]
+    for (n, _, _, _, _), hpt in zip(groups, heads_per_tile):
+        tile_start.append(tile_start[-1] + triton.cdiv(n, hpt))
+    num_tiles = tile_start[-1]
+    splits = num_tiles if config.col_splits == 0 else min(config.col_splits, num_tiles)
+    tiles_per_program = triton.cdiv(num_tiles, splits)
+    col_splits = triton.cdiv(num_tiles, tiles_per_program)  # no split is left without tiles
+    r_pad = max(16, _next_pow2(r))
+    if config.z_in_regs is None:
+        z_in_regs = r_pad <= _Z_REGS_MAX_R and config.block_m * r_pad <= _Z_REGS_MAX
+    else:
+        z_in_regs = config.z_in_regs
+    return _Plan(s_pad, o_pad, heads_per_tile, tuple(tile_start), tiles_per_program, col_splits, r_pad, z_in_regs)
+
+
+def _prune_configs(configs, m: int, r: int, groups: tuple):
+    """Drop row tiles far taller than M and configs whose plan duplicates an earlier one."""
+    keep, seen = [], set()
+    for config in configs:
+        if config.block_m > max(64, _next_pow2(m)):
+            continue
+        plan = _make_plan(config, r, groups)
+        signature = (config.block_m, config.block_k, config.num_warps, config.num_stages, plan)
+        if signature not in seen:
+            seen.add(signature)
+            keep.append(config)
+    return keep
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+
+@_jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # acc + a @ b.  DOT_UPCAST: Triton 3.9's interpreter multiplies bf16 operands as their uint16
+    # bit patterns, so under the interpreter bf16 operands go through fp32 (exact products, fp32
+    # accumulate: what the GPU's bf16 MMA computes).
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@_jit
+def _z_tile(
+    x_ptr, b_ptr,  # x rows of this program, in_factor B
+    rows64, row_mask, r_offs, r_mask,  # (BLOCK_M,) int64 rows and mask, (WIDTH,) r columns and mask
+    d_in, r, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    # z[rows, r_offs] = x[rows, :] @ B[:, r_offs], fp32 accumulate over d_in in BLOCK_K chunks.
+    acc = tl.zeros((BLOCK_M, WIDTH), dtype=tl.float32)
+    k_offs = tl.arange(0, BLOCK_K)
+    for k0 in range(0, d_in, BLOCK_K):
+        k = k0 + k_offs
+        k_mask = k < d_in
+        x_tile = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b_tile = tl.load(b_ptr + k[:, None] * r + r_offs[None, :],
+                         mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _dot(x_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
+    return acc
+
+
+@_jit
+def _project_tile(
+    z, z_base,  # z tile in registers (Z_IN_REGS) or the base of this program's scratch rows
+    core_ptr, out_factor_ptr, bias_ptr, y_ptr,  # this group's tensors
+    rows64, row_mask, head0, r, stride_ym,
+    # group metadata
+    HEADS: tl.constexpr, S: tl.constexpr, O: tl.constexpr, S_PAD: tl.constexpr, O_PAD: tl.constexpr,
+    HEADS_PER_TILE: tl.constexpr, HAS_OUT_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr, Z_IN_REGS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    dtype = y_ptr.dtype.element_ty
+    # -- latent columns of the tile: heads head0 .. head0 + HEADS_PER_TILE, features padded to S_PAD
+    t_cols = tl.arange(0, HEADS_PER_TILE * S_PAD)
+    t_head = head0 + t_cols // S_PAD
+    t_feat = t_cols % S_PAD
+    t_mask = (t_head < HEADS) & (t_feat < S)
+    core_row = t_head * S + t_feat  # row of core viewed as (HEADS * S, r)
+
+    # -- t = z @ core_tileᵀ : (BLOCK_M, HEADS_PER_TILE * S_PAD), fp32
+    if Z_IN_REGS:
+        k = tl.arange(0, R_PAD)
+        core_t = tl.load(core_ptr + core_row[None, :] * r + k[:, None],
+                         mask=t_mask[None, :] & (k < r)[:, None], other=0.0)
+        t = _dot(z, core_t, tl.zeros((BLOCK_M, HEADS_PER_TILE * S_PAD), dtype=tl.float32), DOT_PRECISION,
+                 DOT_UPCAST)
+    else:
+        t = tl.zeros((BLOCK_M, HEADS_PER_TILE * S_PAD), dtype=tl.float32)
+        for r0 in range(0, r, BLOCK_R):
+            k = r0 + tl.arange(0, BLOCK_R)
+            k_mask = k < r
+            z_chunk = tl.load(z_base + rows64[:, None] * r + k[None, :],
+                              mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            core_t = tl.load(core_ptr + core_row[None, :] * r + k[:, None],
+                             mask=t_mask[None, :] & k_mask[:, None], other=0.0)
+            t = _dot(z_chunk, core_t, t, DOT_PRECISION, DOT_UPCAST)
+
+    # -- y = t @ out_factorᵀ per head: fold heads into rows for one (BLOCK_M * heads, S_PAD) GEMM
+    if HAS_OUT_FACTOR:
+        s_offs = tl.arange(0, S_PAD)
+        o_offs = tl.arange(0, O_PAD)
+        out_factor_t = tl.load(out_factor_ptr + o_offs[None, :] * S + s_offs[:, None],
+                               mask=(s_offs < S)[:, None] & (o_offs < O)[None, :], other=0.0)
+        t_rows = tl.reshape(t.to(dtype), (BLOCK_M * HEADS_PER_TILE, S_PAD))
+        y = _dot(t_rows, out_factor_t, tl.zeros((BLOCK_M * HEADS_PER_TILE, O_PAD), dtype=tl.float32),
+                 DOT_PRECISION, DOT_UPCAST)
+        y = tl.reshape(y, (BLOCK_M, HEADS_PER_TILE * O_PAD))
+        y_cols = tl.arange(0, HEADS_PER_TILE * O_PAD)
+        y_head = head0 + y_cols // O_PAD
+        y_feat = y_cols % O_PAD
+        y_mask = (y_head < HEADS) & (y_feat < O)
+        y_col = y_head * O + y_feat
+    else:
+        y = t
+        y_mask = t_mask
+        y_col = core_row  # head-major columns coincide with the core rows
+
+    # -- bias in fp32, cast, masked store
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + y_col, mask=y_mask, other=0.0)
+        y = y + bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_ym + y_col[None, :], y.to(dtype),
+             mask=row_mask[:, None] & y_mask[None, :])
+
+
+@_jit
+def _fused_factored_projection_kernel(
+    # pointers; per-group tuples hold P entries (absent out factors / biases point at the core)
+    x_ptr, in_factor_ptr, z_scratch_ptr,
+    core_ptrs, out_factor_ptrs, bias_ptrs, y_ptrs,
+    # sizes
+    M, d_in, r,
+    # strides (unit column strides everywhere)
+    stride_xm, y_row_strides,
+    # per-group metadata, tuples of P constexprs
+    HEADS: tl.constexpr, S: tl.constexpr, O: tl.constexpr,
+    S_PAD: tl.constexpr, O_PAD: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
+    TILE_START: tl.constexpr,  # P + 1 prefix sums of the column tiles per group
+    HAS_OUT_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_GROUPS: tl.constexpr,
+    # meta-parameters
+    TILES_PER_PROGRAM: tl.constexpr, COL_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr,
+    Z_IN_REGS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # _FP32_DOT_PRECISION for fp32, ignored for 16-bit
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16 only, see _dot
+):
+    # -- program -> (row tile, column split); splits of one row tile are adjacent so that their
+    #    x tile and B stay hot in L2
+    pid = tl.program_id(0)
+    pid_split = pid % COL_SPLITS
+    pid_m = pid // COL_SPLITS
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+
+    # -- z tile = x_tile @ B, once per program
+    z_base = z_scratch_ptr + pid_split.to(tl.int64) * M * r
+    if Z_IN_REGS:
+        r_offs = tl.arange(0, R_PAD)
+        z = _z_tile(x_ptr, in_factor_ptr, rows64, row_mask, r_offs, r_offs < r, d_in, r, stride_xm,
+                    BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION, DOT_UPCAST).to(dtype)
+    else:
+        z = 0.0  # unused: the tiles read z back from scratch
+        for r0 in range(0, r, BLOCK_R):
+            r_offs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = r_offs < r
+            z_chunk = _z_tile(x_ptr, in_factor_ptr, rows64, row_mask, r_offs, r_mask, d_in, r, stride_xm,
+                              BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION, DOT_UPCAST)
+            tl.store(z_base + rows64[:, None] * r + r_offs[None, :], z_chunk.to(dtype),
+                     mask=row_mask[:, None] & r_mask[None, :])
+        # make this CTA's scratch writes visible to all of its threads before they read them back
+        tl.debug_barrier()
+
+    # -- walk this program's column tiles, group by group
+    tile_lo = pid_split * TILES_PER_PROGRAM
+    tile_hi = tile_lo + TILES_PER_PROGRAM
+    for g in tl.static_range(NUM_GROUPS):
+        lo = tl.maximum(tile_lo, TILE_START[g])
+        hi = tl.minimum(tile_hi, TILE_START[g + 1])
+        for tile in range(lo, hi):
+            _project_tile(
+                z, z_base, core_ptrs[g], out_factor_ptrs[g], bias_ptrs[g], y_ptrs[g],
+                rows64, row_mask, (tile - TILE_START[g]) * HEADS_PER_TILE[g], r, y_row_strides[g],
+                HEADS[g], S[g], O[g], S_PAD[g], O_PAD[g], HEADS_PER_TILE[g], HAS_OUT_FACTOR[g], HAS_BIAS[g],
+                BLOCK_M, BLOCK_R, R_PAD, Z_IN_REGS, DOT_PRECISION, DOT_UPCAST,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    """Whether the kernel was built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return triton is not None and type(_fused_factored_projection_kernel).__name__ == "InterpretedFunction"
+
+
+def triton_available(device) -> bool:
+    """True when the fused kernel can run on ``device``: Triton imports and the device is CUDA,
+    or the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    if triton is None:
+        return False
+    return torch.device(device).type == "cuda" or _interpreted()
+
+
+def _check_tensor(name: str, tensor, shape: Optional[tuple], device):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but x is on {device}; move all tensors to one device")
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if tensor.numel() >= 2**31:
+        raise ValueError(f"{name} has {tensor.numel()} elements; factors must hold fewer than 2**31")
+
+
+def _validate(x, in_factor, cores, out_factors, biases):
+    """Check types, devices, dtypes and shapes; return (d_in, r, groups) with
+    groups = ((n_g, s_g, o_g, has_out_factor, has_bias), ...)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., d_in), got a 0-d tensor")
+    for name, seq in (("cores", cores), ("out_factors", out_factors), ("biases", biases)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple, got {type(seq).__name__}")
+    num_groups = len(cores)
+    if not 1 <= num_groups <= _MAX_GROUPS:
+        raise ValueError(f"cores must hold 1 to {_MAX_GROUPS} groups, got {num_groups}")
+    if len(out_factors) != num_groups or len(biases) != num_groups:
+        raise ValueError(
+            f"cores, out_factors and biases must have equal lengths, got {num_groups}, {len(out_factors)} "
+            f"and {len(biases)} (use None for an absent out factor or bias)"
+        )
+
+    tensors = [("x", x), ("in_factor", in_factor)] + [(f"cores[{g}]", c) for g, c in enumerate(cores)]
+    tensors += [(f"out_factors[{g}]", a) for g, a in enumerate(out_factors) if a is not None]
+    tensors += [(f"biases[{g}]", b) for g, b in enumerate(biases) if b is not None]
+    for name, tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    dtypes = {name: t.dtype for name, t in tensors}
+    if len(set(dtypes.values())) != 1 or x.dtype not in _SUPPORTED_DTYPES:
+        listed = ", ".join(f"{name}={dt}" for name, dt in dtypes.items())
+        raise TypeError(
+            f"all tensors must share one dtype among float32, float16, bfloat16; got {listed}"
+        )
+
+    d_in = x.shape[-1]
+    if in_factor.dim() != 2 or in_factor.shape[0] != d_in:
+        raise ValueError(f"in_factor has shape {tuple(in_factor.shape)}, expected (d_in={d_in}, r)")
+    r = in_factor.shape[1]
+    if d_in == 0 or r == 0:
+        raise ValueError(f"d_in and r must be positive, got d_in={d_in}, r={r}")
+    _check_tensor("in_factor", in_factor, None, x.device)
+
+    groups = []
+    for g in range(num_groups):
+        core = cores[g]
+        if core.dim() != 3 or core.shape[2] != r or core.shape[0] == 0 or core.shape[1] == 0:
+            raise ValueError(f"cores[{g}] has shape {tuple(core.shape)}, expected (n_heads, s, r={r})")
+        n, s = core.shape[0], core.shape[1]
+        _check_tensor(f"cores[{g}]", core, None, x.device)
+        out_factor = out_factors[g]
+        if out_factor is None:
+            o = s
+        else:
+            if out_factor.dim() != 2 or out_factor.shape[1] != s or out_factor.shape[0] == 0:
+                raise ValueError(f"out_factors[{g}] has shape {tuple(out_factor.shape)}, expected (o, s={s})")
+            o = out_factor.shape[0]
+            _check_tensor(f"out_factors[{g}]", out_factor, None, x.device)
+        if biases[g] is not None:
+            _check_tensor(f"biases[{g}]", biases[g], (n * o,), x.device)
+        groups.append((n, s, o, out_factor is not None, biases[g] is not None))
+    return d_in, r, tuple(groups)
+
+
+def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: KernelConfig):
+    """Launch the kernel once with ``config``; every argument is already checked."""
+    plan = _make_plan(config, r, groups)
+    m, d_in = x2d.shape
+    if plan.z_in_regs:
+        scratch = x2d  # unused by the kernel
+    else:
+        scratch = torch.empty((plan.col_splits, m, r), device=x2d.device, dtype=x2d.dtype)
+    grid = (triton.cdiv(m, config.block_m) * plan.col_splits,)
+    _fused_factored_projection_kernel[grid](
+        x2d, in_factor, scratch,
+        tuple(cores),
+        tuple(a if a is not None else c for a, c in zip(out_factors, cores)),
+        tuple(b if b is not None else c for b, c in zip(biases, cores)),
+        tuple(ys),
+        m, d_in, r,
+        x2d.stride(0), tuple(y.stride(0) for y in ys),
+        HEADS=tuple(g[0] for g in groups), S=tuple(g[1] for g in groups), O=tuple(g[2] for g in groups),
+        S_PAD=plan.s_pad, O_PAD=plan.o_pad, HEADS_PER_TILE=plan.heads_per_tile, TILE_START=plan.tile_start,
+        HAS_OUT_FACTOR=tuple(g[3] for g in groups), HAS_BIAS=tuple(g[4] for g in groups),
+        NUM_GROUPS=len(groups),
+        TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
+        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
+        Z_IN_REGS=plan.z_in_regs, DOT_PRECISION=_FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=x2d.dtype == torch.bfloat16 and _interpreted(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+_TUNED: dict = {}
+
+
+def _heuristic_config(m: int) -> KernelConfig:
+    return _DECODE_CONFIGS[2] if m <= _DECODE_MAX_M else _PREFILL_CONFIGS[3]
+
+
+def _tune_key(device, dtype, m, d_in, r, groups):
+    return (torch.device(device).index, dtype, _m_bucket(m), d_in, r, groups)
+
+
+def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> KernelConfig:
+    """Autotune once per (device, dtype, M bucket, d_in, r, groups) and cache the winner."""
+    m, d_in = x2d.shape
+    if x2d.device.type != "cuda" or _interpreted():
+        return _INTERPRETER_CONFIG
+    if x2d.dtype == torch.float32:
+        return _FP32_DECODE_CONFIG if m <= _DECODE_MAX_M else _FP32_PREFILL_CONFIG
+    key = _tune_key(x2d.device, x2d.dtype, m, d_in, r, groups)
+    config = _TUNED.get(key)
+    if config is not None:
+        return config
+    if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
+        return _heuristic_config(m)
+    candidates = _prune_configs(_DECODE_CONFIGS if m <= _DECODE_MAX_M else _PREFILL_CONFIGS, m, r, groups)
+    best = _autotune(
+        candidates,
+        lambda config: _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config),
+        lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"),
+    )
+    if best is None:
+        raise RuntimeError(f"no fused projection config fits this GPU for d_in={d_in}, r={r}, groups={groups}")
+    _TUNED[key] = best
+    return best
+
+
+def _autotune(candidates, run, bench) -> Optional[KernelConfig]:
+    """The candidate whose ``run(config)`` ``bench`` times fastest, skipping those that do not fit
+    the GPU (the compile raises OutOfResources, e.g. for shared memory); None if none fits."""
+    best, best_ms = None, float("inf")
+    for candidate in candidates:
+        try:
+            ms = bench(lambda: run(candidate))
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = candidate, ms
+    return best
+
+
+def fused_factored_projection(x, in_factor, cores, out_factors, biases, out=None, *, config=None):
+    """Compute every group's ``((x @ in_factor) @ core_gᵀ) @ out_factor_gᵀ + bias_g`` in one launch.
+
+    Parameters
+    ----------
+    x : Tensor of shape ``(..., d_in)``
+    in_factor : Tensor of shape ``(d_in, r)``, shared by all groups
+    cores : list of P (1 to 4) Tensors, ``cores[g]`` of shape ``(n_g, s_g, r)``, one core per head
+    out_factors : list of P entries, each a Tensor of shape ``(o_g, s_g)`` shared by the group's
+        heads, or None (the head output is the latent itself, o_g = s_g)
+    biases : list of P entries, each a Tensor of shape ``(n_g * o_g,)`` or None
+    out : optional list of P Tensors of shape ``(..., n_g * o_g)`` to write into (unit column
+        stride; any row stride that flattens to ``(M, n_g * o_g)``, e.g. slices of a packed QKV
+        buffer). They must not overlap the inputs.
+    config : optional :class:`KernelConfig` overriding the autotuner (tests, benchmarks).
+
+    All tensors share one device and one dtype (float32, float16 or bfloat16); accumulation is
+    fp32, and z and t are rounded to the input dtype between GEMMs like the unfused chain.  On the
+    GPU fp32 products run as 3xTF32 (error close to fp32's, not bit-equal to torch's fp32 GEMM).
+
+    Returns
+    -------
+    list of P Tensors, ``y_g`` of shape ``(..., n_g * o_g)`` (the ``out`` tensors when given).
+    """
+    d_in, r, groups = _validate(x, in_factor, cores, out_factors, biases)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+
+    lead = tuple(x.shape[:-1])
+    m = 1
+    for size in lead:
+        m *= size
+    x2d = x.reshape(m, d_in)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    in_factor = in_factor.contiguous()
+    cores = [c.contiguous() for c in cores]
+    out_factors = [a.contiguous() if a is not None else None for a in out_factors]
+    biases = [b.contiguous() if b is not None else None for b in biases]
+
+    widths = [n * o for n, _, o, _, _ in groups]
+    if out is None:
+        out = [torch.empty(lead + (w,), device=x.device, dtype=x.dtype) for w in widths]
+        ys = [y.view(m, w) for y, w in zip(out, widths)]
+    else:
+        if not isinstance(out, (list, tuple)) or len(out) != len(groups):
+            raise ValueError(f"out must be a list of {len(groups)} tensors, one per group")
+        out = list(out)
+        ys = []
+        for g, (y, w) in enumerate(zip(out, widths)):
+            _check_tensor(f"out[{g}]", y, lead + (w,), x.device)
+            if y.dtype != x.dtype:
+                raise TypeError(f"out[{g}] has dtype {y.dtype}, expected {x.dtype} (the dtype of x)")
+            try:
+                y2d = y.view(m, w)
+            except RuntimeError:
+                y2d = None
+            if y2d is None or (m > 1 and y2d.stride(1) != 1) or (w > 1 and y.stride(-1) != 1):
+                raise ValueError(
+                    f"out[{g}] with strides {tuple(y.stride())} cannot be written as an ({m}, {w}) matrix "
+                    "with unit column stride"
+                )
+            ys.append(y2d)
+    if triton is None:
+        raise RuntimeError("fused_factored_projection needs Triton; use fused_factored_projection_ref instead")
+    if x.device.type != "cuda" and not _interpreted():
+        raise ValueError(
+            f"x is on {x.device}: the Triton kernel needs a CUDA device, or TRITON_INTERPRET=1 set before "
+            "Triton is imported; use fused_factored_projection_ref on CPU"
+        )
+    if m == 0:
+        return out
+
+    if config is None:
+        config = _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups)
+    _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def fused_factored_projection_ref(x, in_factor, cores, out_factors, biases):
+    """Plain torch version of :func:`fused_factored_projection` (the unfused chain), computed in
+    x's dtype. Same arguments (without ``out``) and return value."""
+    if not (len(cores) == len(out_factors) == len(biases)):
+        raise ValueError(
+            f"cores, out_factors and biases must have equal lengths, got {len(cores)}, {len(out_factors)} "
+            f"and {len(biases)}"
+        )
+    lead = x.shape[:-1]
+    z = x @ in_factor  # (..., r)
+    outputs = []
+    for core, out_factor, bias in zip(cores, out_factors, biases):
+        n, s, r = core.shape
+        t = (z @ core.reshape(n * s, r).T).unflatten(-1, (n, s))  # (..., n, s)
+        y = t if out_factor is None else t @ out_factor.T  # (..., n, o)
+        y = y.reshape(*lead, -1)
+        if bias is not None:
+            y = y + bias
+        outputs.append(y)
+    return outputs

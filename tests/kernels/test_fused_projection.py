@@ -1,0 +1,303 @@
+"""Fused factor-core-factor projection against its float64 torch reference.
+
+On a machine without CUDA the kernel runs in Triton's interpreter (see conftest.py).
+"""
+
+import pytest
+import torch
+
+from tmps.kernels import fused_projection as fp
+from tmps.kernels.fused_projection import (
+    KernelConfig,
+    fused_factored_projection,
+    fused_factored_projection_ref,
+    triton_available,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() and not fp._interpreted() else "cpu"
+needs_kernel = pytest.mark.skipif(not triton_available(DEVICE), reason=f"Triton cannot run on {DEVICE}")
+
+# Tolerance on max|error| relative to max|reference|.  16-bit runs round z, t and y to the input
+# dtype (three roundings of unit size 2**-11 or 2**-8) on top of fp32 accumulation; fp32 runs as
+# 3xTF32 on the GPU (exact fp32 products in the interpreter).
+TOLERANCE = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+# Group layouts: (n_heads, s, o) per group, o None for an absent out factor; bias flags per group.
+# The model-like ones keep the head counts of the real models and shrink the widths.
+LAYOUTS = {
+    # Llama GQA: 9 query heads, 3 key/value heads, out factors to head_dim 32, no biases
+    "llama_gqa": dict(groups=[(9, "s", 32), (3, "s", 32), (3, "s", 32)], bias=[False, False, False]),
+    # OPT: three equal groups with out factors and biases
+    "opt": dict(groups=[(4, "s", 32), (4, "s", 32), (4, "s", 32)], bias=[True, True, True]),
+    # k and v stored as latents (no out factor); only q has a bias
+    "kv_latent": dict(groups=[(6, "s", 32), (2, "s", None), (2, "s", None)], bias=[True, False, False]),
+    # s equal to head_dim 64 with an out factor present
+    "s_eq_head_dim": dict(groups=[(2, 64, 64), (1, 64, 64)], bias=[True, False]),
+    # one group
+    "single": dict(groups=[(3, "s", None)], bias=[True]),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def make_inputs(m_shape, d_in, r, s, layout, dtype):
+    """Random inputs scaled so that every stage is O(1); rounded to ``dtype`` once."""
+    spec = LAYOUTS[layout]
+    x = torch.randn(*m_shape, d_in, dtype=torch.float64)
+    in_factor = torch.randn(d_in, r, dtype=torch.float64) / d_in**0.5
+    cores, out_factors, biases = [], [], []
+    for (n, s_g, o), has_bias in zip(spec["groups"], spec["bias"]):
+        s_g = s if s_g == "s" else s_g
+        cores.append(torch.randn(n, s_g, r, dtype=torch.float64) / r**0.5)
+        out_factors.append(None if o is None else torch.randn(o, s_g, dtype=torch.float64) / s_g**0.5)
+        biases.append(torch.randn(n * (o or s_g), dtype=torch.float64) if has_bias else None)
+
+    def cast(t):
+        return None if t is None else t.to(device=DEVICE, dtype=dtype)
+
+    return (cast(x), cast(in_factor), [cast(c) for c in cores], [cast(a) for a in out_factors],
+            [cast(b) for b in biases])
+
+
+def reference(x, in_factor, cores, out_factors, biases):
+    """The torch reference on float64 copies of exactly the kernel's inputs."""
+
+    def f64(t):
+        return None if t is None else t.double().cpu()
+
+    return fused_factored_projection_ref(f64(x), f64(in_factor), [f64(c) for c in cores],
+                                         [f64(a) for a in out_factors], [f64(b) for b in biases])
+
+
+def assert_close_to_ref(actual, expected, rel, name="output"):
+    """max-relative check that reports the first mismatching index (NaN counts as a mismatch)."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    actual = actual.double().cpu()
+    bound = rel * expected.abs().max().item() + 1e-12
+    bad = ~((actual - expected).abs() <= bound)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements off by more than {bound:.3g} "
+            f"(rel {rel:g} of max|ref|); first at index {first}: got {actual[first].item()!r}, "
+            f"expected {expected[first].item()!r}"
+        )
+
+
+def check(inputs, dtype, out=None, config=None):
+    ys = fused_factored_projection(*inputs, out=out, config=config)
+    refs = reference(*inputs)
+    assert len(ys) == len(refs)
+    for g, (y, ref) in enumerate(zip(ys, refs)):
+        assert y.dtype == dtype and y.device.type == DEVICE
+        assert_close_to_ref(y, ref, TOLERANCE[dtype], name=f"group {g}")
+    return ys
+
+
+def nan_outputs(inputs, lead):
+    x, _, cores, out_factors, _ = inputs
+    widths = [c.shape[0] * (c.shape[1] if a is None else a.shape[0]) for c, a in zip(cores, out_factors)]
+    return [torch.full((*lead, w), float("nan"), device=DEVICE, dtype=x.dtype) for w in widths]
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics
+# --------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["llama_gqa", "opt"])
+@pytest.mark.parametrize("r", [24, 40, 96])
+@pytest.mark.parametrize("m", [1, 7, 129])
+def test_fp32_matches_reference(m, r, layout):
+    check(make_inputs((m,), 48, r, 24 if layout == "llama_gqa" else 40, layout, torch.float32), torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_matches_reference(dtype, layout):
+    check(make_inputs((33,), 64, 40, 24, layout, dtype), dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["kv_latent", "s_eq_head_dim"])
+def test_leading_dims_and_preallocated_out(layout, dtype):
+    inputs = make_inputs((2, 5), 40, 24, 40, layout, dtype)
+    out = nan_outputs(inputs, (2, 5))
+    ys = check(inputs, dtype, out=out)
+    assert all(y is o for y, o in zip(ys, out))
+
+
+@needs_kernel
+def test_out_as_strided_views_of_a_packed_buffer():
+    inputs = make_inputs((2, 7), 32, 40, 24, "llama_gqa", torch.float32)
+    widths = [9 * 32, 3 * 32, 3 * 32]
+    packed = torch.full((2, 7, sum(widths) + 5), float("nan"), device=DEVICE)  # +5: padded row stride
+    out = list(packed[..., : sum(widths)].split(widths, dim=-1))
+    check(inputs, torch.float32, out=out)
+    assert packed[..., sum(widths):].isnan().all(), "wrote past the views"
+
+
+# Tiling variants, each on a layout with and without out factors.  The interpreter config walks all
+# column tiles in one program; these cover one tile per program, splits that cut through groups,
+# tiles narrower than one head, and z in scratch with several (masked) r chunks.
+CONFIGS = {
+    "one_tile_per_program": KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=16, block_r=16,
+                                         num_stages=1),
+    "splits_across_groups": KernelConfig(block_m=16, block_t=32, col_splits=3, block_k=32, block_r=16,
+                                         num_stages=1),
+    "z_in_scratch": KernelConfig(block_m=16, block_t=128, col_splits=2, block_k=16, block_r=16,
+                                 num_stages=1, z_in_regs=False),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["llama_gqa", "kv_latent"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_tiling_variants(config, layout):
+    inputs = make_inputs((37,), 40, 40, 24, layout, torch.float32)
+    check(inputs, torch.float32, out=nan_outputs(inputs, (37,)), config=CONFIGS[config])
+
+
+@needs_kernel
+def test_empty_rows():
+    inputs = make_inputs((0,), 16, 24, 24, "opt", torch.float32)
+    ys = fused_factored_projection(*inputs)
+    assert [tuple(y.shape) for y in ys] == [(0, 128)] * 3
+
+
+def test_reference_matches_dense_weights():
+    """The reference equals x @ Wᵀ + b with W_g[h*o + j] = Σ_s A[j, s] · core[h, s] · Bᵀ."""
+    x, in_factor, cores, out_factors, biases = make_inputs((3, 5), 16, 24, 40, "kv_latent", torch.float64)
+    refs = fused_factored_projection_ref(x, in_factor, cores, out_factors, biases)
+    for core, a, b, y in zip(cores, out_factors, biases, refs):
+        per_head = torch.einsum("hsr,dr->hsd", core, in_factor)  # (n, s, d_in)
+        if a is not None:
+            per_head = torch.einsum("os,hsd->hod", a, per_head)
+        weight = per_head.reshape(-1, x.shape[-1])
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b))
+
+
+def test_runs_in_interpreter_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("compiled kernels run on the GPU")
+    assert fp._interpreted(), (
+        "Triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1, so the kernel "
+        "tests were skipped; run with TRITON_INTERPRET=1 in the environment or set it in tests/conftest.py"
+    )
+    assert triton_available("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _good():
+    return make_inputs((4,), 16, 24, 24, "kv_latent", torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: a.update(in_factor=a["in_factor"][:-1]), r"in_factor has shape \(15, 24\), expected \(d_in=16, r\)"),
+        (lambda a: a["cores"].__setitem__(1, a["cores"][1][:, :, :-1]),
+         r"cores\[1\] has shape \(2, 24, 23\), expected \(n_heads, s, r=24\)"),
+        (lambda a: a["cores"].__setitem__(0, a["cores"][0][0]), r"cores\[0\] has shape \(24, 24\)"),
+        (lambda a: a["out_factors"].__setitem__(0, a["out_factors"][0][:, :-1]),
+         r"out_factors\[0\] has shape \(32, 23\), expected \(o, s=24\)"),
+        (lambda a: a["biases"].__setitem__(0, a["biases"][0][:-1]),
+         r"biases\[0\] has shape \(191,\), expected \(192,\)"),
+        (lambda a: a["biases"].append(None), r"equal lengths, got 3, 3 and 4"),
+        (lambda a: a["out_factors"].pop(), r"equal lengths, got 3, 2 and 3"),
+        (lambda a: a.update(cores=[], out_factors=[], biases=[]), r"1 to 4 groups, got 0"),
+        (lambda a: a.update(cores=a["cores"] * 2, out_factors=a["out_factors"] * 2, biases=a["biases"] * 2),
+         r"1 to 4 groups, got 6"),
+    ],
+    ids=["in_factor", "core_rank", "core_dims", "out_factor", "bias", "len_biases", "len_out_factors", "no_groups",
+         "too_many_groups"],
+)
+def test_bad_shapes_raise_value_error(mutate, match):
+    x, in_factor, cores, out_factors, biases = _good()
+    args = dict(x=x, in_factor=in_factor, cores=cores, out_factors=out_factors, biases=biases)
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        fused_factored_projection(**args)
+
+
+def test_mismatched_dtypes_raise_type_error():
+    x, in_factor, cores, out_factors, biases = _good()
+    cores[2] = cores[2].half()
+    with pytest.raises(TypeError, match=r"x=torch.float32.*cores\[2\]=torch.float16"):
+        fused_factored_projection(x, in_factor, cores, out_factors, biases)
+
+
+def test_unsupported_dtype_raises_type_error():
+    x, in_factor, cores, out_factors, biases = make_inputs((4,), 16, 24, 24, "single", torch.float64)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16"):
+        fused_factored_projection(x, in_factor, cores, out_factors, biases)
+
+
+def test_non_tensor_raises_type_error():
+    x, in_factor, cores, out_factors, biases = _good()
+    with pytest.raises(TypeError, match=r"cores\[0\] must be a torch.Tensor"):
+        fused_factored_projection(x, in_factor, [None] + cores[1:], out_factors, biases)
+
+
+def test_mismatched_device_raises_value_error():
+    x, in_factor, cores, out_factors, biases = _good()
+    with pytest.raises(ValueError, match=r"in_factor is on meta but x is on"):
+        fused_factored_projection(x, in_factor.to("meta"), cores, out_factors, biases)
+
+
+def test_bad_out_raises():
+    x, in_factor, cores, out_factors, biases = _good()
+    out = [torch.empty(4, w, device=DEVICE) for w in (192, 48, 48)]
+    with pytest.raises(ValueError, match="out must be a list of 3 tensors"):
+        fused_factored_projection(x, in_factor, cores, out_factors, biases, out=out[:2])
+    with pytest.raises(ValueError, match=r"out\[1\] has shape \(4, 47\), expected \(4, 48\)"):
+        fused_factored_projection(x, in_factor, cores, out_factors, biases, out=[out[0], out[1][:, :-1], out[2]])
+    with pytest.raises(TypeError, match=r"out\[2\] has dtype torch.float16"):
+        fused_factored_projection(x, in_factor, cores, out_factors, biases, out=out[:2] + [out[2].half()])
+    with pytest.raises(ValueError, match=r"out\[0\] with strides \(1, 4\)"):
+        fused_factored_projection(x, in_factor, cores, out_factors, biases,
+                                  out=[torch.empty(192, 4, device=DEVICE).T] + out[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# Config space (no launches)
+# --------------------------------------------------------------------------------------------
+
+
+def test_autotune_keeps_fastest_fitting_config():
+    pytest.importorskip("triton")
+    times = {c: float(i) for i, c in enumerate(fp._PREFILL_CONFIGS)}
+    too_big = fp._PREFILL_CONFIGS[0]
+
+    def run(config):
+        if config is too_big:
+            raise fp.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return times[config]
+
+    assert fp._autotune(fp._PREFILL_CONFIGS, run, lambda fn: fn()) is fp._PREFILL_CONFIGS[1]
+    assert fp._autotune([too_big], run, lambda fn: fn()) is None
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 4096])
+def test_pruned_configs_cover_every_group_once(m):
+    pytest.importorskip("triton")
+    groups = ((9, 24, 64, True, False), (3, 24, 64, True, False), (3, 40, 40, False, True))
+    configs = fp._prune_configs(fp._DECODE_CONFIGS if m <= 16 else fp._PREFILL_CONFIGS, m, 96, groups)
+    assert configs
+    for config in configs:
+        plan = fp._make_plan(config, 96, groups)
+        tiles = plan.tile_start[-1]
+        assert plan.col_splits * plan.tiles_per_program >= tiles > (plan.col_splits - 1) * plan.tiles_per_program
+        for (n, _, _, _, _), hpt, lo, hi in zip(groups, plan.heads_per_tile, plan.tile_start, plan.tile_start[1:]):
+            assert (hi - lo) * hpt >= n > (hi - lo - 1) * hpt  # every head in exactly one tile
