@@ -48,7 +48,8 @@ def _check_weights(model: nn.Module) -> None:
 @torch.no_grad()
 def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
              ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
-             error_budget: float | None = None, allocation: str = "greedy", batch_size: int = 8,
+             error_budget: float | None = None, allocation: str = "greedy", k_share: float = 0.25,
+             batch_size: int = 8,
              calibration_samples: int = 16, calibration_seq_len: int = 128, seed: int = 0,
              progress: bool = True, damping: float = 1e-6) -> nn.Module:
     """Replace the attention of ``model`` (in place) by compressed attention and return it.
@@ -58,7 +59,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     model : OPT or Llama-family ``*ForCausalLM`` / ``*Model``.
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
-    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation : see :class:`CompressionConfig`.
+    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, k_share : see :class:`CompressionConfig`.
     batch_size : calibration sequences per forward.
     progress : show progress bars.
 
@@ -66,7 +67,8 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     :func:`tmps.report`).
     """
     config = CompressionConfig(mode=mode, method=method, ratio=ratio, mps_eps=mps_eps, hooi_ranks=hooi_ranks,
-                               error_budget=error_budget, allocation=allocation, damping=damping)
+                               error_budget=error_budget, allocation=allocation, k_share=k_share,
+                               damping=damping)
     arch = architecture_of(model)
     if is_compressed(model):
         raise ValueError("this model is already compressed by tmps; compress the dense model again "
@@ -134,21 +136,20 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[d
     plans = []
     if config.mode == "kv":
         spectra = [s.kv_spectra() for s in solvers]
-        if config.ratio is not None and config.allocation == "greedy" and config.method != "svd":
+        if config.ratio is not None and config.method == "eigen" and config.allocation == "greedy":
+            # EigenAttention: one energy threshold for every head of every layer, fitted to the budget.
             flat, index = [], []
             for l, sp in enumerate(spectra):
                 for name in ("k", "v"):
                     for h, lam in enumerate(sp[name]):
                         flat.append(lam), index.append((l, name, h))
-            budget = config.ratio * sum(lam.numel() for lam in flat)
-            if config.method == "eigen":  # EigenAttention: one energy threshold for every head
-                ranks = _uniform_threshold(flat, budget)
-            else:
-                ranks = allocate_by_threshold(flat, [1] * len(flat), budget)
-            for l, sp in enumerate(spectra):
-                plans.append({n: [0] * len(sp[n]) for n in ("k", "v")})
+            ranks = _uniform_threshold(flat, config.ratio * sum(lam.numel() for lam in flat))
+            plans = [{n: [0] * len(sp[n]) for n in ("k", "v")} for sp in spectra]
             for (l, name, h), r in zip(index, ranks):
                 plans[l][name][h] = r
+            return plans
+        if config.ratio is not None and config.method != "svd" and config.method != "eigen":
+            return _plan_kv_split(config, spectra)
         else:
             for sp in spectra:
                 plan = {}
@@ -215,6 +216,21 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[d
         return [{"r_in": min(r, lam.numel())} for r, lam in zip(r_in, spectra)]
     eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
     return [{"r_in": ranks_by_energy(lam, eps), "mps_eps": eps} for lam in spectra]
+
+
+def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]:
+    """Split the KV budget between K and V by ``k_share``, then across layers within each."""
+    widths = {n: [sp[n][0].numel() for sp in spectra] for n in ("k", "v")}
+    budget = config.ratio * (sum(widths["k"]) + sum(widths["v"]))
+    v_budget = min((1 - config.k_share) * budget, sum(widths["v"]))
+    k_budget = min(budget - v_budget, sum(widths["k"]))
+    ranks = {}
+    for name, share in (("k", k_budget), ("v", v_budget)):
+        if config.allocation == "greedy":
+            ranks[name] = allocate_by_threshold([sp[name][0] for sp in spectra], [1] * len(spectra), share)
+        else:
+            ranks[name] = [max(1, min(w, round(share * w / sum(widths[name])))) for w in widths[name]]
+    return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks["k"], ranks["v"])]
 
 
 def _split_rank(total: int, widths: list[int]) -> list[int]:
