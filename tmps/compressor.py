@@ -48,7 +48,7 @@ def _check_weights(model: nn.Module) -> None:
 @torch.no_grad()
 def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
              ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
-             error_budget: float | None = None, allocation: str = "greedy", k_share: float = 0.25,
+             error_budget: float | None = None, allocation: str = "greedy", k_share: float = 0.35,
              batch_size: int = 8,
              calibration_samples: int = 16, calibration_seq_len: int = 128, seed: int = 0,
              progress: bool = True, damping: float = 1e-6) -> nn.Module:

@@ -165,16 +165,59 @@ class LayerSolver:
         return FactoredProjection(None, cores, [None] * 3, biases), ups["k"], ups["v"]
 
     # ------------------------------------------------------------------ weights mode
-    def whitened_tensor(self) -> tuple[torch.Tensor, object]:
-        """``T = [W_q; W_k; W_v] L`` as ``(d, heads, head_dim)`` and the input metric."""
-        if "T" not in self._cache:
-            d = self.shape.hidden_size
+    def head_output_metrics(self) -> list[torch.Tensor]:
+        """Per output head (q heads, then k, then v) the metric ``M_h`` of what attention sees of its error.
+
+        A query head's error reaches the scores through its keys (``M = E[k kᵀ]`` of its KV head), a
+        key head's through its queries (the query metric), a value head's through ``o_proj``. Each
+        projection's metrics are scaled so that its weighted energy is 1: the three relative errors
+        count alike.
+        """
+        s, hd = self.shape, self.shape.head_dim
+        ck = self.output_moment("k")
+        if self.uses_rope:  # as for K in kv mode: average over rotation angles within each pair
+            ck = self._rope_average(ck)
+        k_blocks = [ck[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd] for j in range(s.num_kv_heads)]
+        q_metric, v_metric = self._query_metric(), self._output_metric()
+        metrics = {
+            "q": [k_blocks[h // s.group_size] for h in range(s.num_heads)],
+            "k": [q_metric[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd] for j in range(s.num_kv_heads)],
+            "v": [v_metric[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd] for j in range(s.num_kv_heads)],
+        }
+        out = []
+        for name in ("q", "k", "v"):
+            w = getattr(self.w, "w" + name).reshape(len(metrics[name]), hd, -1)
+            energy = sum(torch.einsum("ij,jk,ik->", m @ w[h], self.c[:-1, :-1], w[h]) for h, m in enumerate(metrics[name]))
+            out += [m / energy.clamp_min(1e-300) for m in metrics[name]]
+        return out
+
+    def _rope_average(self, m: torch.Tensor) -> torch.Tensor:
+        """Keep each head-dim pair's mean diagonal, as the query metric does for RoPE models."""
+        hd = self.shape.head_dim
+        diag = torch.diagonal(m).reshape(-1, 2, hd // 2)
+        pair = diag.mean(1, keepdim=True).expand(-1, 2, -1).reshape(-1)
+        return torch.diag(pair)
+
+    def whitened_tensor(self, output_weighted: bool = True) -> tuple[torch.Tensor, object]:
+        """``T = S [W_q; W_k; W_v] L`` as ``(d, heads, head_dim)`` and the input metric.
+
+        ``L Lᵀ = E[xxᵀ]`` whitens the inputs; ``S`` = block-diag of per-head ``M_h^{1/2}`` (see
+        :meth:`head_output_metrics`) weights each head's outputs by what attention sees of them.
+        Without ``output_weighted`` (needed when an output factor is shared by all heads), ``S = I``.
+        """
+        key = ("T", output_weighted)
+        if key not in self._cache:
+            d, hd = self.shape.hidden_size, self.shape.head_dim
             metric = input_metric(self.c[:d, :d], self.damping)
             stacked = torch.cat([self.w.wq, self.w.wk, self.w.wv]) @ metric.sqrt
-            heads = stacked.shape[0] // self.shape.head_dim
-            t = stacked.reshape(heads, self.shape.head_dim, d).permute(2, 0, 1).contiguous()
-            self._cache["T"] = (t, metric)
-        return self._cache["T"]
+            heads = stacked.shape[0] // hd
+            t = stacked.reshape(heads, hd, d)
+            if output_weighted:
+                roots = [psd_sqrt(m, self.damping) for m in self.head_output_metrics()]
+                t = torch.stack([r @ t[h] for h, (r, _) in enumerate(roots)])
+                self._cache["head_inv_roots"] = torch.stack([inv for _, inv in roots])
+            self._cache[key] = (t.permute(2, 0, 1).contiguous(), metric)
+        return self._cache[key]
 
     def weight_spectrum(self) -> torch.Tensor:
         """Squared singular values of T's input-mode unfolding (the shared input factor's spectrum)."""
@@ -186,13 +229,14 @@ class LayerSolver:
 
     def projection_spectra(self) -> list[torch.Tensor]:
         """svd baseline: the whitened spectrum of each projection."""
-        _, metric = self.whitened_tensor()
+        _, metric = self.whitened_tensor(output_weighted=False)
         return [torch.linalg.svdvals(metric.whiten(w)).pow(2) for w in (self.w.wq, self.w.wk, self.w.wv)]
 
     def build_weights(self, r_in: int, r_head: int | None = None, r_out: int | None = None,
                       mps_eps: float | None = None, svd_ranks: list[int] | None = None) -> FactoredProjection:
         s = self.shape
-        t, metric = self.whitened_tensor()
+        weighted = self.method != "svd" and (r_out is None or r_out == s.head_dim)
+        t, metric = self.whitened_tensor(output_weighted=weighted)
         d, heads, hd = t.shape
         biases = [self.w.bq, self.w.bk, self.w.bv] if self.w.has_bias else [None] * 3
         if self.method == "svd":
@@ -220,6 +264,11 @@ class LayerSolver:
         in_factor = metric.input_factor(in_white)                     # (d, r_in), acts on raw x
         if out_factor.shape[0] == out_factor.shape[1]:                 # square output factor: fold it in
             head_cores, out_factor = torch.einsum("os,hsi->hoi", out_factor, head_cores), None
+        if weighted:                                                   # undo the per-head output weighting
+            if out_factor is not None:
+                head_cores = torch.einsum("os,hsi->hoi", out_factor, head_cores)
+                out_factor = None
+            head_cores = torch.einsum("hpo,hoi->hpi", self._cache["head_inv_roots"], head_cores)
         splits = [s.num_heads, s.num_kv_heads, s.num_kv_heads]
         cores = list(torch.split(head_cores, splits, dim=0))
         return FactoredProjection(in_factor, cores, [out_factor] * 3, biases)
