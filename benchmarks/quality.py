@@ -33,7 +33,11 @@ def main(argv=None):
     p.add_argument("--eval", default="32x1024", help="evaluation windows x tokens")
     p.add_argument("--out", default="results/quality")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only merge the rows of earlier runs' JSON files (same dense model) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -72,6 +76,25 @@ def main(argv=None):
                 del candidate
                 write_outputs(rows, out, args)
     write_outputs(rows, out, args)
+
+
+def merge(args) -> None:
+    """Combine the rows of several runs (run in parallel to fit a time budget) into one table and plot."""
+    rows, seen = [], set()
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        for row in data["rows"]:
+            key = (row["mode"], row["method"], row["ratio"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        args.calib, args.eval = data["meta"]["calibration"], data["meta"]["evaluation"]
+    order = {"dense": 0, "kv": 1, "weights": 2}
+    rows.sort(key=lambda r: (order[r["mode"]], r["method"], -r["ratio"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_outputs(rows, out, args)
+    print(out.with_suffix(".md").read_text())
 
 
 def write_outputs(rows, out: Path, args) -> None:

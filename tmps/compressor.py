@@ -173,9 +173,7 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[d
         for s in solvers:
             sp = s.projection_spectra()
             d = s.shape.hidden_size
-            if config.ratio is not None:
-                ranks = [max(1, math.floor(config.ratio * lam.numel() * out / (out + d)))
-                         for lam, out in zip(sp, (s.shape.q_width, s.shape.kv_width, s.shape.kv_width))]
+            if config.ratio is not None:  # SVD-LLM's uniform rule: rank r costs r (d + out) numbers
                 ranks = [max(1, math.floor(config.ratio * d * out / (out + d)))
                          for out in (s.shape.q_width, s.shape.kv_width, s.shape.kv_width)]
             elif config.hooi_ranks is not None:
@@ -205,14 +203,12 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[d
             plans.append(plan)
         return plans
     if config.ratio is not None:
-        d = solvers[0].shape.hidden_size
         costs = [s.shape.hidden_size + out for s, out in zip(solvers, heads_out)]
         dense = [s.shape.hidden_size * out for s, out in zip(solvers, heads_out)]
         if config.allocation == "greedy":
             r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense))
         else:
             r_in = [max(1, math.floor(config.ratio * dn / c)) for dn, c in zip(dense, costs)]
-        del d
         return [{"r_in": min(r, lam.numel())} for r, lam in zip(r_in, spectra)]
     eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
     return [{"r_in": ranks_by_energy(lam, eps), "mps_eps": eps} for lam in spectra]
@@ -285,7 +281,6 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress):
 def _moment_only(arch, layer, hidden, inputs, masks):
     attention = arch.attention_of(layer)
     total, count = None, 0
-    state = {}
 
     def hook(module, args, kwargs):
         raise _Captured(args[0] if args else kwargs["hidden_states"])
@@ -300,7 +295,6 @@ def _moment_only(arch, layer, hidden, inputs, masks):
             count += int(masks[i].sum())
         finally:
             handle.remove()
-    del state
     return total / max(count, 1)
 
 

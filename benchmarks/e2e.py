@@ -1,0 +1,808 @@
+"""End-to-end timing of tmps-compressed OPT-shaped models against dense (random weights, timing only).
+
+    python benchmarks/e2e.py --out results/e2e.md [--shapes opt-1.3b opt-6.7b]   # CUDA
+    python benchmarks/e2e.py --smoke                                              # CPU, tiny OPT, seconds
+
+Models are built from ``OPTConfig`` with the shapes of OPT-1.3B (hidden 2048, 24 layers, 32 heads,
+ffn 8192) and OPT-6.7B (4096, 32, 32, 16384), vocabulary 50272, random weights, fp16 on the GPU,
+sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quality numbers live in
+``benchmarks/quality.py``. Each variant is built from scratch with the same seed:
+
+* ``dense``: the model as built;
+* ``kv``: ``tmps.compress(model, calib, mode="kv", ratio=0.5)``: the cache holds K/V latents;
+* ``weights``: ``mode="weights", ratio=0.5``: factored Q/K/V through the fused Triton kernel;
+* ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``.
+
+Calibration is ``--calib`` random token ids. ``--factors auto`` calibrates under a time limit
+(``--calib-timeout``) and otherwise falls back to random factors of the ranks a uniform allocation
+of the same ratio gives (identical modules and shapes, so the same timings up to the per-layer rank
+spread); ``--factors random`` skips calibration, ``calibrated`` insists on it. Which one each
+variant got is in the table.
+
+Measured, per variant:
+
+* prefill latency (ms) of one forward of ``(batch x seq)`` tokens, ``use_cache=False``,
+  ``logits_to_keep=1``: median of ``triton.testing.do_bench``;
+* decode tokens/s at batch 1 and 16: prefill ``--context`` tokens into a ``DynamicCache``, two
+  warm-up steps, then ``--steps`` greedy single-token steps timed with CUDA events;
+  tokens/s = batch x steps / seconds;
+* the same with CUDA graphs: a ``StaticCache``, one decode step (mask, positions, forward, argmax,
+  position counter: all on the device) captured in a ``torch.cuda.CUDAGraph`` and replayed. kv mode
+  keeps latents of a width no static cache layout of HF expects: "n/a (dynamic cache)" unless
+  ``--kv-graphs``. The greedy tokens of the replays are compared with the eager decode's.
+
+Bounds (per case, from shapes and ``tmps.summary(model.tmps_info)``; fp16 = 2 bytes):
+
+* decode bound = dense bytes per step / compressed bytes per step, bytes = every weight read once
+  (embeddings as the LM head; learned positions not counted) + the KV cache read at ``--context``
+  (kv mode: the latents, ``kv_cache_kept`` of the dense cache);
+* prefill bound = dense FLOPs / compressed FLOPs: Q/K/V projections (``qkv_flops_per_token``),
+  out_proj, MLP, causal attention ``2·T²·heads·head_dim`` per sequence and layer, the LM head on one
+  token per sequence; kv mode adds the rebuild of keys and values from the latents
+  (``2·T·(r_k + r_v)·d_kv`` per sequence and layer).
+
+The measured speedup is dense time / variant time (decode: variant tokens/s / dense tokens/s, graphs
+against graphs) and "% of bound" = speedup / bound. Every cell is measured in its own try/except: a
+failure writes "failed: <reason>" and the run goes on. The markdown (and a .json twin) is rewritten
+after every variant, so a run killed by a time limit leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+import traceback
+
+SHAPES = {
+    "opt-1.3b": dict(hidden=2048, layers=24, heads=32, ffn=8192),
+    "opt-6.7b": dict(hidden=4096, layers=32, heads=32, ffn=16384),
+}
+SMOKE_SHAPE = {"tiny": dict(hidden=64, layers=2, heads=4, ffn=256)}
+VOCAB = 50272
+MAX_POSITIONS = 2048
+VARIANTS = ("dense", "kv", "weights", "weights-torch")
+RATIO = 0.5
+WARM_STEPS = 2
+MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BATCHxSEQ such as 8x512, got {text!r}") from None
+    if a < 1 or b < 1:
+        raise argparse.ArgumentTypeError(f"batch and seq must be positive, got {text!r}")
+    return a, b
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="write the markdown table here (and the raw numbers next to it as .json)")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--prefill", nargs="+", type=_pair, default=[(1, 2048), (8, 512)], metavar="BxT")
+    p.add_argument("--decode-batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--context", type=int, default=1024, help="decode context (prefilled tokens)")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--calib", type=_pair, default=(8, 256), metavar="NxT", help="random calibration token ids")
+    p.add_argument("--factors", choices=("auto", "calibrated", "random"), default="auto",
+                   help="auto: calibrate, and fall back to random factors past --calib-timeout or on failure")
+    p.add_argument("--calib-timeout", type=float, default=120.0, help="seconds per tmps.compress call (auto)")
+    p.add_argument("--budget-s", type=float, default=None, help="stop measuring (skip cells) after this many seconds")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph decode")
+    p.add_argument("--kv-graphs", action="store_true", help="also try CUDA graphs (static cache) in kv mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny OPT (hidden 64, 2 layers), tiny shapes: proves the code")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shapes = list(SMOKE_SHAPE)
+        args.prefill = [(1, 32), (2, 16)]
+        args.decode_batch = [1, 2]
+        args.context, args.steps, args.calib = 16, 4, (2, 16)
+    for name in ("context", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive")
+    if any(b < 1 for b in args.decode_batch):
+        p.error("--decode-batch values must be positive")
+    longest = max([t for _, t in args.prefill] + [args.context + args.steps + WARM_STEPS + 16])
+    limit = 128 if args.smoke else MAX_POSITIONS
+    if longest > limit:
+        p.error(f"sequences up to {longest} tokens exceed OPT's {limit} learned positions")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Models and variants
+# --------------------------------------------------------------------------------------------
+
+
+def opt_config(shape: dict, smoke: bool):
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=512 if smoke else VOCAB, hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
+                     num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                     max_position_embeddings=128 if smoke else MAX_POSITIONS, word_embed_proj_dim=shape["hidden"],
+                     attn_implementation="sdpa")
+
+
+def build_model(cfg, dtype, device, seed: int):
+    """A random-weight ``OPTForCausalLM``, created directly on ``device`` in ``dtype``."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = OPTForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+class CalibrationTimeout(Exception):
+    pass
+
+
+def _alarm(seconds: float):
+    """Raise CalibrationTimeout in the main thread after ``seconds`` (None or <= 0: no limit)."""
+    if not seconds or seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        return lambda: None
+
+    def handler(signum, frame):
+        raise CalibrationTimeout(f"tmps.compress took longer than {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def cancel():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    return cancel
+
+
+def random_factors(model, mode: str, ratio: float, k_share: float = 0.35) -> None:
+    """Replace every attention in place by compressed attention with random factors of uniform ranks.
+
+    The ranks are those of ``allocation="uniform"`` at ``ratio``: kv mode keeps ``ratio`` of the K/V
+    width per layer, V gets ``1 - k_share`` of it (at most its full width); weights mode gets the input
+    rank ``r = ratio · d · out / (d + out)`` with ``out`` the stacked Q/K/V width. The modules, their
+    shapes and code path are those of ``tmps.compress``; only the numbers differ (timing only).
+    """
+    import torch
+
+    from tmps.compressor import assemble_attention, layer_info
+    from tmps.models.base import architecture_of
+    from tmps.projection import FactoredProjection
+
+    arch = architecture_of(model)
+    layers = arch.decoder_layers(model)
+    rotary = arch.rotary_embedding(model)
+    dtype = next(model.parameters()).dtype
+    info = []
+    for index in range(len(layers)):
+        dense = arch.attention_of(layers[index])
+        shape = arch.shape(dense)
+        q, k, v, _ = arch.projections(dense)
+        dev, d = q.weight.device, shape.hidden_size
+
+        def rand(*size):
+            return torch.randn(*size, device=dev, dtype=dtype) * size[-1] ** -0.5
+
+        if mode == "kv":
+            budget = ratio * 2 * shape.kv_width
+            r_v = max(1, min(shape.kv_width, round((1 - k_share) * budget)))
+            r_k = max(1, min(shape.kv_width, round(budget) - r_v))
+            q_core = q.weight.detach().reshape(shape.num_heads, shape.head_dim, d)
+            cores = [q_core, rand(1, r_k, d), rand(1, r_v, d)]
+            biases = ([q.bias.detach(), 0.02 * rand(r_k), 0.02 * rand(r_v)] if q.bias is not None else [None] * 3)
+            qkv = FactoredProjection(None, cores, [None] * 3, biases)
+            k_up, v_up = rand(shape.kv_width, r_k), rand(shape.kv_width, r_v)
+            plan = {"k": [r_k], "v": [r_v]}
+        elif mode == "weights":
+            out = shape.q_width + 2 * shape.kv_width
+            r = max(1, math.floor(ratio * d * out / (d + out)))
+            cores = [rand(shape.num_heads, shape.head_dim, r), rand(shape.num_kv_heads, shape.head_dim, r),
+                     rand(shape.num_kv_heads, shape.head_dim, r)]
+            biases = [p.bias.detach() if p.bias is not None else None for p in (q, k, v)]
+            qkv = FactoredProjection(rand(d, r), cores, [None] * 3, biases)
+            k_up = v_up = None
+            plan = {"r_in": r}
+        else:
+            raise ValueError(f"mode={mode!r}: use 'kv' or 'weights'")
+        compressed = assemble_attention(arch, dense, mode, qkv, k_up, v_up, rotary, dtype)
+        arch.set_attention(layers, index, compressed)
+        info.append(layer_info(compressed, shape, float("nan"), plan))
+    model.tmps_info = {"config": {"mode": mode, "method": "random", "ratio": ratio, "k_share": k_share},
+                       "layers": info}
+
+
+def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
+    """Build a fresh model and compress it; returns (model, note) where note says how.
+
+    ``calib_history[mode]`` is ``(hidden, layers, seconds)`` of the last calibration that finished,
+    or the reason one failed. With ``--factors auto`` a larger shape skips calibrating (random
+    factors) when a smaller one failed, or when its time scaled by ``layers · hidden³`` exceeds
+    ``--calib-timeout``.
+    """
+    import torch
+
+    import tmps
+
+    t0 = time.perf_counter()
+    model = build_model(cfg, dtype, device, args.seed)
+    note = {"build_s": round(time.perf_counter() - t0, 2)}
+    if mode == "dense":
+        return model, note
+    factors = args.factors
+    past = calib_history.get(mode)
+    if factors == "auto" and isinstance(past, str):
+        note["why"] = f"calibration already failed on a smaller shape ({past})"
+        factors = "random"
+    elif factors == "auto" and past is not None and args.calib_timeout:
+        # eigendecompositions of (d x d) matrices per layer dominate: time ~ layers * d^3
+        hidden, layers, seconds = past
+        predicted = seconds * (cfg.num_hidden_layers / layers) * (cfg.hidden_size / hidden) ** 3
+        if predicted > args.calib_timeout:
+            note["why"] = (f"calibration predicted to take {predicted:.0f} s > --calib-timeout "
+                           f"(scaled from {seconds:.0f} s at hidden {hidden}, {layers} layers)")
+            factors = "random"
+    if factors in ("auto", "calibrated"):
+        gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        n, t = args.calib
+        calib = torch.randint(4, cfg.vocab_size, (n, t), generator=gen).to(device)
+        t0 = time.perf_counter()
+        cancel = _alarm(args.calib_timeout if factors == "auto" else None)
+        try:
+            tmps.compress(model, calib, mode=mode, ratio=RATIO, progress=False)
+            seconds = time.perf_counter() - t0
+            calib_history[mode] = (cfg.hidden_size, cfg.num_hidden_layers, seconds)
+            note.update(factors="calibrated", compress_s=round(seconds, 1))
+            return model, note
+        except Exception as exc:  # noqa: BLE001: any failure falls back (auto) or is reported (calibrated)
+            reason = f"{type(exc).__name__}: {exc}"[:160]
+            if factors == "calibrated":
+                raise
+            calib_history[mode] = reason
+            note["why"] = f"calibration stopped after {time.perf_counter() - t0:.0f} s ({reason})"
+        finally:
+            cancel()
+        model = None
+        gc.collect()
+        _empty_cache(device)
+        model = build_model(cfg, dtype, device, args.seed)
+    t0 = time.perf_counter()
+    random_factors(model, mode, RATIO)
+    note.update(factors="random", compress_s=round(time.perf_counter() - t0, 1))
+    return model, note
+
+
+def set_backend(model, backend: str) -> None:
+    from tmps.projection import FactoredProjection
+
+    for module in model.modules():
+        if isinstance(module, FactoredProjection):
+            module.backend = backend
+
+
+def _empty_cache(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, device) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, wall-clock on CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        try:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        except ImportError:
+            times = []
+            for _ in range(10):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class _Clock:
+    """Elapsed seconds between start() and stop(): CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self.events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self):
+        _sync("cuda" if self.cuda else "cpu")
+        if self.cuda:
+            self.events[0].record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.events[1].record()
+            self.events[1].synchronize()
+            return self.events[0].elapsed_time(self.events[1]) / 1e3
+        return time.perf_counter() - self.t0
+
+
+def _cache_kw(model) -> str:
+    """The forward's cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _ids(batch, seq, vocab, device, seed):
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(4, vocab, (batch, seq), generator=gen).to(device)
+
+
+def prefill_ms(model, batch, seq, device, seed) -> float:
+    import torch
+
+    ids = _ids(batch, seq, model.config.vocab_size, device, seed)
+    with torch.no_grad():
+        def fn():
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+        fn()  # Triton autotuning and allocator warm-up stay out of the timing
+        _sync(device)
+        return bench_ms(fn, device)
+
+
+def decode_dynamic(model, batch, context, steps, device, seed):
+    """(tokens/s, greedy tokens (batch, WARM_STEPS + steps)) with a DynamicCache and eager steps."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = _ids(batch, context, model.config.vocab_size, device, seed)
+    with torch.no_grad():
+        cache = DynamicCache()
+        kw = _cache_kw(model)
+        out = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        tokens = []
+
+        def step(nxt):
+            logits = model(input_ids=nxt, **{kw: cache}, use_cache=True, logits_to_keep=1).logits
+            return logits[:, -1:].argmax(-1)
+
+        for _ in range(WARM_STEPS):
+            nxt = step(nxt)
+            tokens.append(nxt)
+        clock = _Clock(device)
+        clock.start()
+        for _ in range(steps):
+            nxt = step(nxt)
+            tokens.append(nxt)
+        seconds = clock.stop()
+    del cache
+    return batch * steps / seconds, torch.cat(tokens, dim=1).cpu()
+
+
+def decode_static(model, batch, context, steps, device, seed, graph: bool):
+    """(tokens/s, greedy tokens) with a StaticCache; the decode step is captured in a CUDA graph
+    when ``graph`` (else run eagerly: the CPU smoke test checks this path's tokens)."""
+    import torch
+    from transformers import StaticCache
+
+    dtype = next(model.parameters()).dtype
+    total = WARM_STEPS + steps
+    length = -(-(context + total + 1) // 16) * 16  # mask rows 16-element aligned for sdpa's kernels
+    neg = torch.finfo(dtype).min
+    ids = _ids(batch, context, model.config.vocab_size, device, seed)
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        kw = _cache_kw(model)
+        kpos = torch.arange(length, device=device)
+        qpos = torch.arange(context, device=device)
+        prefill_mask = torch.zeros(context, length, device=device, dtype=dtype)
+        prefill_mask.masked_fill_(kpos[None, :] > qpos[:, None], neg)
+        out = model(input_ids=ids, attention_mask=prefill_mask[None, None].expand(batch, 1, context, length),
+                    position_ids=qpos[None].expand(batch, context), **{kw: cache}, use_cache=True,
+                    logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)  # (batch, 1): the step's static input and output
+        del out, prefill_mask
+        counter = torch.full((), context, dtype=torch.long, device=device)  # position of nxt
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+        zeros = torch.zeros(length, device=device, dtype=dtype)
+
+        def step():
+            mask = zeros.masked_fill(kpos > counter, neg).view(1, 1, 1, length).expand(batch, 1, 1, length)
+            logits = model(input_ids=nxt, attention_mask=mask, position_ids=counter.view(1, 1).expand(batch, 1),
+                           **{kw: cache}, use_cache=True, logits_to_keep=1).logits
+            nxt.copy_(logits[:, -1:].argmax(-1))
+            tokens.index_copy_(1, (counter - context).view(1), nxt)
+            counter.add_(1)
+
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(WARM_STEPS):  # eager: tunes Triton, fills the allocator, advances the cache
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                step()  # recorded, not run
+            run = cuda_graph.replay
+        else:
+            for _ in range(WARM_STEPS):
+                step()
+            run = step
+        clock = _Clock(device)
+        clock.start()
+        for _ in range(steps):
+            run()
+        seconds = clock.stop()
+        result = batch * steps / seconds, tokens.cpu()
+    if graph:
+        del cuda_graph
+    del cache
+    return result
+
+
+def agreement(a, b) -> str:
+    """How many leading greedy steps two decodes share (all rows)."""
+    if a is None or b is None or a.shape != b.shape:
+        return "n/a"
+    same = (a == b).all(dim=0).tolist()
+    first = same.index(False) if False in same else len(same)
+    return f"{first}/{len(same)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds
+# --------------------------------------------------------------------------------------------
+
+
+def cost_model(cfg, info):
+    """Per-model quantities the bounds need; ``info`` is ``model.tmps_info`` or None for dense."""
+    import tmps
+
+    d, layers, ffn, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.ffn_dim, cfg.vocab_size
+    heads = cfg.num_attention_heads
+    head_dim = d // heads
+    kv_width = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_width *= head_dim
+    dense_qkv_params = (d + 2 * kv_width) * (d + 1)  # OPT: biases on every projection
+    per_layer = dense_qkv_params + d * (d + 1) + ffn * (d + 1) + d * (ffn + 1) + 4 * d  # + two layer norms
+    weights = layers * per_layer + vocab * d + 2 * d  # embeddings read as the LM head, final layer norm
+    m = dict(d=d, layers=layers, ffn=ffn, vocab=vocab, attn_width=heads * head_dim, kv_width=kv_width,
+             weights_dense=weights, weights=weights, kv_kept=1.0,
+             qkv_flops_dense=layers * 2 * (d + 2 * kv_width) * d, qkv_flops=None, rebuild_width=0)
+    m["qkv_flops"] = m["qkv_flops_dense"]
+    if info is not None:
+        s = tmps.summary(info)
+        m["weights"] = weights - s["dense_qkv_parameters"] + s["qkv_parameters"]
+        m["kv_kept"] = s["kv_cache_kept"]
+        m["qkv_flops"] = sum(layer["qkv_flops_per_token"] for layer in info["layers"])
+        m["qkv_flops_dense"] = sum(layer["dense_qkv_flops_per_token"] for layer in info["layers"])
+        m["summary"] = s
+        if info["config"]["mode"] == "kv":  # keys and values are rebuilt from the latents
+            m["rebuild_width"] = sum(layer["ranks"]["k"] + layer["ranks"]["v"] for layer in info["layers"])
+    return m
+
+
+def prefill_flops(m, batch, seq, dense: bool) -> float:
+    tokens = batch * seq
+    per_token = (m["qkv_flops_dense"] if dense else m["qkv_flops"]) + m["layers"] * (2 * m["d"] ** 2 + 4 * m["d"] * m["ffn"])
+    attention = m["layers"] * batch * 2 * seq * seq * m["attn_width"]  # causal QKᵀ and PV
+    rebuild = 0 if dense else 2 * tokens * m["rebuild_width"] * m["kv_width"]
+    return tokens * per_token + attention + rebuild + 2 * batch * m["d"] * m["vocab"]
+
+
+def decode_bytes(m, batch, context, dense: bool) -> float:
+    kv = m["layers"] * 2 * context * m["kv_width"] * batch * (1.0 if dense else m["kv_kept"])
+    return 2.0 * ((m["weights_dense"] if dense else m["weights"]) + kv)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def _cell(value, spec):
+    if value is None:
+        return ""
+    return format(value, spec) if isinstance(value, (int, float)) else str(value).replace("|", "/")
+
+
+def case_names(args):
+    cases = [(f"prefill {b}x{t} ms", "prefill", f"{b}x{t}") for b, t in args.prefill]
+    cases += [(f"decode b={b} tok/s", "decode", str(b)) for b in args.decode_batch]
+    if not args.no_graphs:
+        cases += [(f"decode b={b} tok/s, CUDA graph", "graph", str(b)) for b in args.decode_batch]
+    return cases
+
+
+def render(args, env, results) -> list[str]:
+    cases = case_names(args)
+    graph_name = "static cache, eager (CPU)" if args.smoke else "CUDA graph"
+    title = "tiny OPT on CPU (smoke run, not a benchmark)" if args.smoke else "OPT-shaped models"
+    lines = [
+        f"# End-to-end timing, {title}: random weights, timing only",
+        "",
+        f"{env['device']}; torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+        f"tmps {env['tmps']}; {env['dtype']}, sdpa attention; ratio {RATIO}. Prefill: one forward, "
+        f"use_cache=False, logits_to_keep=1, {'median of 3 wall-clock runs' if args.smoke else 'median of do_bench'}. Decode: {args.context} tokens of context, "
+        f"{WARM_STEPS} warm-up + {args.steps} timed greedy steps (tokens/s = batch x steps / s); "
+        f"graphs: StaticCache, one step captured and replayed ({graph_name}).",
+        "",
+        "## Measured",
+        "",
+        "| model | variant | factors | QKV params kept | KV kept | QKV FLOPs kept | "
+        + " | ".join(name.replace("CUDA graph", graph_name) for name, _, _ in cases) + " |",
+        "|" + "---|" * (6 + len(cases)),
+    ]
+    for r in results:
+        s = r.get("summary") or {}
+        cells = [r["shape"], r["variant"], r.get("factors", ""),
+                 _cell(s.get("qkv_parameters_kept"), ".3f"), _cell(s.get("kv_cache_kept"), ".3f"),
+                 _cell(s.get("qkv_flops_kept"), ".3f")]
+        for _, kind, key in cases:
+            value = r["cells"].get(kind, {}).get(key)
+            cells.append(_cell(value, ".2f" if kind == "prefill" else ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "## Against dense: measured speedup, bound, % of bound", "",
+              "| model | variant | case | dense | variant | speedup | bound | % of bound |",
+              "|---|---|---|---|---|---|---|---|"]
+    dense = {r["shape"]: r for r in results if r["variant"] == "dense"}
+    for r in results:
+        if r["variant"] == "dense" or r["shape"] not in dense:
+            continue
+        for name, kind, key in cases:
+            d_val = dense[r["shape"]]["cells"].get(kind, {}).get(key)
+            v_val = r["cells"].get(kind, {}).get(key)
+            bound = r.get("bounds", {}).get(kind, {}).get(key)
+            speed = pct = None
+            if isinstance(d_val, (int, float)) and isinstance(v_val, (int, float)) and v_val > 0:
+                speed = d_val / v_val if kind == "prefill" else v_val / d_val
+                pct = 100 * speed / bound if bound else None
+            spec = ".2f" if kind == "prefill" else ".1f"
+            lines.append("| " + " | ".join([
+                r["shape"], r["variant"], name.replace("CUDA graph", graph_name), _cell(d_val, spec), _cell(v_val, spec),
+                _cell(speed, ".2f") + ("x" if speed is not None else ""), _cell(bound, ".2f") + ("x" if bound else ""),
+                _cell(pct, ".0f") + ("%" if pct is not None else "")]) + " |")
+
+    notes = [f"- {r['shape']} {r['variant']}: {n}" for r in results for n in r.get("notes", [])]
+    lines += ["", "Bounds: decode = dense bytes / compressed bytes per step (all weights once, LM head included, "
+              f"+ KV cache at context {args.context}, fp16); prefill = dense FLOPs / compressed FLOPs (projections, "
+              "out_proj, MLP, causal attention, LM head on one token; kv mode adds rebuilding K and V from the "
+              "latents). kv mode's decode also rebuilds the full keys and values of the whole context at every "
+              "step (k = c_k U_kᵀ), memory traffic the bound does not count.",
+              "", "Notes:", ""] + (notes or ["- none"])
+    return lines
+
+
+def write(args, env, results, started):
+    lines = render(args, env, results)
+    lines += ["", f"Wall time {time.perf_counter() - started:.0f} s; {env['host']}."]
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(args.out + ".tmp", args.out)
+        base = os.path.splitext(args.out)[0]
+        with open(base + ".json.tmp", "w") as f:
+            json.dump({"env": env, "args": {k: v for k, v in vars(args).items()}, "results": results}, f,
+                      indent=1, default=str)
+        os.replace(base + ".json.tmp", base + ".json")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def environment(device, dtype):
+    import torch
+    import transformers
+
+    import tmps
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return dict(device=name, torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                tmps=tmps.__version__, dtype=str(dtype).replace("torch.", ""), host=platform.node())
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    started = time.perf_counter()
+    deadline = None if args.budget_s is None else started + args.budget_s
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.float16
+    env = environment(device, dtype)
+    print(f"e2e: {env['device']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}",
+          flush=True)
+    shapes = SMOKE_SHAPE if args.smoke else SHAPES
+    results, calib_history = [], {}
+
+    def left():
+        return float("inf") if deadline is None else deadline - time.perf_counter()
+
+    for shape_name in args.shapes:
+        cfg = opt_config(shapes[shape_name], args.smoke)
+        dense_cost = cost_model(cfg, None)
+        model, model_mode, model_note = None, None, {}
+        for variant in args.variants:
+            mode = {"dense": "dense", "kv": "kv", "weights": "weights", "weights-torch": "weights"}[variant]
+            record = {"shape": shape_name, "variant": variant, "cells": {}, "bounds": {}, "notes": []}
+            results.append(record)
+            if left() < MIN_CELL_S * 2:
+                record["factors"] = "skipped: time budget"
+                write(args, env, results, started)
+                continue
+            try:
+                if variant == "weights-torch" and model is not None and model_mode == "weights":
+                    note = {"factors": model_note.get("factors", ""), "reused": "the weights variant's model"}
+                else:
+                    model = None
+                    gc.collect()
+                    _empty_cache(device)
+                    model, note = make_variant(cfg, mode, args, dtype, device, calib_history)
+                    model_mode, model_note = mode, note
+                set_backend(model, "torch" if variant == "weights-torch" else "auto")
+            except Exception as exc:  # noqa: BLE001
+                record["factors"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                traceback.print_exc()
+                model = None
+                write(args, env, results, started)
+                continue
+            record["factors"] = note.get("factors", "dense" if mode == "dense" else "")
+            record["notes"] += [f"{k} = {v}" for k, v in note.items() if k != "factors"]
+            info = getattr(model, "tmps_info", None)
+            cost = cost_model(cfg, info)
+            if info is not None:
+                record["summary"] = {k: float(v) for k, v in cost["summary"].items()}
+            print(f"e2e: {shape_name} {variant} ({record['factors']}) {note}", flush=True)
+            measure_variant(model, mode, args, device, record, dense_cost, cost, left)
+            write(args, env, results, started)
+        model = None
+        gc.collect()
+        _empty_cache(device)
+    lines = write(args, env, results, started)
+    print("\n".join(lines), flush=True)
+    if args.out:
+        print(f"wrote {args.out}")
+    return results
+
+
+def _attempt(record, kind, key, left, fn):
+    """Run one measurement; its value, or a 'failed: ...' / 'skipped: ...' string, goes into the record."""
+    import torch
+
+    cells = record["cells"].setdefault(kind, {})
+    if left() < MIN_CELL_S:
+        cells[key] = "skipped: time budget"
+        return None
+    try:
+        value = fn()
+    except torch.cuda.OutOfMemoryError:
+        cells[key] = "failed: out of memory"
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None
+    except Exception as exc:  # noqa: BLE001: one broken cell must not stop the run
+        cells[key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+        print(f"e2e: {record['shape']} {record['variant']} {kind} {key}:", flush=True)
+        traceback.print_exc()
+        return None
+    cells[key] = value
+    print(f"e2e: {record['shape']} {record['variant']} {kind} {key}: {value:.3f}", flush=True)
+    return value
+
+
+def measure_variant(model, mode, args, device, record, dense_cost, cost, left):
+    for b, t in args.prefill:
+        key = f"{b}x{t}"
+        record["bounds"].setdefault("prefill", {})[key] = (prefill_flops(dense_cost, b, t, True)
+                                                           / prefill_flops(cost, b, t, mode == "dense"))
+        _attempt(record, "prefill", key, left, lambda: prefill_ms(model, b, t, device, args.seed))
+    eager_tokens = {}
+    for b in args.decode_batch:
+        bound = decode_bytes(dense_cost, b, args.context, True) / decode_bytes(cost, b, args.context, mode == "dense")
+        record["bounds"].setdefault("decode", {})[str(b)] = bound
+        record["bounds"].setdefault("graph", {})[str(b)] = bound
+
+        def eager(b=b):
+            tps, tokens = decode_dynamic(model, b, args.context, args.steps, device, args.seed)
+            eager_tokens[b] = tokens
+            return tps
+
+        _attempt(record, "decode", str(b), left, eager)
+    if args.no_graphs:
+        return
+    for b in args.decode_batch:
+        cells = record["cells"].setdefault("graph", {})
+        if mode == "kv" and not args.kv_graphs:
+            cells[str(b)] = "n/a (dynamic cache)"
+            continue
+
+        def static(b=b):
+            tps, tokens = decode_static(model, b, args.context, args.steps, device, args.seed, graph=not args.smoke)
+            same = agreement(tokens, eager_tokens.get(b))
+            record["notes"].append(f"b={b}: static-cache greedy tokens equal the eager decode's for {same} steps")
+            if args.smoke and same != f"{tokens.shape[1]}/{tokens.shape[1]}":
+                raise RuntimeError(f"static-cache decode diverged from the eager decode ({same} steps agree)")
+            return tps
+
+        _attempt(record, "graph", str(b), left, static)
+        _empty_cache(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("e2e: no CUDA device; this benchmark times fp16 models on a GPU "
+                  "(run with --smoke for a CPU check of the script)", file=sys.stderr)
+            return 2
+    results = run(args)
+    failed = [f"{r['shape']} {r['variant']} {kind} {key}: {value}" for r in results
+              for kind, cells in r["cells"].items() for key, value in cells.items()
+              if isinstance(value, str) and value.startswith("failed")]
+    failed += [f"{r['shape']} {r['variant']}: {r['factors']}" for r in results if r["factors"].startswith("failed")]
+    if args.smoke and failed:
+        print("e2e --smoke: failed cells:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

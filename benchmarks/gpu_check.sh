@@ -1,0 +1,351 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with no registry access: run it as is, from the repository root.
+#
+#   bash benchmarks/gpu_check.sh                 # results in ${OUT:-results}/
+#
+# Steps, each under its own `timeout`, each logged to $OUT/gpu_check.log; a failing or timed-out
+# step is recorded and the next one still runs:
+#   a. versions: python, GPU, torch, triton, transformers (and nvidia-smi)
+#   b. imports without a registry: `pip install --no-deps --no-build-isolation --no-index -e .`
+#      (tmps.kernels maps to kernels/ only through the installed package-dir, so a plain
+#      PYTHONPATH checkout cannot import it); fallback: a tmps/kernels -> ../kernels link, removed
+#      on exit
+#   c. correctness on CUDA: pytest tests/kernels (the kernel tests pick CUDA when it is there and
+#      TRITON_INTERPRET is unset); the fused kernel against its float64 reference at model sizes
+#      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts); tmps.compress at full rank on
+#      tiny Llama/OPT models, logits against dense, with the Triton path counted
+#   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio 0.5, no torch.compile)
+#   e. benchmarks/e2e.py (OPT-1.3B and OPT-6.7B shapes) with whatever time is left. Random factors
+#      of uniform ranks by default (E2E_FACTORS=auto calibrates with tmps.compress first, 40 s per
+#      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
+#      runs tmps.compress on CUDA). --kv-graphs: kv mode's latents do fit HF's StaticCache (the
+#      CPU smoke run checks that its greedy tokens equal the eager decode's), so its graphs are tried.
+#
+# Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
+# own maximum and what is left after the minimum reserved for the steps after it, so a slow early
+# step shortens the later ones instead of overrunning. Outputs: gpu_check.log, kernels.md, e2e.md,
+# e2e.json (4 files). Exit status 0 when every step passed, 1 otherwise.
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-results}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
+LOG=$OUT/gpu_check.log
+: >"$LOG"
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+unset TRITON_INTERPRET  # the kernels must compile for the GPU, not run in the interpreter
+
+START=$(date +%s)
+TOTAL=${GPU_CHECK_SECONDS:-465}
+STATUS=()
+FAILED=0
+LINK_MADE=0
+SKIP=" ${GPU_CHECK_SKIP:-} "  # step letters to leave out, e.g. GPU_CHECK_SKIP="b d" for a rerun
+trap 'if [ "$LINK_MADE" = 1 ]; then rm -f "$ROOT/tmps/kernels"; fi' EXIT
+export PY ROOT OUT
+
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# step NAME MAX_S RESERVE_S COMMAND...: run COMMAND under timeout min(MAX_S, time left - RESERVE_S).
+step() {
+  local name=$1 max=$2 reserve=$3
+  shift 3
+  local letter=${name%%.*}
+  if [[ "$SKIP" == *" ${letter:0:1} "* || "$SKIP" == *" $letter "* ]]; then
+    log "== $name: skipped (GPU_CHECK_SKIP)"
+    STATUS+=("$name: skipped (GPU_CHECK_SKIP)")
+    return 0
+  fi
+  if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
+    export -f "$1"
+    set -- bash -c "$1"
+  fi
+  local left=$(( START + TOTAL - $(date +%s) - reserve ))
+  local cap=$(( max < left ? max : left ))
+  if (( cap < 10 )); then
+    log "== $name: SKIPPED (no time left: ${left}s after the reserve of ${reserve}s)"
+    STATUS+=("$name: skipped (no time left)")
+    FAILED=1
+    return 0
+  fi
+  log "== $name (cap ${cap}s)"
+  local t0=$(date +%s)
+  timeout -k 10 "$cap" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local dt=$(( $(date +%s) - t0 ))
+  if (( rc == 0 )); then
+    STATUS+=("$name: ok (${dt}s)")
+  elif (( rc == 124 || rc == 137 )); then
+    STATUS+=("$name: TIMED OUT after ${dt}s (cap ${cap}s)")
+    FAILED=1
+  else
+    STATUS+=("$name: FAILED rc=$rc (${dt}s)")
+    FAILED=1
+  fi
+  log "== $name: ${STATUS[-1]#*: }"
+  return 0
+}
+
+log "repo $ROOT, out $OUT, python $PY, budget ${TOTAL}s"
+
+# ------------------------------------------------------------------------------------------ a
+versions() {
+  "$PY" - <<'EOF'
+import platform
+import torch
+print("python", platform.python_version(), platform.machine())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
+          f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
+for name in ("triton", "transformers", "setuptools", "pytest", "xdist", "pytest_benchmark", "tensorly"):
+    try:
+        print(name, getattr(__import__(name), "__version__", "?"))
+    except Exception as exc:
+        print(name, "absent:", type(exc).__name__, exc)
+EOF
+  local rc=$?
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || true
+  return $rc
+}
+step "a. versions" 40 0 versions
+
+# ------------------------------------------------------------------------------------------ b
+import_check() { (cd /tmp && "$PY" -c "import tmps, tmps.kernels.fused_projection as f; print('tmps', tmps.__file__); print('tmps.kernels', f.__file__)"); }
+export -f import_check  # setup_imports runs in a child bash
+setup_imports() {
+  if "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . && import_check; then
+    echo "editable install: ok"
+    return 0
+  fi
+  echo "editable install failed; falling back to a tmps/kernels -> ../kernels link and PYTHONPATH"
+  return 1
+}
+step "b. imports (pip install -e, offline)" 90 0 setup_imports
+if ! import_check >/dev/null 2>&1; then
+  if [ ! -e "$ROOT/tmps/kernels" ]; then
+    ln -s ../kernels "$ROOT/tmps/kernels" && LINK_MADE=1
+  fi
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  if import_check 2>&1 | tee -a "$LOG"; then
+    STATUS+=("b'. import fallback (link + PYTHONPATH): ok")
+  else
+    STATUS+=("b'. import fallback: FAILED: tmps.kernels does not import")
+    FAILED=1
+  fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# ------------------------------------------------------------------------------------------ c
+PYTEST_ARGS=(-q -rfEs tests/kernels -p no:cacheprovider)
+if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
+if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then PYTEST_ARGS+=(-o "addopts="); fi
+step "c1. pytest tests/kernels on CUDA" 120 300 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+
+kernel_check() {
+  "$PY" - <<'EOF'
+"""The fused kernel against its float64 reference at model sizes, compiled for this GPU."""
+import os
+import sys
+import time
+
+import torch
+
+from tmps.kernels import fused_projection as fp
+from tmps.kernels.fused_projection import KernelConfig, fused_factored_projection, fused_factored_projection_ref
+
+if not torch.cuda.is_available() or fp._interpreted():
+    sys.exit("kernel check: needs CUDA and TRITON_INTERPRET unset")
+DEV = "cuda"
+# (n_heads, s, o or None) per group; o None: no out factor (s = head_dim)
+LAYOUTS = {
+    "llama_gqa": dict(d=2048, r=768, groups=[(32, 64, None), (8, 64, None), (8, 64, None)], bias=False),
+    "opt": dict(d=2048, r=768, groups=[(32, 64, None)] * 3, bias=True),
+    "opt_out_factor": dict(d=2048, r=640, groups=[(32, 48, 64)] * 3, bias=True),
+}
+TOKENS = (1, 7, 129, 4096)
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}  # max|err| / max|ref|
+# Fixed 16-bit configs (members of the autotuner's candidate sets) keep the compile count down;
+# one case per dtype goes through the autotuner itself. fp32 always uses its fixed configs.
+DECODE = KernelConfig(block_m=16, block_t=128, col_splits=0, block_k=128, block_r=64, num_warps=4, num_stages=3)
+PREFILL = KernelConfig(block_m=64, block_t=128, col_splits=2, block_k=64, block_r=64, num_warps=8, num_stages=3)
+
+gen = torch.Generator(device=DEV).manual_seed(0)
+
+
+def rand(*shape, scale=1.0):
+    return torch.randn(*shape, generator=gen, device=DEV, dtype=torch.float64) * scale
+
+
+bad = 0
+print(f"{'layout':<15} {'dtype':<9} {'tokens':>6} {'config':<9} {'rel err':>9} {'tol':>7}  result")
+for name, spec in LAYOUTS.items():
+    d, r = spec["d"], spec["r"]
+    x64 = rand(max(TOKENS), d)
+    in64 = rand(d, r, scale=d**-0.5)
+    cores64 = [rand(n, s, r, scale=r**-0.5) for n, s, _ in spec["groups"]]
+    outs64 = [None if o is None else rand(o, s, scale=s**-0.5) for _, s, o in spec["groups"]]
+    bias64 = [rand(n * (o or s), scale=0.1) if spec["bias"] else None for n, s, o in spec["groups"]]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        def cast(t):
+            return None if t is None else t.to(dtype)
+        args = [cast(in64), [cast(c) for c in cores64], [cast(a) for a in outs64], [cast(b) for b in bias64]]
+        exact = [args[0].double()] + [[None if t is None else t.double() for t in group] for group in args[1:]]
+        for m in TOKENS:
+            x = x64[:m].to(dtype)
+            if dtype == torch.float32:
+                config, label = None, "fp32"
+            elif name == "llama_gqa" and m == 7:
+                config, label = None, "autotune"
+            else:
+                config, label = (DECODE, "decode") if m <= 16 else (PREFILL, "prefill")
+            t0 = time.perf_counter()
+            try:
+                ys = fused_factored_projection(x, *args, config=config)
+                torch.cuda.synchronize()
+                refs = fused_factored_projection_ref(x.double(), *exact)  # the kernel's own (rounded) inputs
+                err = 0.0
+                for y, ref in zip(ys, refs):
+                    if not torch.isfinite(y).all():
+                        err = float("inf")
+                        break
+                    err = max(err, ((y.double() - ref).abs().max() / ref.abs().max()).item())
+                ok = err <= TOL[dtype]
+                verdict = "ok" if ok else "MISMATCH"
+            except Exception as exc:  # report and go on
+                ok, err, verdict = False, float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200]
+            bad += not ok
+            print(f"{name:<15} {str(dtype)[6:]:<9} {m:>6} {label:<9} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+print(f"kernel check: {bad} failing case(s)")
+sys.exit(1 if bad else 0)
+EOF
+}
+step "c2. fused kernel vs float64 reference (model sizes)" 80 250 kernel_check
+
+model_check() {
+  "$PY" - <<'EOF'
+"""tmps.compress at full rank on CUDA: logits against dense, weights mode through the Triton kernel."""
+import copy
+import sys
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+import tmps
+import tmps.kernels_bridge as bridge
+from tmps.projection import FactoredProjection
+
+DEV = "cuda"
+if not torch.cuda.is_available():
+    sys.exit("model check: needs CUDA")
+calls = {"n": 0}
+kernel = bridge.fused_factored_projection
+
+
+def counting(*args, **kwargs):
+    calls["n"] += 1
+    return kernel(*args, **kwargs)
+
+
+bridge.fused_factored_projection = counting  # FactoredProjection looks it up at each call
+VOCAB, HIDDEN = 512, 256
+ARCHS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")),
+    "opt": lambda: OPTForCausalLM(OPTConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=512, num_hidden_layers=2, num_attention_heads=8,
+        max_position_embeddings=256, word_embed_proj_dim=HIDDEN, attn_implementation="sdpa")),
+}
+CASES = [("llama", torch.float32, 1e-3), ("opt", torch.float32, 1e-3), ("llama", torch.float16, 3e-2)]
+FULL = {"weights": {"hooi_ranks": [HIDDEN]}, "kv": {"ratio": 1.0}}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def greedy(model, ids, steps=3):
+    """Logits of a prefill and ``steps`` cached greedy steps, concatenated."""
+    cache = DynamicCache()
+    out = model(ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        logits.append(model(nxt, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+bad = 0
+torch.manual_seed(0)
+for arch, dtype, tol in CASES:
+    dense = ARCHS[arch]().to(DEV, dtype).eval()
+    calib = torch.randint(0, VOCAB, (4, 64), device=DEV)
+    ids = torch.randint(0, VOCAB, (2, 33), device=DEV)
+    with torch.no_grad():
+        want = dense(ids).logits
+        want_steps = greedy(dense, ids) if dtype == torch.float32 else None
+    for mode in ("weights", "kv"):
+        try:
+            model = tmps.compress(copy.deepcopy(dense), calib, mode=mode, progress=False, **FULL[mode])
+            calls["n"] = 0
+            with torch.no_grad():
+                got = model(ids).logits
+            used = calls["n"]
+            err = rel(got, want)
+            lines = [f"logits rel err {err:.2e} (tol {tol:g}), fused kernel calls {used}"]
+            ok = err < tol
+            if mode == "weights":  # Q/K/V of every layer through the fused kernel
+                ok &= used == model.config.num_hidden_layers
+                for m in model.modules():
+                    if isinstance(m, FactoredProjection):
+                        m.backend = "torch"
+                with torch.no_grad():
+                    err_torch = rel(got, model(ids).logits)
+                lines.append(f"triton vs torch path rel {err_torch:.2e}")
+                ok &= err_torch < tol
+                for m in model.modules():
+                    if isinstance(m, FactoredProjection):
+                        m.backend = "auto"
+            if want_steps is not None:
+                with torch.no_grad():
+                    err_steps = rel(greedy(model, ids), want_steps)
+                lines.append(f"prefill + 3 cached steps rel {err_steps:.2e}")
+                ok &= err_steps < tol
+            verdict = "ok" if ok else "MISMATCH"
+        except Exception as exc:  # report and go on
+            ok, lines, verdict = False, [f"{type(exc).__name__}: {exc}"[:300]], "ERROR"
+        bad += not ok
+        print(f"{arch:<6} {str(dtype)[6:]:<8} {mode:<8} {verdict:<8} " + "; ".join(lines), flush=True)
+print(f"model check: {bad} failing case(s)")
+sys.exit(1 if bad else 0)
+EOF
+}
+step "c3. compressed models at full rank on CUDA" 60 220 model_check
+
+# ------------------------------------------------------------------------------------------ d
+step "d. kernel microbenchmark (subset)" 90 180 \
+  "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --hidden 4096 --tokens 1 16 4096 \
+  --ratios 0.5 --layouts weights kv_latent --no-compile
+
+# ------------------------------------------------------------------------------------------ e
+E2E_CAP=$(( START + TOTAL - $(date +%s) - 5 ))
+step "e. end-to-end benchmark" "$E2E_CAP" 0 \
+  "$PY" benchmarks/e2e.py --out "$OUT/e2e.md" --factors "${E2E_FACTORS:-random}" --calib-timeout 40 --kv-graphs \
+  --budget-s $(( E2E_CAP > 40 ? E2E_CAP - 25 : 15 ))
+
+# ------------------------------------------------------------------------------------------ summary
+{
+  echo
+  [ -f "$OUT/kernels.md" ] && echo "kernels.md: $(grep -c '^| [0-9]' "$OUT/kernels.md") rows"
+  [ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
+  echo
+  echo "gpu_check summary ($(( $(date +%s) - START ))s of ${TOTAL}s), logs in $LOG:"
+  for s in "${STATUS[@]}"; do echo "  $s"; done
+} | tee -a "$LOG"
+exit $FAILED

@@ -1,0 +1,85 @@
+"""benchmarks/e2e.py on CPU: the --smoke run, its exit codes, and the cost model behind the bounds."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e_bench", ROOT / "benchmarks" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(results):
+    return [(r["variant"], kind, key, value) for r in results for kind, cells in r["cells"].items()
+            for key, value in cells.items()]
+
+
+@pytest.mark.parametrize("factors", ["auto", "random"])
+def test_smoke_run_measures_every_variant(e2e, tmp_path, factors):
+    out = tmp_path / "e2e.md"
+    assert e2e.main(["--smoke", "--factors", factors, "--kv-graphs", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "random weights, timing only" in text
+    results = json.loads((tmp_path / "e2e.json").read_text())["results"]
+    assert [r["variant"] for r in results] == list(e2e.VARIANTS)
+    expected = "calibrated" if factors == "auto" else "random"
+    assert [r["factors"] for r in results] == ["dense", expected, expected, expected]
+    for variant, kind, key, value in _cells(results):
+        assert isinstance(value, float) and value > 0, (variant, kind, key, value)
+    # the static-cache step (what the GPU captures in a CUDA graph) decodes the same greedy tokens
+    notes = [n for r in results for n in r["notes"] if "static-cache" in n]
+    assert len(notes) == 2 * len(results) and all("for 6/6 steps" in n for n in notes)
+
+
+def test_kv_graphs_are_not_applicable_by_default(e2e, tmp_path):
+    out = tmp_path / "e2e.md"
+    assert e2e.main(["--smoke", "--factors", "random", "--variants", "kv", "--out", str(out)]) == 0
+    assert "n/a (dynamic cache)" in out.read_text()
+
+
+def test_without_cuda_exits_2(e2e, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert e2e.main(["--shapes", "opt-1.3b"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_weight_count_matches_the_model(e2e):
+    from transformers import OPTForCausalLM
+
+    for name, shape in [("tiny", e2e.SMOKE_SHAPE["tiny"]), ("opt-6.7b", e2e.SHAPES["opt-6.7b"])]:
+        cfg = e2e.opt_config(shape, smoke=name == "tiny")
+        with torch.device("meta"):
+            model = OPTForCausalLM(cfg)
+        params = sum(p.numel() for n, p in model.named_parameters() if "embed_positions" not in n)
+        assert e2e.cost_model(cfg, None)["weights_dense"] == params
+
+
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_bounds_follow_the_compressed_shapes(e2e, mode):
+    cfg = e2e.opt_config(e2e.SMOKE_SHAPE["tiny"], smoke=True)
+    model = e2e.build_model(cfg, torch.float32, "cpu", seed=0)
+    e2e.random_factors(model, mode, 0.5)
+    dense, cost = e2e.cost_model(cfg, None), e2e.cost_model(cfg, model.tmps_info)
+    # compressed weights = every parameter and buffer the model reads (learned positions aside)
+    held = sum(t.numel() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if "embed_positions" not in n)
+    assert cost["weights"] == held
+    assert e2e.prefill_flops(dense, 2, 16, True) == e2e.prefill_flops(dense, 2, 16, False)
+    if mode == "kv":
+        assert math.isclose(cost["kv_kept"], 0.5, abs_tol=0.02)
+        # latents halve the cache: the decode bound grows with the batch (more of each step is cache)
+        bounds = [e2e.decode_bytes(dense, b, 1024, True) / e2e.decode_bytes(cost, b, 1024, False) for b in (1, 64)]
+        assert 1 < bounds[0] < bounds[1] < 2
+    else:
+        assert cost["kv_kept"] == 1.0
+        assert e2e.prefill_flops(cost, 2, 16, False) < e2e.prefill_flops(dense, 2, 16, True)
