@@ -21,6 +21,7 @@ import torch
 
 import tmps
 from tmps.assets import load_smollm2, sotu_text_split, token_windows
+from tmps.cli import plot_frontier
 from tmps.evaluate import perplexity
 
 
@@ -112,36 +113,9 @@ def write_outputs(rows, out: Path, args) -> None:
                      f"{r.get('calibration_error', 0):.3f} | {r['seconds']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
-        plot(rows, out.with_suffix(".png"))
-    except ImportError:
+        plot_frontier(rows, out.with_suffix(".png"), title="SmolLM2-135M on State of the Union text")
+    except ImportError:  # matplotlib is optional
         pass
-
-
-def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dense = next(r["ppl"] for r in rows if r["method"] == "dense")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "kv_cache_kept", "fraction of KV cache kept"),
-                           (axes[1], "qkv_parameters_kept", "fraction of Q/K/V parameters kept")):
-        for mode, style in (("kv", "-o"), ("weights", "--s")):
-            for method in sorted({r["method"] for r in rows if r["mode"] == mode}):
-                pts = sorted((r[key], r["ppl"]) for r in rows if r["mode"] == mode and r["method"] == method)
-                if pts:
-                    ax.plot(*zip(*pts), style, label=f"{method} ({mode})")
-        ax.axhline(dense, color="k", lw=0.8, ls=":", label=f"dense {dense:.2f}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("perplexity (lower is better)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M on State of the Union text")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

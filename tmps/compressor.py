@@ -104,24 +104,35 @@ def _attention_moments(arch, layers, inputs, masks, progress: bool, desc: str):
     return moments
 
 
-def _run_with_moment(arch, layer, hidden, inputs, masks):
-    """Run ``layer`` over every batch (updating ``hidden`` in place) and return its attention input moment."""
-    attention = arch.attention_of(layer)
-    state = {"moment": None, "count": 0, "mask": None}
+def _run_over_batches(layer, hidden, inputs, masks, module, hook, after: bool = False) -> None:
+    """Run ``layer`` over every batch, updating ``hidden`` in place, with ``hook`` on ``module``.
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        m = augmented_moment(x, state["mask"])
-        state["moment"] = m if state["moment"] is None else state["moment"] + m
-        state["count"] += int(state["mask"].sum())
-
-    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    ``hook(mask, args, kwargs)`` runs before ``module``'s forward (``after=False``) or
+    ``hook(mask, args, kwargs, output)`` after it; ``mask`` is the batch's token mask.
+    """
+    current = {}
+    if after:
+        handle = module.register_forward_hook(lambda m, a, k, o: hook(current["mask"], a, k, o), with_kwargs=True)
+    else:
+        handle = module.register_forward_pre_hook(lambda m, a, k: hook(current["mask"], a, k), with_kwargs=True)
     try:
         for i, (_, kwargs) in enumerate(inputs):
-            state["mask"] = masks[i]
+            current["mask"] = masks[i]
             hidden[i] = run_layer(layer, hidden[i], kwargs)
     finally:
         handle.remove()
+
+
+def _run_with_moment(arch, layer, hidden, inputs, masks):
+    """Run ``layer`` over every batch (updating ``hidden`` in place) and return its attention input moment."""
+    state = {"moment": None, "count": 0}
+
+    def hook(mask, args, kwargs):
+        m = augmented_moment(args[0] if args else kwargs["hidden_states"], mask)
+        state["moment"] = m if state["moment"] is None else state["moment"] + m
+        state["count"] += int(mask.sum())
+
+    _run_over_batches(layer, hidden, inputs, masks, arch.attention_of(layer), hook)
     return state["moment"] / max(state["count"], 1)
 
 
@@ -306,21 +317,14 @@ class _Captured(Exception):
 def _run_and_measure(arch, layer, compressed, dense_attention, hidden, inputs, masks) -> float:
     """Run the (compressed) layer over every batch and return the relative attention output error."""
     sums = {"err": 0.0, "ref": 0.0}
-    state = {}
 
-    def hook(module, args, kwargs, output):
+    def hook(mask, args, kwargs, output):
         ref = dense_attention(*args, **kwargs)[0]
-        mask = state["mask"].unsqueeze(-1).to(ref.dtype)
+        mask = mask.unsqueeze(-1).to(ref.dtype)
         sums["err"] += float((((output[0] - ref) * mask).double() ** 2).sum())
         sums["ref"] += float(((ref * mask).double() ** 2).sum())
 
-    handle = compressed.register_forward_hook(hook, with_kwargs=True)
-    try:
-        for i, (_, kwargs) in enumerate(inputs):
-            state["mask"] = masks[i]
-            hidden[i] = run_layer(layer, hidden[i], kwargs)
-    finally:
-        handle.remove()
+    _run_over_batches(layer, hidden, inputs, masks, compressed, hook, after=True)
     return math.sqrt(sums["err"] / max(sums["ref"], 1e-300))
 
 
