@@ -36,6 +36,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEMO_SIZES = {"full": {"calib": (16, 512), "eval": (8, 1024), "speed": 1},
               "quick": {"calib": (8, 256), "eval": (4, 512), "speed": 1}}
 MICROBENCH = Path("benchmarks") / "kernel_microbench.py"
+END_TO_END = Path("benchmarks") / "e2e.py"
 
 
 class UsageError(Exception):
@@ -762,7 +763,18 @@ def cmd_bench(args) -> int:
     if args.out:
         cmd += ["--out", str(Path(args.out).resolve())]
     print("running " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=script.parents[1]).returncode
+    status = subprocess.run(cmd, cwd=script.parents[1]).returncode
+    if args.no_e2e:
+        return status
+    # The end-to-end table: OPT-1.3B/6.7B-shaped models, dense against kv and weights mode.
+    e2e = [sys.executable, str(script.parents[1] / END_TO_END)]
+    if args.device == "cpu":
+        e2e.append("--smoke")
+    if args.out:
+        out = Path(args.out).resolve()
+        e2e += ["--out", str(out.with_name(out.stem + "_e2e" + (out.suffix or ".md")))]
+    print("running " + " ".join(e2e), flush=True)
+    return max(status, subprocess.run(e2e, cwd=script.parents[1]).returncode)
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -966,10 +978,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
-        "bench", formatter_class=_Formatter, help="the fused-kernel microbenchmark (GPU)",
-        description=f"Run {MICROBENCH} of the repository checkout (fused factored QKV projection in Triton against "
-                    "torch, with a roofline). --device cuda needs a GPU; --device cpu runs one tiny shape under the "
-                    "Triton interpreter as a smoke test.",
+        "bench", formatter_class=_Formatter, help="the kernel and end-to-end benchmarks (GPU)",
+        description=f"Run {MICROBENCH} (fused factored QKV projection in Triton against cuBLAS dense, the torch "
+                    f"chain and torch.compile, with a roofline), then {END_TO_END} (OPT-1.3B/6.7B-shaped models "
+                    "with random weights: prefill latency and decode tokens/s, dense against kv and weights mode), "
+                    "from the repository checkout. --device cuda needs a GPU; --device cpu runs tiny smoke tests "
+                    "(the kernel under the Triton interpreter).",
         epilog="examples:\n"
                "  tmps bench --device cuda --out results/kernels.md\n"
                "  tmps bench --hidden 2048 --tokens 1 4096 --ratios 0.5 --no-compile\n"
@@ -981,6 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_fraction, nargs="+", default=None, metavar="R", help="rank ratios (cuda)")
     p.add_argument("--layouts", nargs="+", choices=("weights", "kv_latent"), default=None, help="layouts (cuda)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch_compile provider")
+    p.add_argument("--no-e2e", action="store_true", help="only the kernel microbenchmark")
     p.set_defaults(func=cmd_bench)
     return parser
 
