@@ -1,8 +1,6 @@
 """The one place the library touches the Triton kernels, so that a machine without triton still imports tmps."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -19,7 +17,3 @@ def fused_factored_projection(x, in_factor, cores, out_factors, biases):
     from tmps.kernels.fused_projection import fused_factored_projection as kernel
 
     return kernel(x, in_factor, cores, out_factors, biases)
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"

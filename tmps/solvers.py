@@ -60,10 +60,6 @@ def psd_sqrt(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tenso
     return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
 
 
-def block_diag_heads(blocks: list[torch.Tensor]) -> torch.Tensor:
-    return torch.block_diag(*blocks)
-
-
 class LayerSolver:
     """Everything one attention block needs: its spectra (for rank allocation) and its factors."""
 
@@ -90,7 +86,7 @@ class LayerSolver:
                 pair = (diag[: hd // 2] + diag[hd // 2:]) / 2
                 m = torch.diag(torch.cat([pair, pair]))
             blocks.append(m)
-        return block_diag_heads(blocks)
+        return torch.block_diag(*blocks)
 
     def _output_metric(self) -> torch.Tensor:
         s, hd = self.shape, self.shape.head_dim
@@ -98,7 +94,7 @@ class LayerSolver:
         for j in range(s.num_kv_heads):
             cols = [self.w.wo[:, h * hd:(h + 1) * hd] for h in range(j * s.group_size, (j + 1) * s.group_size)]
             blocks.append(sum(c.T @ c for c in cols))
-        return block_diag_heads(blocks)
+        return torch.block_diag(*blocks)
 
     def kv_basis(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Spectrum ``(d_kv,)`` descending, and the full-rank ``P: (d_kv, d_kv)``, ``U: (d_kv, d_kv)`` (rows/cols ordered by it)."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 
@@ -115,7 +114,3 @@ def new_like(cls: type, dense: nn.Module) -> nn.Module:
 def detach_rotary(module: nn.Module, rotary) -> None:
     """Keep a handle on the model's rotary embedding without registering it as a submodule."""
     object.__setattr__(module, "_rotary_handle", (rotary,))
-
-
-def torch_dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
