@@ -163,6 +163,44 @@ def test_tt_svd_recovers_exact_tt_rank():
     assert rel_error(tt.to_tensor(), x) < 1e-10
 
 
+@pytest.mark.parametrize("shape", [(300, 257), (257, 300)])
+def test_truncated_svd_gram_route_matches_thin_svd(shape):
+    """Both sides >= GRAM_MIN_DIM: the Gram route gives the thin SVD's approximation, orthonormal Q."""
+    from tmps.decompose._linalg import GRAM_MIN_DIM, truncated_svd
+    assert min(shape) >= GRAM_MIN_DIM
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    q, s, r = truncated_svd(m, lambda s: 100)
+    exact = torch.linalg.svd(m.double(), full_matrices=False)
+    best = (exact.U[:, :100] * exact.S[:100]) @ exact.Vh[:100]
+    assert q.shape == (shape[0], 100) and r.shape == (100, shape[1])
+    assert torch.allclose(s.double(), exact.S, rtol=1e-4, atol=1e-4)
+    assert rel_error((q @ r).double(), best) < 1e-5
+    assert (q.T @ q - torch.eye(100)).abs().max() < 1e-4
+    assert torch.all(q[q.abs().argmax(0), torch.arange(100)] > 0)  # sign convention
+
+
+def test_truncated_svd_falls_back_to_svd_when_gram_would_lose_orthogonality():
+    """A kept singular value far below the top one (1e-4) in float32 takes the exact SVD route."""
+    from tmps.decompose._linalg import truncated_svd
+    gen = torch.Generator().manual_seed(4)
+    u = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(280, 280, generator=gen, dtype=torch.float64))[0]
+    s = torch.logspace(0, -6, 280, dtype=torch.float64)
+    m = ((u[:, :280] * s) @ v.T).float()
+    q, _, _ = truncated_svd(m, lambda s: 120)  # sigma_120 ~ 1e-2.6 of sigma_1: Gram loses it
+    assert (q.T @ q - torch.eye(120)).abs().max() < 1e-4
+
+
+def test_tt_svd_large_float32_matches_tensorly():
+    """Unfoldings above GRAM_MIN_DIM (the Gram route): same error as tensorly's tensor_train."""
+    x = torch.randn(3, 260, 270, generator=torch.Generator().manual_seed(5))
+    ours = tt_svd(x, max_rank=[3, 130])
+    ref = tl.tt_to_tensor(tensor_train(x, rank=[1, 3, 130, 1]))
+    assert abs(rel_error(ours.to_tensor(), x) - rel_error(ref, x)) < 1e-5
+    middle = ours.cores[1].reshape(-1, 130)
+    assert (middle.T @ middle - torch.eye(130)).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------- Tucker-MPS
 def test_default_tensor_shape():
     assert default_tensor_shape(768, 768) == (64, 64, 144)

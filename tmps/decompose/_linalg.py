@@ -74,3 +74,44 @@ def leading_left_singular_vectors(matrix: torch.Tensor, rank: int,
         return fix_signs(vectors), evals.flip(0).clamp_min(0).sqrt()
     evals, evecs = torch.linalg.eigh(gram)
     return fix_signs(evecs.flip(1)[:, :rank]), evals.flip(0)[:rank].clamp_min(0).sqrt()
+
+
+# Below this smaller dimension a thin SVD is cheap and exact; above it, the Gram route below is
+# about 2x faster (2304 x 768 float32 on 2 cores: 95 ms against 186 ms).
+GRAM_MIN_DIM = 256
+
+
+def truncated_svd(matrix: torch.Tensor, choose_rank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left factor ``Q: (m, r)``, all singular values ``(min(m, k),)`` and ``R: (r, k)`` with ``Q R ≈ M``.
+
+    ``choose_rank(singular_values) -> r`` picks the rank from the full descending spectrum. ``Q``'s
+    columns are the leading left singular vectors (sign-fixed) and ``R = Σ_r V_rᵀ``, so ``Q R`` is
+    the best rank-``r`` approximation of ``M: (m, k)``.
+
+    When both dimensions are at least ``GRAM_MIN_DIM`` the right singular vectors come from an
+    eigen-decomposition of the smaller Gram matrix, and ``Q = M V_r Σ_r⁻¹``. Rounding in the Gram
+    matrix perturbs ``v_i`` along ``v_j`` by about ``ε σ_1² / |σ_i² − σ_j²|``, so ``Q`` is
+    orthonormal to about ``ε σ_1² / σ_r²``; the route is taken only when that is below ``sqrt(ε)``
+    (float32: ``σ_r ≥ 0.018 σ_1``), otherwise the exact thin SVD is used.
+    """
+    m, k = matrix.shape
+    if min(m, k) >= GRAM_MIN_DIM:
+        transpose = m < k  # work on the (min × min) Gram matrix
+        a = matrix.T if transpose else matrix
+        evals, evecs = torch.linalg.eigh(a.T @ a)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        singular_values = evals.sqrt()
+        rank = choose_rank(singular_values)
+        eps = torch.finfo(matrix.dtype).eps
+        if evals[rank - 1] >= evals[0] * eps ** 0.5 and evals[rank - 1] > 0:
+            s_r, v_r = singular_values[:rank], evecs[:, :rank]
+            if transpose:  # the eigenvectors are M's left singular vectors
+                u = fix_signs(v_r)
+                return u, singular_values, u.T @ matrix
+            u = (matrix @ v_r) / s_r
+            signs = column_signs(u)
+            return u * signs, singular_values, (signs * s_r)[:, None] * v_r.T
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rank = choose_rank(s)
+    signs = column_signs(u[:, :rank])
+    return u[:, :rank] * signs, s, signs[:, None] * s[:rank, None] * vh[:rank]

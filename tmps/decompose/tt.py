@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._linalg import column_signs
+from ._linalg import truncated_svd
 from ._validate import validate_eps, validate_tensor
 
 __all__ = ["TTTensor", "tt_svd", "tt_to_tensor", "energy_rank", "tt_error_bound"]
@@ -76,6 +76,12 @@ def energy_rank(singular_values: torch.Tensor, eps: float) -> int:
     return max(1, int((cumulative < eps - 1e-12).sum().item()) + 1)
 
 
+def _tt_rank(singular_values: torch.Tensor, eps: float | None, bound: int | None) -> int:
+    """The rank kept at one TT-SVD step: the ``eps`` energy rule, then the ``max_rank`` bound."""
+    rank = singular_values.numel() if eps is None else energy_rank(singular_values, eps)
+    return rank if bound is None else min(rank, bound)
+
+
 def tt_svd(
     tensor: torch.Tensor,
     eps: float | None = None,
@@ -129,16 +135,8 @@ def tt_svd(
     cores, rank = [], 1
     for k in range(order - 1):
         remainder = remainder.reshape(rank * shape[k], -1)
-        u, s, vh = torch.linalg.svd(remainder, full_matrices=False)
-        new_rank = s.numel()
-        if eps is not None:
-            new_rank = energy_rank(s, eps)
-        if bounds[k] is not None:
-            new_rank = min(new_rank, bounds[k])
-        # Flip u's columns and vh's rows together: the product, hence the tensor, is unchanged.
-        signs = column_signs(u[:, :new_rank])
-        u = u[:, :new_rank] * signs
-        remainder = signs[:, None] * s[:new_rank, None] * vh[:new_rank]
+        u, _, remainder = truncated_svd(remainder, lambda s, k=k: _tt_rank(s, eps, bounds[k]))
+        new_rank = u.shape[1]
         cores.append(u.reshape(rank, shape[k], new_rank).to(out_dtype))
         rank = new_rank
     cores.append(remainder.reshape(rank, shape[-1], 1).to(out_dtype))
