@@ -22,6 +22,7 @@ import torch
 import tmps
 from tmps.assets import load_smollm2, sotu_text_split, token_windows
 from tmps.cli import plot_frontier
+from tmps.config import FISHER_METHODS
 from tmps.evaluate import perplexity
 
 
@@ -34,6 +35,8 @@ def main(argv=None):
     p.add_argument("--eval", default="32x1024", help="evaluation windows x tokens")
     p.add_argument("--out", default="results/quality")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--metric", default="auto", choices=["auto", "fisher", "analytic"],
+                   help="tmps.compress's metric (auto: fisher for the tucker family, the baselines' own rules)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only merge the rows of earlier runs' JSON files (same dense model) into --out")
     args = p.parse_args(argv)
@@ -64,11 +67,16 @@ def main(argv=None):
             for ratio in args.ratios:
                 candidate = copy.deepcopy(model)
                 start = time.time()
-                tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, progress=False)
+                tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, metric=args.metric,
+                              progress=False)
                 seconds = time.time() - start
                 ppl = perplexity(candidate, evaluation, progress=False)
                 s = tmps.summary(candidate.tmps_info)
-                row = {"mode": mode, "method": method, "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
+                metric = candidate.tmps_info["config"]["metric"]
+                # The tucker family's analytic-metric ablation gets its own line in the table and plot.
+                label = f"{method}/analytic" if metric == "analytic" and method in FISHER_METHODS else method
+                row = {"mode": mode, "method": label, "metric": metric,
+                       "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
                        "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],
                        "qkv_flops_kept": s["qkv_flops_kept"], "calibration_error": s["mean_calibration_error"],
                        "seconds": seconds}
@@ -85,7 +93,7 @@ def merge(args) -> None:
     for path in args.merge:
         data = json.loads(Path(path).read_text())
         for row in data["rows"]:
-            key = (row["mode"], row["method"], row["ratio"])
+            key = (row["mode"], row["method"], row.get("metric"), row["ratio"])
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
@@ -105,10 +113,10 @@ def write_outputs(rows, out: Path, args) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"Model: {meta['model']}; text: {meta['text']}; calibration {args.calib}, evaluation {args.eval} tokens; "
              f"CPU, torch {torch.__version__}.", "",
-             "| mode | method | ratio | perplexity | × dense | KV cache kept | Q/K/V params kept | Q/K/V FLOPs kept | calib. error | compress s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | method | metric | ratio | perplexity | × dense | KV cache kept | Q/K/V params kept | Q/K/V FLOPs kept | calib. error | compress s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['method']} | {r['ratio']:.2f} | {r['ppl']:.2f} | {r['ppl_vs_dense']:.3f} | "
+        lines.append(f"| {r['mode']} | {r['method']} | {r.get('metric', '')} | {r['ratio']:.2f} | {r['ppl']:.2f} | {r['ppl_vs_dense']:.3f} | "
                      f"{r['kv_cache_kept']:.3f} | {r['qkv_parameters_kept']:.3f} | {r['qkv_flops_kept']:.3f} | "
                      f"{r.get('calibration_error', 0):.3f} | {r['seconds']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

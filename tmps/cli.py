@@ -309,7 +309,7 @@ def _config_from_args(args):
 
     return CompressionConfig(mode=args.mode, method=args.method, ratio=args.ratio, mps_eps=args.mps_eps,
                              hooi_ranks=args.hooi_ranks, error_budget=args.error_budget,
-                             allocation=args.allocation)
+                             allocation=args.allocation, metric=args.metric)
 
 
 def _calibration(args, model, tokenizer, seq_len: int, tokens: int):
@@ -346,7 +346,7 @@ def cmd_compress(args) -> int:
     t0 = time.perf_counter()
     tmps.compress(model, calibration, mode=config.mode, method=config.method, ratio=config.ratio,
                   mps_eps=config.mps_eps, hooi_ranks=config.hooi_ranks, error_budget=config.error_budget,
-                  allocation=config.allocation, batch_size=args.batch_size, calibration_samples=n,
+                  allocation=config.allocation, metric=config.metric, batch_size=args.batch_size, calibration_samples=n,
                   calibration_seq_len=args.calib_seq_len, seed=args.seed, progress=_progress(args))
     seconds = time.perf_counter() - t0
     print(tmps.report(model))
@@ -542,7 +542,8 @@ def cmd_sweep(args) -> int:
     for mode in args.modes:
         for method in args.methods:
             if not (method == "eigen" and mode == "weights"):
-                CompressionConfig(mode=mode, method=method, ratio=args.ratios[0], allocation=args.allocation)
+                CompressionConfig(mode=mode, method=method, ratio=args.ratios[0], allocation=args.allocation,
+                                  metric=args.metric)
     for name in list(args.text) + list(args.calib or ()):
         if not Path(name).is_file():
             raise FileNotFoundError(f"no text file at {name}; give plain-text files")
@@ -573,7 +574,7 @@ def cmd_sweep(args) -> int:
                 candidate = copy.deepcopy(model)
                 t0 = time.perf_counter()
                 tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, allocation=args.allocation,
-                              batch_size=args.batch_size, progress=False)
+                              metric=args.metric, batch_size=args.batch_size, progress=False)
                 seconds = time.perf_counter() - t0
                 ppl = perplexity(candidate, evaluation, batch_size=args.batch_size, progress=False)
                 s = tmps.summary(candidate.tmps_info)
@@ -827,7 +828,7 @@ def _common(parser, *, dtype_help="parameter dtype (default: float32; a tmps fol
 
 
 def _rank_rule(parser) -> None:
-    from .config import ALLOCATIONS, METHODS, MODES
+    from .config import ALLOCATIONS, METHODS, METRICS, MODES
 
     parser.add_argument("--mode", choices=MODES, default="kv",
                         help="kv: latent K/V cache (smaller cache); weights: factored Q/K/V (fewer parameters)")
@@ -846,6 +847,10 @@ def _rank_rule(parser) -> None:
                         help="energy kept, in (0, 1]: ranks per layer by the TT-SVD rule (instead of --ratio)")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="greedy",
                         help="greedy spends --ratio where the calibration error drops most; uniform cuts every layer alike")
+    parser.add_argument("--metric", choices=METRICS, default="auto",
+                        help="what the decompositions minimise: fisher = the LM loss (empirical Fisher of the Q/K/V outputs, "
+                             "one extra forward/backward pass); analytic = attention's view computed from the weights; "
+                             "auto = fisher for tucker-mps/tucker/mps on a causal LM, else analytic")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -924,12 +929,15 @@ def build_parser() -> argparse.ArgumentParser:
                "eigen runs in kv mode only; it is skipped in weights mode.")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--ratios", type=_fraction, nargs="+", default=[0.75, 0.5, 0.3], metavar="R", help="fractions kept")
-    from .config import ALLOCATIONS, METHODS, MODES
+    from .config import ALLOCATIONS, METHODS, METRICS, MODES
 
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["tucker-mps", "svd", "eigen"], metavar="METHOD",
                    help=f"any of {', '.join(METHODS)}")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), metavar="MODE", help="kv and/or weights")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="greedy", help="how --ratio is spread over layers")
+    p.add_argument("--metric", choices=METRICS, default="auto", help="what the decompositions minimise: fisher = the LM loss (empirical Fisher of the Q/K/V outputs, "
+                             "one extra forward/backward pass); analytic = attention's view computed from the weights; "
+                             "auto = fisher for tucker-mps/tucker/mps on a causal LM, else analytic")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="plain-text files (evaluation, and calibration without --calib)")
     p.add_argument("--calib", nargs="+", default=None, metavar="FILE", help="separate calibration text files")
     p.add_argument("--calib-tokens", type=_positive_int, default=8192, metavar="N", help="calibration tokens")

@@ -27,9 +27,10 @@ from .calibration import (
     run_layer,
     sample_from_model,
 )
-from .config import CompressionConfig
+from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
-from .solvers import DenseAttentionWeights, LayerSolver, allocate_by_threshold, ranks_by_energy
+from .sensitivity import prefix_costs, projection_fisher
+from .solvers import DenseAttentionWeights, LayerSolver, allocate_by_cost, allocate_by_threshold, ranks_by_energy
 
 __all__ = ["compress", "is_compressed"]
 
@@ -48,7 +49,8 @@ def _check_weights(model: nn.Module) -> None:
 @torch.no_grad()
 def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
              ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
-             error_budget: float | None = None, allocation: str = "greedy", k_share: float = 0.35,
+             error_budget: float | None = None, allocation: str = "greedy", metric: str = "auto",
+             k_share: float = 0.35, fisher_tokens: int = 8192,
              batch_size: int = 8,
              calibration_samples: int = 16, calibration_seq_len: int = 128, seed: int = 0,
              progress: bool = True, damping: float = 1e-6) -> nn.Module:
@@ -59,7 +61,11 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     model : OPT or Llama-family ``*ForCausalLM`` / ``*Model``.
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
-    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, k_share : see :class:`CompressionConfig`.
+    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, k_share : see
+        :class:`CompressionConfig` (``metric="auto"`` is resolved here and recorded in ``tmps_info``).
+    fisher_tokens : with ``metric="fisher"``, the calibration tokens (the first ones) of the
+        forward/backward pass that measures the loss sensitivity; the decompositions themselves
+        always use all the calibration data.
     batch_size : calibration sequences per forward.
     progress : show progress bars.
 
@@ -67,13 +73,21 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     :func:`tmps.report`).
     """
     config = CompressionConfig(mode=mode, method=method, ratio=ratio, mps_eps=mps_eps, hooi_ranks=hooi_ranks,
-                               error_budget=error_budget, allocation=allocation, k_share=k_share,
+                               error_budget=error_budget, allocation=allocation, metric=metric, k_share=k_share,
                                damping=damping)
     arch = architecture_of(model)
     if is_compressed(model):
         raise ValueError("this model is already compressed by tmps; compress the dense model again "
                          "(recompressing stored factors would compound their error)")
     _check_weights(model)
+    if isinstance(fisher_tokens, bool) or not isinstance(fisher_tokens, int) or fisher_tokens < 1:
+        raise ValueError(f"fisher_tokens={fisher_tokens!r} must be a positive number of tokens, e.g. 8192")
+    has_lm_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    if config.metric == "auto":
+        config.metric = "fisher" if has_lm_head and config.method in FISHER_METHODS else "analytic"
+    if config.metric == "fisher" and not has_lm_head:
+        raise ValueError(f"metric='fisher' needs the language-model loss, which a bare {type(model).__name__} "
+                         "has not: pass the *ForCausalLM, or use metric='analytic'")
     if calibration is None:
         calibration = sample_from_model(model, calibration_samples, calibration_seq_len, seed, batch_size)
     batches = calibration_batches(calibration, model, batch_size)
@@ -83,7 +97,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     was_training = model.training
     model.eval()
     try:
-        info = _compress_layers(model, arch, layers, batches, config, swapped, progress)
+        info = _compress_layers(model, arch, layers, batches, config, swapped, progress, fisher_tokens)
     except BaseException:
         for index, original in reversed(swapped):
             layers[index] = original
@@ -136,16 +150,19 @@ def _run_with_moment(arch, layer, hidden, inputs, masks):
     return state["moment"] / max(state["count"], 1)
 
 
-def _solver(arch, attention, config, moment) -> LayerSolver:
+def _solver(arch, attention, config, moment, fisher=None) -> LayerSolver:
     q, k, v, o = arch.projections(attention)
     weights = DenseAttentionWeights.from_linears(q, k, v, o)
-    return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping)
+    return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping,
+                       fisher)
 
 
-def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[dict]:
+def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver], fisher: list[dict] | None = None) -> list[dict]:
     """Per-layer ranks from the rank rule; kv: {'k': [...], 'v': [...]}, weights: {'r_in', ...}."""
     plans = []
     if config.mode == "kv":
+        if fisher is not None and config.ratio is not None and config.allocation == "greedy":
+            return _plan_kv_fisher(config, solvers, fisher)
         spectra = [s.kv_spectra() for s in solvers]
         if config.ratio is not None and config.method == "eigen" and config.allocation == "greedy":
             # EigenAttention: one energy threshold for every head of every layer, fitted to the budget.
@@ -216,7 +233,10 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver]) -> list[d
     if config.ratio is not None:
         costs = [s.shape.hidden_size + out for s, out in zip(solvers, heads_out)]
         dense = [s.shape.hidden_size * out for s, out in zip(solvers, heads_out)]
-        if config.allocation == "greedy":
+        if fisher is not None and config.allocation == "greedy":
+            gains = [s.input_direction_costs(f) for s, f in zip(solvers, fisher)]
+            r_in = allocate_by_cost(gains, config.ratio * sum(dense), costs)
+        elif config.allocation == "greedy":
             r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense))
         else:
             r_in = [max(1, math.floor(config.ratio * dn / c)) for dn, c in zip(dense, costs)]
@@ -240,6 +260,22 @@ def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]
     return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks["k"], ranks["v"])]
 
 
+def _plan_kv_fisher(config: CompressionConfig, solvers: list[LayerSolver], fisher: list[dict]) -> list[dict]:
+    """Keep the K/V directions of all layers that cost the most loss (:func:`prefix_costs`) within the budget.
+
+    With Fisher-weighted bases each cost is the basis' own eigenvalue (``u_iᵀ F u_i = 1``); the
+    general formula also serves any other basis.
+    """
+    gains, widths = [], 0
+    for solver, f in zip(solvers, fisher):
+        for name in ("k", "v"):
+            evals, _, up = solver.kv_basis(name)
+            gains.append(prefix_costs(evals, up, f[name]))
+            widths += evals.numel()
+    ranks = allocate_by_cost(gains, config.ratio * widths)
+    return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks[0::2], ranks[1::2])]
+
+
 def _split_rank(total: int, widths: list[int]) -> list[int]:
     share = [max(1, round(total * w / sum(widths))) for w in widths]
     return share
@@ -257,15 +293,35 @@ def _uniform_threshold(spectra: list[torch.Tensor], budget: float) -> list[int]:
     return [ranks_by_energy(lam, lo) if lo > 0 else 1 for lam in spectra]
 
 
-def _compress_layers(model, arch, layers, batches, config, swapped, progress):
+def _first_tokens(batches, max_tokens: int):
+    """The leading calibration batches (rows cut at the end) holding at most ``max_tokens`` tokens, at least one row."""
+    out, total = [], 0
+    for ids, mask in batches:
+        rows = min(ids.shape[0], max(0, (max_tokens - total) // ids.shape[1]))
+        if rows == 0:
+            break
+        out.append((ids[:rows], mask[:rows]))
+        total += rows * ids.shape[1]
+    return out or [(batches[0][0][:1], batches[0][1][:1])]
+
+
+def _compress_layers(model, arch, layers, batches, config, swapped, progress, fisher_tokens):
     inputs = capture_first_layer_inputs(model, layers[0], batches)
     masks = [mask for _, mask in batches]
     dtype = next(model.parameters()).dtype
 
-    # Pass 1: dense statistics for every layer, to plan ranks across layers.
-    moments = _attention_moments(arch, layers, inputs, masks, progress, "tmps: calibration statistics")
-    solvers = [_solver(arch, arch.attention_of(layer), config, m) for layer, m in zip(layers, moments)]
-    plans = _plan_ranks(config, solvers)
+    # Pass 1: dense statistics for every layer, to plan ranks across layers. With the Fisher metric
+    # they come from one forward/backward pass over the first ``fisher_tokens`` calibration tokens.
+    fisher = None
+    if config.metric == "fisher":
+        names = ("k", "v") if config.mode == "kv" else ("q", "k", "v")
+        fisher, moments = projection_fisher(model, arch, _first_tokens(batches, fisher_tokens), names, progress,
+                                            input_moments=True)
+    else:
+        moments = _attention_moments(arch, layers, inputs, masks, progress, "tmps: calibration statistics")
+    solvers = [_solver(arch, arch.attention_of(layer), config, m, f)
+               for layer, m, f in zip(layers, moments, fisher or [None] * len(layers))]
+    plans = _plan_ranks(config, solvers, fisher)
     del solvers
 
     # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
@@ -277,7 +333,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress):
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
         moment = _moment_only(arch, layer, hidden, inputs, masks)
-        solver = _solver(arch, dense_attention, config, moment)
+        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 MODES = ("kv", "weights")
 METHODS = ("tucker-mps", "tucker", "mps", "svd", "eigen")
 ALLOCATIONS = ("greedy", "uniform")
+METRICS = ("auto", "fisher", "analytic")
+# Methods whose bases and ranks may follow the loss (the baselines keep their published rules).
+FISHER_METHODS = ("tucker-mps", "tucker", "mps")
 
 
 @dataclass
@@ -24,8 +27,15 @@ class CompressionConfig:
         ``[r_in, r_head, r_out]`` over the (input, head, head_dim) modes; kv mode: ``[r_k, r_v]``.
     error_budget : per-layer relative error allowed (EigenAttention's rule): keep the fewest
         components whose dropped (weighted) energy is at most this fraction.
-    allocation : "greedy" spends a global ``ratio`` where the calibration error drops most;
+    allocation : "greedy" spends a global ``ratio`` where the (metric-weighted) error drops most;
         "uniform" cuts every layer alike.
+    metric : what the decompositions minimise. "fisher": the language-model loss, through the
+        empirical Fisher of each Q/K/V projection's outputs (:mod:`tmps.sensitivity`; needs a
+        ``*ForCausalLM``): bases weighted by it, and ``greedy`` ranks spent over K, V and all layers
+        in loss units (``k_share`` unused). "analytic": what attention sees, computed from the weights
+        (K weighted by its queries, V by ``o_proj``, normalised per layer). "auto" (default): "fisher"
+        for the tucker-mps / tucker / mps methods on a ``*ForCausalLM``, else "analytic". The
+        baselines svd and eigen always use their own published rules.
     k_share : kv mode, share of the KV budget given to K (the rest to V, at most its full width).
         K tolerates compression far better than V: on SmolLM2-135M at half the cache (16×512
         calibration, 4×1024 evaluation tokens) an energy-greedy split over K and V together gave
@@ -39,6 +49,7 @@ class CompressionConfig:
     hooi_ranks: Sequence[int] | None = None
     error_budget: float | None = None
     allocation: str = "greedy"
+    metric: str = "auto"
     k_share: float = 0.35
     damping: float = 1e-6
 
@@ -73,6 +84,11 @@ class CompressionConfig:
                     f"hooi_ranks={self.hooi_ranks!r}: {self.mode} mode needs {' or '.join(map(str, allowed))} "
                     "positive integers (weights: [r_in, r_head, r_out]; kv: [r_k, r_v])")
             self.hooi_ranks = ranks
+        if self.metric not in METRICS:
+            raise ValueError(f"metric={self.metric!r} is not supported; use one of {list(METRICS)}")
+        if self.metric == "fisher" and self.method not in FISHER_METHODS:
+            raise ValueError(f"metric='fisher' is for the methods {list(FISHER_METHODS)}; the baseline "
+                             f"{self.method!r} keeps its published rule: use metric='auto' or 'analytic'")
         if self.method == "eigen" and self.mode != "kv":
             raise ValueError("method='eigen' (EigenAttention) compresses the KV cache: use mode='kv'")
 

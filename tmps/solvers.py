@@ -9,11 +9,15 @@ kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P
     K is weighted by the queries (``M`` = the query second moment of each KV group, averaged over
     RoPE rotation pairs), V by the output projection (``M = Σ_h W_o,hᵀ W_o,h``): the errors the
     attention output sees. Solution: eigenvectors ``V`` of ``S E[kkᵀ] S``; ``P = Vᵀ S``, ``U = S⁻¹ V``.
+    With ``metric="fisher"`` the weighting is instead the empirical Fisher of the projection's
+    outputs (``M = E[g gᵀ]``, ``g = ∂loss/∂k``; :mod:`tmps.sensitivity`): the loss itself, through
+    the softmax, the attention pattern and every later layer, and in units comparable across layers.
   * svd: the same with ``S = I`` (per-projection output PCA = activation-aware SVD, Palu-like).
   * eigen (EigenAttention): one basis per head; K's from the K and Q activations of its group.
 weights mode: the whitened stacked weights ``T = [W_q; W_k; W_v] L`` (``L Lᵀ = E[xxᵀ]``) as a
   3-way tensor ``(d, heads, head_dim)``, decomposed by HOOI / TT-SVD / Tucker-MPS into a shared
   input factor, per-head cores and an optional output factor; ``svd`` factors each projection alone.
+  With ``metric="fisher"`` each head's ``M_h`` is the diagonal block of its projection's Fisher.
 """
 from __future__ import annotations
 
@@ -64,8 +68,10 @@ class LayerSolver:
     """Everything one attention block needs: its spectra (for rank allocation) and its factors."""
 
     def __init__(self, method: str, mode: str, shape: AttentionShape, weights: DenseAttentionWeights,
-                 second_moment: torch.Tensor, uses_rope: bool, damping: float = 1e-6):
+                 second_moment: torch.Tensor, uses_rope: bool, damping: float = 1e-6,
+                 fisher: dict[str, torch.Tensor] | None = None):
         self.method, self.mode, self.shape, self.w = method, mode, shape, weights
+        self.fisher = fisher
         self.c = second_moment
         self.uses_rope, self.damping = uses_rope, damping
         self._cache: dict = {}
@@ -106,7 +112,10 @@ class LayerSolver:
                 evals, evecs = evals.flip(0), evecs.flip(1)
                 self._cache[key] = (evals.clamp_min(0), evecs.T, evecs)
             else:
-                metric = self._query_metric() if name == "k" else self._output_metric()
+                if self.fisher is not None:
+                    metric = self.fisher[name]
+                else:
+                    metric = self._query_metric() if name == "k" else self._output_metric()
                 root, inv_root = psd_sqrt(metric, self.damping)
                 evals, evecs = torch.linalg.eigh(root @ moment @ root)
                 evals, evecs = evals.flip(0), evecs.flip(1)
@@ -187,6 +196,12 @@ class LayerSolver:
             out += [m / energy.clamp_min(1e-300) for m in metrics[name]]
         return out
 
+    def fisher_head_metrics(self) -> list[torch.Tensor]:
+        """Per output head (q heads, then k, then v) the diagonal block of its projection's Fisher."""
+        hd = self.shape.head_dim
+        return [self.fisher[n][h * hd:(h + 1) * hd, h * hd:(h + 1) * hd]
+                for n in "qkv" for h in range(self.fisher[n].shape[0] // hd)]
+
     def _rope_average(self, m: torch.Tensor) -> torch.Tensor:
         """Keep each head-dim pair's mean diagonal, as the query metric does for RoPE models."""
         hd = self.shape.head_dim
@@ -209,19 +224,39 @@ class LayerSolver:
             heads = stacked.shape[0] // hd
             t = stacked.reshape(heads, hd, d)
             if output_weighted:
-                roots = [psd_sqrt(m, self.damping) for m in self.head_output_metrics()]
+                metrics = self.head_output_metrics() if self.fisher is None else self.fisher_head_metrics()
+                roots = [psd_sqrt(m, self.damping) for m in metrics]
                 t = torch.stack([r @ t[h] for h, (r, _) in enumerate(roots)])
                 self._cache["head_inv_roots"] = torch.stack([inv for _, inv in roots])
             self._cache[key] = (t.permute(2, 0, 1).contiguous(), metric)
         return self._cache[key]
 
-    def weight_spectrum(self) -> torch.Tensor:
-        """Squared singular values of T's input-mode unfolding (the shared input factor's spectrum)."""
-        if "spectrum" not in self._cache:
+    def weight_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """T's input-mode unfolding: squared singular values ``(d,)`` descending and left vectors ``(d, d)``."""
+        if "input_basis" not in self._cache:
             t, _ = self.whitened_tensor()
             flat = t.reshape(t.shape[0], -1)
-            self._cache["spectrum"] = torch.linalg.eigvalsh(flat @ flat.T).flip(0).clamp_min(0)
-        return self._cache["spectrum"]
+            evals, evecs = torch.linalg.eigh(flat @ flat.T)
+            self._cache["input_basis"] = (evals.flip(0).clamp_min(0), evecs.flip(1))
+        return self._cache["input_basis"]
+
+    def weight_spectrum(self) -> torch.Tensor:
+        """Squared singular values of T's input-mode unfolding (the shared input factor's spectrum)."""
+        return self.weight_basis()[0]
+
+    def input_direction_costs(self, fisher: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss cost of each shared-input direction, in the order of :meth:`weight_spectrum`: ``(d,)``.
+
+        Dropping whitened input directions ``v_i`` (orthonormal) from every projection changes the
+        outputs by ``ΔW L = W L V_d V_dᵀ``, which costs ``Σ_p tr(F_p ΔW_p C ΔW_pᵀ) = Σ_{i∈d} v_iᵀ M v_i``
+        with ``M = Σ_p (W_p L)ᵀ F_p (W_p L)`` and the Fisher ``F_p`` of :mod:`tmps.sensitivity`:
+        additive over directions, in loss units comparable across layers.
+        """
+        _, metric = self.whitened_tensor(output_weighted=False)
+        m = sum((w @ metric.sqrt).T @ fisher[name] @ (w @ metric.sqrt)
+                for name, w in (("q", self.w.wq), ("k", self.w.wk), ("v", self.w.wv)))
+        _, vectors = self.weight_basis()
+        return torch.einsum("ji,jk,ki->i", vectors, m, vectors)
 
     def projection_spectra(self) -> list[torch.Tensor]:
         """svd baseline: the whitened spectrum of each projection."""
@@ -292,6 +327,45 @@ def allocate_by_threshold(spectra: list[torch.Tensor], costs: list[int], budget:
                 continue
             ranks[j] += 1
             spent += costs[j]
+    return ranks
+
+
+def non_increasing(gains: torch.Tensor) -> torch.Tensor:
+    """The non-increasing sequence closest to ``gains`` in least squares (pool adjacent violators).
+
+    Rank allocation takes prefixes of each basis: when a later direction gains more than an earlier
+    one, the pair is worth its mean per rank unit, so the greedy threshold sees them together.
+    """
+    sums, counts = [], []
+    for g in gains.tolist():
+        sums.append(g), counts.append(1)
+        while len(sums) > 1 and sums[-2] / counts[-2] < sums[-1] / counts[-1]:
+            s, c = sums.pop(), counts.pop()
+            sums[-1] += s
+            counts[-1] += c
+    return torch.cat([torch.full((c,), s / c, dtype=torch.float64) for s, c in zip(sums, counts)])
+
+
+def allocate_by_cost(gains: list[torch.Tensor], budget: float, unit_costs: list[float] | None = None,
+                     minimum: int = 1) -> list[int]:
+    """Prefix lengths that keep the largest gains (in common units) across all lists within ``budget``.
+
+    ``gains[j][i]`` is what keeping direction ``i`` of basis ``j`` saves (e.g. loss from
+    :func:`tmps.sensitivity.prefix_costs`); each rank unit of basis ``j`` costs ``unit_costs[j]``
+    (default 1) of the budget. Every basis keeps ``minimum``. Gains are made non-increasing per basis
+    first (:func:`non_increasing`), so that a global threshold on gain per cost picks prefixes.
+    """
+    unit_costs = unit_costs or [1.0] * len(gains)
+    ranks = [min(minimum, g.numel()) for g in gains]
+    spent = sum(r * c for r, c in zip(ranks, unit_costs))
+    scores = [non_increasing(g.double())[r:] / c for g, r, c in zip(gains, ranks, unit_costs)]
+    owners = torch.cat([torch.full((sc.numel(),), j) for j, sc in enumerate(scores)]) if scores else torch.zeros(0)
+    order = torch.argsort(torch.cat(scores), descending=True, stable=True) if scores else []
+    for j in owners[order].tolist():
+        if spent + unit_costs[j] > budget + 1e-9:
+            continue
+        ranks[j] += 1
+        spent += unit_costs[j]
     return ranks
 
 

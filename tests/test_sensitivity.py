@@ -1,0 +1,178 @@
+"""Loss sensitivity (empirical Fisher) and the cost-based rank allocation built on it."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+import tmps
+from tmps.models.base import architecture_of
+from tmps.sensitivity import prefix_costs, projection_fisher
+from tmps.solvers import allocate_by_cost, non_increasing, psd_sqrt
+
+VOCAB = 96
+
+
+def llama(**kw):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_non_increasing_pools_violators():
+    assert non_increasing(torch.tensor([3.0, 1.0, 2.0])).tolist() == [3.0, 1.5, 1.5]
+    assert non_increasing(torch.tensor([1.0, 2.0, 3.0])).tolist() == [2.0, 2.0, 2.0]
+    assert non_increasing(torch.tensor([5.0, 4.0, 0.5])).tolist() == [5.0, 4.0, 0.5]
+
+
+def test_allocate_by_cost_keeps_the_largest_gains_as_prefixes():
+    gains = [torch.tensor([10.0, 1.0, 0.1]), torch.tensor([5.0, 4.0, 3.0])]
+    assert allocate_by_cost(gains, budget=4) == [1, 3]
+    assert allocate_by_cost(gains, budget=6) == [3, 3]
+    assert allocate_by_cost(gains, budget=5) == [2, 3]
+    # A later direction worth more than an earlier one drags the earlier one in with it.
+    # worth 4 per rank as a pair, it beats the second list's 3; unpooled, the 0 would come last.
+    assert allocate_by_cost([torch.tensor([9.0, 0.0, 8.0]), torch.tensor([5.0, 3.0])], budget=4) == [3, 1]
+
+
+def test_prefix_costs_equal_the_trace_formula():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 7, generator=gen, dtype=torch.float64)
+    c = a @ a.T                                   # E[y yᵀ]
+    b = torch.randn(7, 7, generator=gen, dtype=torch.float64)
+    metric = b @ b.T                              # the basis' weighting
+    g = torch.randn(7, 7, generator=gen, dtype=torch.float64)
+    fisher = g @ g.T
+    root, inv_root = psd_sqrt(metric, 1e-12)
+    evals, evecs = torch.linalg.eigh(root @ c @ root)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    down, up = evecs.T @ root, inv_root @ evecs   # as LayerSolver.kv_basis builds them
+    costs = prefix_costs(evals, up, fisher)
+    for r in range(8):
+        e = torch.eye(7, dtype=torch.float64) - up[:, :r] @ down[:r]
+        assert torch.isclose(costs[r:].sum(), torch.trace(fisher @ e @ c @ e.T), rtol=1e-9, atol=1e-9)
+
+
+def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
+    model = llama()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    fisher = projection_fisher(model, architecture_of(model), [(ids, mask)], ("k", "v"), progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+    # Reference: retain the k/v outputs' gradients of the same summed loss.
+    outputs = []
+    hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda m, a, o: outputs.append(o) or o.retain_grad())
+             for layer in model.model.layers for name in ("k_proj", "v_proj")]
+    ref_model = model.requires_grad_(True)
+    logits = ref_model(input_ids=ids, attention_mask=mask).logits
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    for i, out in enumerate(outputs):
+        g = out.grad.reshape(-1, out.shape[-1])[keep].double()
+        expected = g.T @ g / keep.sum()
+        got = fisher[i // 2]["kv"[i % 2]]
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode, full", [("kv", {"ratio": 1.0}), ("weights", {"hooi_ranks": [48]})])
+def test_fisher_metric_is_exact_at_full_rank(mode, full):
+    dense = llama()
+    model = tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (6, 20)), mode=mode, metric="fisher",
+                          progress=False, **full)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    assert torch.allclose(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fisher_pass_moments_equal_the_dense_pass_moments():
+    from tmps.calibration import capture_first_layer_inputs
+    from tmps.compressor import _attention_moments
+
+    model = llama()
+    arch = architecture_of(model)
+    ids = torch.randint(0, VOCAB, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    _, moments = projection_fisher(model, arch, [(ids, mask)], ("k",), progress=False, input_moments=True)
+    layers = arch.decoder_layers(model)
+    inputs = capture_first_layer_inputs(model, layers[0], [(ids, mask)])
+    with torch.no_grad():
+        expected = _attention_moments(arch, layers, inputs, [mask], False, "")
+    for got, want in zip(moments, expected):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_allocation_spends_the_kv_budget_over_k_v_and_layers():
+    model = tmps.compress(llama(), torch.randint(0, VOCAB, (6, 20)), ratio=0.5, metric="fisher", progress=False)
+    kept = [layer["ranks"]["k"] + layer["ranks"]["v"] for layer in model.tmps_info["layers"]]
+    assert sum(kept) == 0.5 * 2 * 2 * 16  # layers x (K, V) x kv width
+    assert model.tmps_info["config"]["metric"] == "fisher"
+
+
+def test_metric_auto_resolves_by_model_and_method():
+    calib = torch.randint(0, VOCAB, (2, 8))
+    resolved = lambda model, **kw: tmps.compress(model, calib, progress=False, **kw).tmps_info["config"]["metric"]
+    assert resolved(llama()) == "fisher"
+    assert resolved(llama(), method="svd") == "analytic"
+    assert resolved(LlamaModel(llama().config)) == "analytic"
+
+
+def test_fisher_metric_needs_a_language_model_head():
+    model = LlamaModel(llama().config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="ForCausalLM"):
+        tmps.compress(model, torch.randint(0, VOCAB, (2, 8)), metric="fisher", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["svd", "eigen"])
+def test_fisher_metric_refused_for_the_baselines(method):
+    with pytest.raises(ValueError, match="metric='fisher'"):
+        tmps.compress(llama(), torch.randint(0, VOCAB, (2, 8)), method=method, metric="fisher", progress=False)
+
+
+def test_input_direction_costs_equal_the_trace_formula():
+    """weights mode: dropping the trailing shared-input directions costs the sum of their costs."""
+    from tmps.calibration import augmented_moment
+    from tmps.solvers import DenseAttentionWeights, LayerSolver
+
+    model = llama()
+    arch = architecture_of(model)
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 200, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
+    moment = augmented_moment(x, torch.ones(1, 200)) / 200
+    solver = LayerSolver("tucker-mps", "weights", arch.shape(attn),
+                         DenseAttentionWeights.from_linears(*arch.projections(attn)), moment, True)
+
+    def psd(n):
+        a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        return a @ a.T
+    fisher = {"q": psd(48), "k": psd(16), "v": psd(16)}
+    costs = solver.input_direction_costs(fisher)
+    _, vectors = solver.weight_basis()
+    _, metric = solver.whitened_tensor(output_weighted=False)
+    c = moment[:-1, :-1]
+    for r in (0, 5, 30, 48):
+        drop = vectors[:, r:] @ vectors[:, r:].T
+        total = 0.0
+        for name in "qkv":
+            w = getattr(solver.w, "w" + name)
+            dw = w @ metric.sqrt @ drop @ metric.inv_sqrt
+            total += torch.trace(fisher[name] @ dw @ c @ dw.T)
+        assert torch.isclose(costs[r:].sum(), torch.as_tensor(total, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def test_fisher_allocation_in_weights_mode_spends_the_parameter_budget():
+    dense = llama()
+    calib = torch.randint(0, VOCAB, (6, 20))
+    model = tmps.compress(copy.deepcopy(dense), calib, mode="weights", ratio=0.5, metric="fisher", progress=False)
+    kept = tmps.summary(model.tmps_info)["qkv_parameters_kept"]
+    assert 0.35 < kept <= 0.5 + 1e-9

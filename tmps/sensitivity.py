@@ -1,0 +1,120 @@
+"""How much the language-model loss cares about each attention projection's outputs (empirical Fisher).
+
+For a projection output ``y_t: (d_p,)`` at token t and the summed next-token loss ``L``, a small
+perturbation ``δ_t`` changes the loss by about ``½ Σ_t δ_tᵀ F δ_t`` with the empirical Fisher
+
+    F = (1/N) Σ_t g_t g_tᵀ,   g_t = ∂L/∂y_t     (d_p × d_p, over the N unmasked tokens).
+
+If a compression replaces ``y`` by ``Π y`` (``Π = U P``, the latent round trip), then with ``δ`` and
+``g`` taken as independent (the K-FAC approximation) the expected loss increase is proportional to
+``tr(F (I − Π) C (I − Π)ᵀ)`` where ``C = E[y yᵀ]``: a cost in *loss units*, comparable across
+layers and between K and V. That is what rank allocation needs and what per-layer energies
+(normalised within each layer) cannot give: the same relative error costs far more in some layers
+than in others.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import augmented_moment
+
+__all__ = ["projection_fisher", "prefix_costs"]
+
+# Tokens per forward/backward step: bounds the activations kept for the backward pass.
+TOKENS_PER_STEP = 2048
+
+
+def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
+                      progress: bool = True, input_moments: bool = False):
+    """Per decoder layer, ``{name: F (d_p, d_p) float64}`` for the projections in ``names`` ("q", "k", "v").
+
+    With ``input_moments``, returns ``(fisher, moments)`` where ``moments[l]`` is the augmented
+    second moment ``E[x̃ x̃ᵀ] (d+1, d+1)`` of layer l's attention input, from the same dense pass.
+
+    ``model`` must be a ``*ForCausalLM`` (it needs the LM loss); ``batches`` are ``(input_ids, mask)``
+    pairs, run ``TOKENS_PER_STEP`` tokens at a time. One forward and backward per step with the model's own weights frozen (no weight
+    gradients are computed: zero tensors added to the hooked outputs are the only leaves that
+    require grad), and leaves the model's parameters and ``requires_grad`` flags as they were.
+    """
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        raise ValueError("Fisher-based allocation needs the language-model loss: pass a *ForCausalLM, "
+                         "or use allocation='greedy' for a bare *Model")
+    layers = arch.decoder_layers(model)
+    index = {"q": 0, "k": 1, "v": 2}
+    sums = [{n: None for n in names} for _ in layers]
+    moment_sums = [None] * len(layers)
+    current = {}
+    handles = []
+
+    def moment_hook(layer_idx: int):
+        def hook(module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach()
+            m = augmented_moment(x, current["mask"].reshape(x.shape[:-1]))
+            moment_sums[layer_idx] = m if moment_sums[layer_idx] is None else moment_sums[layer_idx] + m
+        return hook
+
+    def make_hook(layer_idx: int, name: str):
+        def hook(module, args, output):
+            # y + 0 with a zero leaf that requires grad: the graph after y is recorded (nothing else
+            # requires grad), the paths through later layers' projections stay intact, and y's
+            # gradient is the total derivative of the loss.
+            tracked = output + torch.zeros_like(output, requires_grad=True)
+
+            def accumulate(grad):
+                g = grad.reshape(-1, grad.shape[-1])[current["mask"]].double()
+                gg = g.T @ g
+                prev = sums[layer_idx][name]
+                sums[layer_idx][name] = gg if prev is None else prev + gg
+            tracked.register_hook(accumulate)
+            return tracked
+        return hook
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        for li, layer in enumerate(layers):
+            projections = arch.projections(arch.attention_of(layer))
+            for name in names:
+                handles.append(projections[index[name]].register_forward_hook(make_hook(li, name)))
+            if input_moments:
+                handles.append(arch.attention_of(layer).register_forward_pre_hook(moment_hook(li), with_kwargs=True))
+        steps = []
+        for ids, mask in batches:
+            rows = max(1, TOKENS_PER_STEP // ids.shape[1])
+            steps += list(zip(ids.split(rows), mask.split(rows)))
+        count = 0
+        with torch.enable_grad():
+            for ids, mask in tqdm(steps, desc="tmps: loss sensitivity", disable=not progress, leave=False):
+                current["mask"] = mask.reshape(-1).bool()
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                # Summed next-token loss over real tokens: gradients per token are O(1).
+                targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                   ignore_index=-100, reduction="sum")
+                loss.backward()
+                count += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    fisher = [{n: s[n] / max(count, 1) for n in names} for s in sums]
+    if input_moments:
+        return fisher, [m / max(count, 1) for m in moment_sums]
+    return fisher
+
+
+def prefix_costs(evals: torch.Tensor, up: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """Loss cost of each basis direction: ``c_i = λ_i · u_iᵀ F u_i``, shape ``(r,)``.
+
+    For a basis with ``P C Pᵀ = diag(λ)`` (as :meth:`LayerSolver.kv_basis` returns) and up-projection
+    columns ``u_i``, dropping the directions ``i > r`` costs ``tr(F E C Eᵀ) = Σ_{i>r} c_i`` with
+    ``E = Σ_{i>r} u_i p_iᵀ``: the cross terms vanish because ``p_iᵀ C p_j = 0`` for ``i ≠ j``.
+    """
+    return evals * torch.einsum("ji,jk,ki->i", up, fisher, up)
