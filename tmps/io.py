@@ -56,6 +56,7 @@ def save(model, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    backup = None
     try:
         save_model(model, str(tmp / TENSORS))
         (tmp / CONFIG).write_text(model.config.to_json_string())
@@ -78,6 +79,11 @@ def save(model, path) -> Path:
         else:
             os.replace(tmp, path)
     except BaseException:
+        # A failure between the two renames must not leave the previous model in the hidden backup.
+        if backup is not None and (backup / "old").exists() and not path.exists():
+            os.replace(backup / "old", path)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path

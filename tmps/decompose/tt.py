@@ -61,19 +61,25 @@ def tt_to_tensor(tt: TTTensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return result.reshape(shape)
 
 
-def energy_rank(singular_values: torch.Tensor, eps: float) -> int:
-    """Fewest leading singular values whose squared sum reaches ``eps`` of the total energy.
+# Energy share below which the tail counts as rounding noise: eps = 1.0 keeps every value whose
+# share of the energy is above it (σ_i above about 1e-6 ‖σ‖), not the float noise of an exactly rank-deficient
+# unfolding. It also shields the comparison from the rounding of the cumulative sum.
+ENERGY_SLACK = 1e-12
 
-    ``r = min{ r : Σ_{i≤r} σ_i² ≥ eps · Σ_i σ_i² }`` (at least 1). The discarded energy is then at
-    most ``(1 − eps) Σ σ_i²``.
+
+def energy_rank(singular_values: torch.Tensor, eps: float) -> int:
+    """Fewest leading singular values whose squared sum reaches ``eps − ENERGY_SLACK`` of the total energy.
+
+    ``r = min{ r : Σ_{i≤r} σ_i² ≥ (eps − ENERGY_SLACK) · Σ_i σ_i² }`` (at least 1). The discarded
+    energy is then at most ``(1 − eps + ENERGY_SLACK) Σ σ_i²``; at ``eps = 1.0`` values with an energy
+    share below ``ENERGY_SLACK`` (e.g. ``σ = 1e-7 σ_1``) are dropped too.
     """
     energy = singular_values.double().pow(2)
     total = energy.sum()
     if total <= 0:
         return 1
     cumulative = torch.cumsum(energy, 0) / total
-    # A tiny slack so that eps = 1.0 keeps every non-zero value despite rounding of the cumsum.
-    return max(1, int((cumulative < eps - 1e-12).sum().item()) + 1)
+    return max(1, int((cumulative < eps - ENERGY_SLACK).sum().item()) + 1)
 
 
 def _tt_rank(singular_values: torch.Tensor, eps: float | None, bound: int | None) -> int:
@@ -97,9 +103,10 @@ def tt_svd(
     eps : float in (0, 1], optional
         Energy kept at each unfolding (the prototype's ``mps_eps``; higher keeps more). At step k,
         with singular values ``σ`` of the current ``(r_{k-1} I_k) × (I_{k+1}…I_N)`` unfolding,
-        keep the fewest ``r_k`` with ``Σ_{i≤r_k} σ_i² ≥ eps Σ σ_i²``. Each step discards at most
-        ``(1 − eps)‖X‖²`` and the discarded parts are orthogonal, so
-        ``‖X − X̂‖_F / ‖X‖_F ≤ sqrt((N − 1)(1 − eps))``.
+        keep the fewest ``r_k`` with ``Σ_{i≤r_k} σ_i² ≥ eps Σ σ_i²`` (up to ``ENERGY_SLACK``, see
+        :func:`energy_rank`). Each step discards at most ``(1 − eps + ENERGY_SLACK)‖X‖²`` and the
+        discarded parts are orthogonal, so ``‖X − X̂‖_F / ‖X‖_F ≤ tt_error_bound(N, eps)``
+        ``= sqrt((N − 1)(1 − eps + ENERGY_SLACK))``: eps = 1.0 is exact to about 1e-6, not exactly.
     max_rank : int or sequence of N-1 ints, optional
         Upper bound on each internal rank ``r_1 … r_{N-1}`` (applied after ``eps``).
         With neither ``eps`` nor ``max_rank`` the decomposition is exact.
@@ -144,5 +151,5 @@ def tt_svd(
 
 
 def tt_error_bound(order: int, eps: float) -> float:
-    """The relative error bound ``sqrt((order − 1)(1 − eps))`` of :func:`tt_svd` with ``eps``."""
-    return math.sqrt((order - 1) * (1.0 - eps))
+    """The relative error bound ``sqrt((order − 1)(1 − eps + ENERGY_SLACK))`` of :func:`tt_svd` with ``eps``."""
+    return math.sqrt((order - 1) * (1.0 - eps + ENERGY_SLACK))

@@ -1,6 +1,7 @@
 """What the compressor needs to know about an architecture, and the registry from model type to it."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -53,7 +54,17 @@ class Architecture:
         return layer.self_attn
 
     def set_attention(self, layers: nn.ModuleList, index: int, attention: nn.Module) -> None:
-        layers[index].self_attn = attention
+        """Swap in a shallow copy of layer ``index`` whose ``self_attn`` is ``attention``.
+
+        The dense layer object is left untouched (its own children, parameters and buffers), so
+        putting it back into ``layers``, which is how :func:`tmps.compress` undoes a failed run,
+        restores the model exactly. The copy shares the layer's other children and its hooks.
+        """
+        layer = copy.copy(layers[index])
+        for table in ("_parameters", "_buffers", "_modules"):
+            layer.__dict__[table] = dict(layer.__dict__[table])
+        layer.self_attn = attention
+        layers[index] = layer
 
     def shape(self, attention: nn.Module) -> AttentionShape:
         cfg = attention.config
