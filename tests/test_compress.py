@@ -299,3 +299,48 @@ def test_calibration_on_wrong_device_is_explained():
     ids = calib().to("meta")
     with pytest.raises(ValueError, match="move it"):
         tmps.compress(model, ids, progress=False)
+
+
+# ---------------------------------------------------------------- Q factored in kv mode (q_ratio)
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_q_ratio_is_exact_when_queries_span_a_shared_subspace(arch):
+    """Every head's Q rows inside one s-dim subspace of head_dim: q_ratio = s / head_dim loses nothing."""
+    dense = MODELS[arch]()
+    for layer in (dense.model.layers if arch == "llama" else dense.model.decoder.layers):
+        attn = layer.self_attn
+        w = attn.q_proj.weight
+        hd = attn.head_dim
+        shared = torch.randn(hd, hd // 2)
+        with torch.no_grad():
+            w.copy_(torch.cat([shared @ torch.randn(hd // 2, w.shape[1]) for _ in range(w.shape[0] // hd)]) * 0.1)
+    model = compressed(dense, ratio=1.0, q_ratio=0.5)
+    assert all(layer["ranks"]["q"] == hd // 2 for layer in model.tmps_info["layers"])
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+
+
+def test_q_ratio_trades_query_error_for_parameters(tmp_path):
+    dense = llama()
+    calibration = calib()
+    kept, errors = [], []
+    ids = torch.randint(0, VOCAB, (2, 9))
+    for q_ratio in (1.0, 0.75, 0.25):
+        model = compressed(dense, ratio=1.0, q_ratio=q_ratio, calibration=calibration)
+        kept.append(tmps.summary(model.tmps_info)["qkv_parameters_kept"])
+        errors.append(rel(model(ids).logits, dense(ids).logits))
+        assert tmps.summary(model.tmps_info)["kv_cache_kept"] == 1.0
+    assert kept[0] > kept[1] > kept[2]
+    assert errors[0] < 1e-4 < errors[1] < errors[2]
+    tmps.save(model, tmp_path / "q")
+    assert torch.equal(tmps.load(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"q_ratio": 0.0}, "outside"),
+    ({"q_ratio": 1.5}, "outside"),
+    ({"q_ratio": 0.5, "mode": "weights"}, "kv mode"),
+    ({"q_ratio": 0.5, "method": "svd"}, "kv mode"),
+])
+def test_q_ratio_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        compressed(llama(), **kw)

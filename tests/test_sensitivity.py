@@ -176,3 +176,14 @@ def test_fisher_allocation_in_weights_mode_spends_the_parameter_budget():
     model = tmps.compress(copy.deepcopy(dense), calib, mode="weights", ratio=0.5, metric="fisher", progress=False)
     kept = tmps.summary(model.tmps_info)["qkv_parameters_kept"]
     assert 0.35 < kept <= 0.5 + 1e-9
+
+
+def test_non_finite_gradients_are_reported_and_the_model_left_alone(monkeypatch):
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: original(*a, **k) * float("nan"))
+    with pytest.raises(FloatingPointError, match="metric='analytic'"):
+        tmps.compress(model, torch.randint(0, VOCAB, (2, 8)), metric="fisher", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(model, "tmps_info") or model.tmps_info is None

@@ -309,7 +309,7 @@ def _config_from_args(args):
 
     return CompressionConfig(mode=args.mode, method=args.method, ratio=args.ratio, mps_eps=args.mps_eps,
                              hooi_ranks=args.hooi_ranks, error_budget=args.error_budget,
-                             allocation=args.allocation, metric=args.metric)
+                             allocation=args.allocation, metric=args.metric, q_ratio=args.q_ratio)
 
 
 def _calibration(args, model, tokenizer, seq_len: int, tokens: int):
@@ -346,7 +346,8 @@ def cmd_compress(args) -> int:
     t0 = time.perf_counter()
     tmps.compress(model, calibration, mode=config.mode, method=config.method, ratio=config.ratio,
                   mps_eps=config.mps_eps, hooi_ranks=config.hooi_ranks, error_budget=config.error_budget,
-                  allocation=config.allocation, metric=config.metric, batch_size=args.batch_size, calibration_samples=n,
+                  allocation=config.allocation, metric=config.metric, q_ratio=config.q_ratio,
+                  batch_size=args.batch_size, calibration_samples=n,
                   calibration_seq_len=args.calib_seq_len, seed=args.seed, progress=_progress(args))
     seconds = time.perf_counter() - t0
     print(tmps.report(model))
@@ -847,6 +848,9 @@ def _rank_rule(parser) -> None:
                         help="energy kept, in (0, 1]: ranks per layer by the TT-SVD rule (instead of --ratio)")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="greedy",
                         help="greedy spends --ratio where the calibration error drops most; uniform cuts every layer alike")
+    parser.add_argument("--q-ratio", type=_fraction, default=1.0, metavar="R",
+                        help="kv mode: fraction of Q's head_dim kept (Q as per-head cores and a shared output factor; "
+                             "fewer Q/K/V parameters, KV cache unaffected); 1.0 keeps Q dense")
     parser.add_argument("--metric", choices=METRICS, default="auto",
                         help="what the decompositions minimise: fisher = the LM loss (empirical Fisher of the Q/K/V outputs, "
                              "one extra forward/backward pass); analytic = attention's view computed from the weights; "

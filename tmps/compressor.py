@@ -50,7 +50,7 @@ def _check_weights(model: nn.Module) -> None:
 def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
              ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
              error_budget: float | None = None, allocation: str = "greedy", metric: str = "auto",
-             k_share: float = 0.35, fisher_tokens: int = 8192,
+             q_ratio: float = 1.0, k_share: float = 0.35, fisher_tokens: int = 8192,
              batch_size: int = 8,
              calibration_samples: int = 16, calibration_seq_len: int = 128, seed: int = 0,
              progress: bool = True, damping: float = 1e-6) -> nn.Module:
@@ -61,7 +61,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     model : OPT or Llama-family ``*ForCausalLM`` / ``*Model``.
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
-    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, k_share : see
+    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, q_ratio, k_share : see
         :class:`CompressionConfig` (``metric="auto"`` is resolved here and recorded in ``tmps_info``).
     fisher_tokens : with ``metric="fisher"``, the calibration tokens (the first ones) of the
         forward/backward pass that measures the loss sensitivity; the decompositions themselves
@@ -73,7 +73,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     :func:`tmps.report`).
     """
     config = CompressionConfig(mode=mode, method=method, ratio=ratio, mps_eps=mps_eps, hooi_ranks=hooi_ranks,
-                               error_budget=error_budget, allocation=allocation, metric=metric, k_share=k_share,
+                               error_budget=error_budget, allocation=allocation, metric=metric, q_ratio=q_ratio, k_share=k_share,
                                damping=damping)
     arch = architecture_of(model)
     if is_compressed(model):
@@ -314,7 +314,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     # they come from one forward/backward pass over the first ``fisher_tokens`` calibration tokens.
     fisher = None
     if config.metric == "fisher":
-        names = ("k", "v") if config.mode == "kv" else ("q", "k", "v")
+        names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
         fisher, moments = projection_fisher(model, arch, _first_tokens(batches, fisher_tokens), names, progress,
                                             input_moments=True)
     else:
@@ -387,7 +387,8 @@ def _run_and_measure(arch, layer, compressed, dense_attention, hidden, inputs, m
 def build_compressed_attention(arch, dense_attention, solver: LayerSolver, plan: dict, config, rotary, dtype):
     """The compressed attention for one block, its factors cast to the model's dtype and device."""
     if config.mode == "kv":
-        qkv, k_up, v_up = solver.build_kv(plan)
+        q_rank = max(1, round(config.q_ratio * solver.shape.head_dim))
+        qkv, k_up, v_up = solver.build_kv(plan, q_rank)
     else:
         qkv = solver.build_weights(plan.get("r_in"), plan.get("r_head"), plan.get("r_out"), plan.get("mps_eps"),
                                    plan.get("svd_ranks"))
@@ -420,6 +421,8 @@ def layer_info(attention, shape: AttentionShape, error: float, plan: dict) -> di
     if attention.mode == "kv":
         kv_kept = (attention.k_up.shape[1] + attention.v_up.shape[1]) / (2 * shape.kv_width)
         ranks = {"k": attention.k_up.shape[1], "v": attention.v_up.shape[1]}
+        if qkv.group(0)[1] is not None:
+            ranks["q"] = qkv.group(0)[0].shape[1]
     else:
         kv_kept = 1.0
         ranks = {"r_in": qkv.in_factor.shape[1]} if qkv.in_factor is not None else \

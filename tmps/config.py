@@ -36,6 +36,9 @@ class CompressionConfig:
         (K weighted by its queries, V by ``o_proj``, normalised per layer). "auto" (default): "fisher"
         for the tucker-mps / tucker / mps methods on a ``*ForCausalLM``, else "analytic". The
         baselines svd and eigen always use their own published rules.
+    q_ratio : kv mode, fraction of Q's head_dim kept (tucker family only): below 1, Q is held as
+        per-head cores and one output factor shared by the heads (fewer Q parameters and FLOPs;
+        the KV cache is unaffected). Default 1.0: Q stays dense.
     k_share : kv mode, share of the KV budget given to K (the rest to V, at most its full width).
         K tolerates compression far better than V: on SmolLM2-135M at half the cache (16×512
         calibration, 4×1024 evaluation tokens) an energy-greedy split over K and V together gave
@@ -50,6 +53,7 @@ class CompressionConfig:
     error_budget: float | None = None
     allocation: str = "greedy"
     metric: str = "auto"
+    q_ratio: float = 1.0
     k_share: float = 0.35
     damping: float = 1e-6
 
@@ -84,6 +88,12 @@ class CompressionConfig:
                     f"hooi_ranks={self.hooi_ranks!r}: {self.mode} mode needs {' or '.join(map(str, allowed))} "
                     "positive integers (weights: [r_in, r_head, r_out]; kv: [r_k, r_v])")
             self.hooi_ranks = ranks
+        if isinstance(self.q_ratio, bool) or not isinstance(self.q_ratio, (int, float)) \
+                or not 0.0 < float(self.q_ratio) <= 1.0:
+            raise ValueError(f"q_ratio={self.q_ratio!r} is outside (0, 1]; it is the fraction of Q's head_dim kept")
+        if self.q_ratio < 1.0 and (self.mode != "kv" or self.method not in FISHER_METHODS):
+            raise ValueError(f"q_ratio={self.q_ratio} compresses Q in kv mode for the methods {list(FISHER_METHODS)}; "
+                             "in weights mode Q is compressed by ratio already, and the baselines keep a dense Q")
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r} is not supported; use one of {list(METRICS)}")
         if self.metric == "fisher" and self.method not in FISHER_METHODS:

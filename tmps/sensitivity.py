@@ -105,6 +105,12 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
             p.requires_grad_(flag)
         model.train(was_training)
     fisher = [{n: s[n] / max(count, 1) for n in names} for s in sums]
+    for li, per_layer in enumerate(fisher):
+        for name, f in per_layer.items():
+            if not torch.isfinite(f).all():
+                raise FloatingPointError(
+                    f"layer {li}: the loss gradient of {name}_proj has NaN/Inf entries (overflow in a half-precision "
+                    "backward?); compress in float32, or use metric='analytic'")
     if input_moments:
         return fisher, [m / max(count, 1) for m in moment_sums]
     return fisher

@@ -146,9 +146,11 @@ class LayerSolver:
             return {n: [e for e, _ in self.head_bases(n)] for n in ("k", "v")}
         return {n: [self.kv_basis(n)[0]] for n in ("k", "v")}
 
-    def build_kv(self, ranks: dict[str, list[int]]) -> tuple[FactoredProjection, torch.Tensor, torch.Tensor]:
-        """Factored projection (q full, k/v latents) and the up-projections ``k_up (d_kv, r_k)``, ``v_up``."""
-        s = self.shape
+    def build_kv(self, ranks: dict[str, list[int]], q_rank: int | None = None
+                 ) -> tuple[FactoredProjection, torch.Tensor, torch.Tensor]:
+        """Factored projection (q, k/v latents) and the up-projections ``k_up (d_kv, r_k)``, ``v_up``.
+
+        Q is dense unless ``q_rank < head_dim`` (see :meth:`query_factors`)."""
         ups, latents = {}, {}
         for name in ("k", "v"):
             if self.method == "eigen":
@@ -164,10 +166,38 @@ class LayerSolver:
             w = self.w.augmented(name)
             latents[name] = down @ w  # (r, d+1): weight and bias of the latent projection
             ups[name] = up
-        q_core = self.w.wq.reshape(s.num_heads, s.head_dim, -1)
+        q_core, q_out = self.query_factors(q_rank)
         cores = [q_core, latents["k"][None, :, :-1], latents["v"][None, :, :-1]]
         biases = [self.w.bq, latents["k"][:, -1], latents["v"][:, -1]] if self.w.has_bias else [None] * 3
-        return FactoredProjection(None, cores, [None] * 3, biases), ups["k"], ups["v"]
+        return FactoredProjection(None, cores, [q_out, None, None], biases), ups["k"], ups["v"]
+
+    def query_factors(self, rank: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Q in kv mode: per-head cores ``(H, s, d)`` and a shared output factor ``A (head_dim, s)``.
+
+        ``q_h ≈ A G_h x + b_h`` truncates Q's head_dim mode to ``s = rank`` (a Tucker factor shared by
+        all heads), so that kv mode can hold fewer parameters than a dense Q. The basis minimises
+        ``Σ_h E‖S(W_h x − A G_h x)‖²`` for one metric ``S² = M̄`` shared by the heads (their mean
+        Fisher block, or with the analytic metric their mean key second moment, RoPE-averaged):
+        eigenvectors ``V`` of ``S (Σ_h W_h C W_hᵀ) S``, ``A = S⁻¹ V_s``, ``G_h = V_sᵀ S W_h``.
+        ``rank`` None or ``head_dim`` keeps Q dense: ``(H, head_dim, d)`` and no output factor.
+        """
+        s, hd, d = self.shape, self.shape.head_dim, self.shape.hidden_size
+        w = self.w.wq.reshape(s.num_heads, hd, d)
+        if rank is None or rank >= hd:
+            return w, None
+        if self.fisher is not None and "q" in self.fisher:
+            fq = self.fisher["q"]
+            blocks = [fq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] for h in range(s.num_heads)]
+        else:
+            ck = self._rope_average(self.output_moment("k")) if self.uses_rope else self.output_moment("k")
+            blocks = [ck[(h // s.group_size) * hd:(h // s.group_size + 1) * hd,
+                         (h // s.group_size) * hd:(h // s.group_size + 1) * hd] for h in range(s.num_heads)]
+        root, inv_root = psd_sqrt(sum(blocks) / len(blocks), self.damping)
+        c = self.c[:d, :d]
+        moment = sum(root @ w[h] @ c @ w[h].T @ root for h in range(s.num_heads))
+        _, evecs = torch.linalg.eigh((moment + moment.T) / 2)
+        basis = evecs.flip(1)[:, :rank]                       # (hd, s)
+        return torch.einsum("os,op,hpd->hsd", basis, root, w), inv_root @ basis
 
     # ------------------------------------------------------------------ weights mode
     def head_output_metrics(self) -> list[torch.Tensor]:
