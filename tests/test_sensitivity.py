@@ -187,3 +187,13 @@ def test_non_finite_gradients_are_reported_and_the_model_left_alone(monkeypatch)
         tmps.compress(model, torch.randint(0, VOCAB, (2, 8)), metric="fisher", progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not hasattr(model, "tmps_info") or model.tmps_info is None
+
+
+def test_fisher_blend_keeps_the_fishers_weighted_energy():
+    from tmps.solvers import ANALYTIC_WEIGHT, fisher_blend
+    gen = torch.Generator().manual_seed(2)
+    f, m, c = (a @ a.T for a in torch.randn(3, 6, 6, generator=gen, dtype=torch.float64))
+    blend = fisher_blend(f, 100.0 * m, c)
+    assert torch.isclose(torch.trace(blend @ c), torch.trace(f @ c))
+    expected = (1 - ANALYTIC_WEIGHT) * f + ANALYTIC_WEIGHT * m * torch.trace(f @ c) / torch.trace(m @ c)
+    assert torch.allclose(blend, expected)

@@ -11,7 +11,8 @@ kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P
     attention output sees. Solution: eigenvectors ``V`` of ``S E[kkᵀ] S``; ``P = Vᵀ S``, ``U = S⁻¹ V``.
     With ``metric="fisher"`` the weighting is instead the empirical Fisher of the projection's
     outputs (``M = E[g gᵀ]``, ``g = ∂loss/∂k``; :mod:`tmps.sensitivity`): the loss itself, through
-    the softmax, the attention pattern and every later layer, and in units comparable across layers.
+    the softmax, the attention pattern and every later layer, and in units comparable across layers;
+    half of it is the analytic metric scaled to the same energy (:func:`fisher_blend`).
   * svd: the same with ``S = I`` (per-projection output PCA = activation-aware SVD, Palu-like).
   * eigen (EigenAttention): one basis per head; K's from the K and Q activations of its group.
 weights mode: the whitened stacked weights ``T = [W_q; W_k; W_v] L`` (``L Lᵀ = E[xxᵀ]``) as a
@@ -64,6 +65,23 @@ def psd_sqrt(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tenso
     return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
 
 
+# Weight of the analytic metric in the kv-mode Fisher blend (see :func:`fisher_blend`).
+ANALYTIC_WEIGHT = 0.5
+
+
+def fisher_blend(fisher: torch.Tensor, analytic: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """``(1 − a) F + a · M (tr(F C) / tr(M C))``: the Fisher, regularised by the analytic metric.
+
+    The empirical Fisher comes from a few thousand tokens, a handful of which carry most of the
+    gradient: its small directions are noisy, and a basis that trusts them drops directions the
+    loss does need once the budget reaches them. Mixing in the analytic metric ``M`` scaled to the
+    same weighted energy (``C = E[y yᵀ]``) keeps the result in the Fisher's loss units. On
+    SmolLM2-135M, kv mode: ×1.056 → ×1.030 of dense perplexity at ratio 0.75, ×1.203 → ×1.202 at 0.5.
+    """
+    scale = torch.trace(fisher @ moment) / torch.trace(analytic @ moment).clamp_min(1e-300)
+    return (1 - ANALYTIC_WEIGHT) * fisher + ANALYTIC_WEIGHT * scale * analytic
+
+
 class LayerSolver:
     """Everything one attention block needs: its spectra (for rank allocation) and its factors."""
 
@@ -112,10 +130,9 @@ class LayerSolver:
                 evals, evecs = evals.flip(0), evecs.flip(1)
                 self._cache[key] = (evals.clamp_min(0), evecs.T, evecs)
             else:
+                metric = self._query_metric() if name == "k" else self._output_metric()
                 if self.fisher is not None:
-                    metric = self.fisher[name]
-                else:
-                    metric = self._query_metric() if name == "k" else self._output_metric()
+                    metric = fisher_blend(self.fisher[name], metric, moment)
                 root, inv_root = psd_sqrt(metric, self.damping)
                 evals, evecs = torch.linalg.eigh(root @ moment @ root)
                 evals, evecs = evals.flip(0), evecs.flip(1)
