@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--eval", default="32x1024", help="evaluation windows x tokens")
     p.add_argument("--out", default="results/quality")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--q-ratio", type=float, default=1.0,
+                   help="kv mode, tucker family: fraction of Q's head_dim kept (tmps.compress's q_ratio)")
     p.add_argument("--metric", default="auto", choices=["auto", "fisher", "analytic"],
                    help="tmps.compress's metric (auto: fisher for the tucker family, the baselines' own rules)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -67,14 +69,16 @@ def main(argv=None):
             for ratio in args.ratios:
                 candidate = copy.deepcopy(model)
                 start = time.time()
+                q_ratio = args.q_ratio if mode == "kv" and method in FISHER_METHODS else 1.0
                 tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, metric=args.metric,
-                              progress=False)
+                              q_ratio=q_ratio, progress=False)
                 seconds = time.time() - start
                 ppl = perplexity(candidate, evaluation, progress=False)
                 s = tmps.summary(candidate.tmps_info)
                 metric = candidate.tmps_info["config"]["metric"]
                 # The tucker family's analytic-metric ablation gets its own line in the table and plot.
                 label = f"{method}/analytic" if metric == "analytic" and method in FISHER_METHODS else method
+                label += f" q{q_ratio:g}" if q_ratio < 1.0 else ""
                 row = {"mode": mode, "method": label, "metric": metric,
                        "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
                        "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],
