@@ -29,8 +29,15 @@ from .calibration import (
 )
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
-from .sensitivity import prefix_costs, projection_fisher
-from .solvers import DenseAttentionWeights, LayerSolver, allocate_by_cost, allocate_by_threshold, ranks_by_energy
+from .sensitivity import projection_fisher
+from .solvers import (
+    DenseAttentionWeights,
+    LayerSolver,
+    LayerSummary,
+    allocate_by_cost,
+    allocate_by_threshold,
+    ranks_by_energy,
+)
 
 __all__ = ["compress", "is_compressed"]
 
@@ -157,13 +164,14 @@ def _solver(arch, attention, config, moment, fisher=None) -> LayerSolver:
                        fisher)
 
 
-def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver], fisher: list[dict] | None = None) -> list[dict]:
+def _plan_ranks(config: CompressionConfig, solvers: list[LayerSummary]) -> list[dict]:
     """Per-layer ranks from the rank rule; kv: {'k': [...], 'v': [...]}, weights: {'r_in', ...}."""
     plans = []
+    fisher = solvers[0].kv_gains is not None or solvers[0].input_costs is not None
     if config.mode == "kv":
-        if fisher is not None and config.ratio is not None and config.allocation == "greedy":
-            return _plan_kv_fisher(config, solvers, fisher)
-        spectra = [s.kv_spectra() for s in solvers]
+        if fisher and config.ratio is not None and config.allocation == "greedy":
+            return _plan_kv_fisher(config, solvers)
+        spectra = [s.kv_spectra for s in solvers]
         if config.ratio is not None and config.method == "eigen" and config.allocation == "greedy":
             # EigenAttention: one energy threshold for every head of every layer, fitted to the budget.
             flat, index = [], []
@@ -199,7 +207,7 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver], fisher: l
     # weights mode
     if config.method == "svd":
         for s in solvers:
-            sp = s.projection_spectra()
+            sp = s.projection_spectra
             d = s.shape.hidden_size
             if config.ratio is not None:  # SVD-LLM's uniform rule: rank r costs r (d + out) numbers
                 ranks = [max(1, math.floor(config.ratio * d * out / (out + d)))
@@ -213,15 +221,15 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver], fisher: l
         return plans
 
     heads_out = [s.shape.q_width + 2 * s.shape.kv_width for s in solvers]
-    spectra = [s.weight_spectrum() for s in solvers]
+    spectra = [s.weight_spectrum for s in solvers]
     if config.hooi_ranks is not None:
         r = list(config.hooi_ranks)
         for s in solvers:
-            t, _ = s.whitened_tensor()
-            dims = t.shape if len(r) == 3 else (t.shape[0], t.shape[2])
+            shape = s.tensor_shape
+            dims = shape if len(r) == 3 else (shape[0], shape[2])
             for value, dim in zip(r if len(r) > 1 else r[:1], dims):
                 if value > dim:
-                    raise ValueError(f"hooi_ranks={r} exceeds the tensor dims {tuple(t.shape)} (input, heads, head_dim)")
+                    raise ValueError(f"hooi_ranks={r} exceeds the tensor dims {shape} (input, heads, head_dim)")
         for _ in solvers:
             plan = {"r_in": r[0], "mps_eps": config.mps_eps}
             if len(r) == 2:
@@ -233,8 +241,8 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSolver], fisher: l
     if config.ratio is not None:
         costs = [s.shape.hidden_size + out for s, out in zip(solvers, heads_out)]
         dense = [s.shape.hidden_size * out for s, out in zip(solvers, heads_out)]
-        if fisher is not None and config.allocation == "greedy":
-            gains = [s.input_direction_costs(f) for s, f in zip(solvers, fisher)]
+        if fisher and config.allocation == "greedy":
+            gains = [s.input_costs for s in solvers]
             r_in = allocate_by_cost(gains, config.ratio * sum(dense), costs)
         elif config.allocation == "greedy":
             r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense))
@@ -260,18 +268,17 @@ def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]
     return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks["k"], ranks["v"])]
 
 
-def _plan_kv_fisher(config: CompressionConfig, solvers: list[LayerSolver], fisher: list[dict]) -> list[dict]:
+def _plan_kv_fisher(config: CompressionConfig, solvers: list[LayerSummary]) -> list[dict]:
     """Keep the K/V directions of all layers that cost the most loss (:func:`prefix_costs`) within the budget.
 
     With Fisher-weighted bases each cost is the basis' own eigenvalue (``u_iᵀ F u_i = 1``); the
     general formula also serves any other basis.
     """
     gains, widths = [], 0
-    for solver, f in zip(solvers, fisher):
+    for summary in solvers:
         for name in ("k", "v"):
-            evals, _, up = solver.kv_basis(name)
-            gains.append(prefix_costs(evals, up, f[name]))
-            widths += evals.numel()
+            gains.append(summary.kv_gains[name])
+            widths += summary.kv_gains[name].numel()
     ranks = allocate_by_cost(gains, config.ratio * widths)
     return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks[0::2], ranks[1::2])]
 
@@ -319,10 +326,14 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
                                             input_moments=True)
     else:
         moments = _attention_moments(arch, layers, inputs, masks, progress, "tmps: calibration statistics")
-    solvers = [_solver(arch, arch.attention_of(layer), config, m, f)
-               for layer, m, f in zip(layers, moments, fisher or [None] * len(layers))]
-    plans = _plan_ranks(config, solvers, fisher)
-    del solvers
+    # One solver at a time: for OPT-1.3B each holds ~300 MB of float64 weights and bases.
+    summaries = []
+    for index, layer in enumerate(layers):
+        solver = _solver(arch, arch.attention_of(layer), config, moments[index], fisher[index] if fisher else None)
+        summaries.append(solver.summary())
+        moments[index] = None
+        del solver
+    plans = _plan_ranks(config, summaries)
 
     # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
     hidden = [h for h, _ in inputs]

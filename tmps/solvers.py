@@ -30,6 +30,7 @@ from .decompose import hooi, input_metric, tt_svd, tucker_mps_tensor
 from .decompose.tt import energy_rank
 from .models.base import AttentionShape
 from .projection import FactoredProjection
+from .sensitivity import prefix_costs
 
 
 @dataclass
@@ -82,6 +83,25 @@ def fisher_blend(fisher: torch.Tensor, analytic: torch.Tensor, moment: torch.Ten
     return (1 - ANALYTIC_WEIGHT) * fisher + ANALYTIC_WEIGHT * scale * analytic
 
 
+@dataclass
+class LayerSummary:
+    """What rank planning needs from one layer, small enough to keep for every layer at once.
+
+    ``kv_spectra``: K/V spectra (one per basis); ``kv_gains``: with the Fisher metric, the loss cost
+    of each K/V basis direction; ``weight_spectrum`` / ``input_costs`` / ``tensor_shape``: the shared
+    input factor's spectrum, its directions' loss costs and the (input, heads, head_dim) shape;
+    ``projection_spectra``: the svd baseline's per-projection spectra.
+    """
+
+    shape: AttentionShape
+    kv_spectra: dict | None = None
+    kv_gains: dict | None = None
+    weight_spectrum: torch.Tensor | None = None
+    input_costs: torch.Tensor | None = None
+    tensor_shape: tuple | None = None
+    projection_spectra: list | None = None
+
+
 class LayerSolver:
     """Everything one attention block needs: its spectra (for rank allocation) and its factors."""
 
@@ -93,6 +113,25 @@ class LayerSolver:
         self.c = second_moment
         self.uses_rope, self.damping = uses_rope, damping
         self._cache: dict = {}
+
+    def summary(self) -> LayerSummary:
+        """The planning data of this layer (see :class:`LayerSummary`); the solver can then be dropped."""
+        out = LayerSummary(self.shape)
+        if self.mode == "kv":
+            out.kv_spectra = self.kv_spectra()
+            if self.fisher is not None and self.method != "eigen":
+                out.kv_gains = {}
+                for name in ("k", "v"):
+                    evals, _, up = self.kv_basis(name)
+                    out.kv_gains[name] = prefix_costs(evals, up, self.fisher[name].double())
+        elif self.method == "svd":
+            out.projection_spectra = self.projection_spectra()
+        else:
+            out.weight_spectrum = self.weight_spectrum()
+            out.tensor_shape = tuple(self.whitened_tensor()[0].shape)
+            if self.fisher is not None:
+                out.input_costs = self.input_direction_costs(self.fisher)
+        return out
 
     # ------------------------------------------------------------------ kv mode
     def output_moment(self, name: str) -> torch.Tensor:
@@ -132,7 +171,7 @@ class LayerSolver:
             else:
                 metric = self._query_metric() if name == "k" else self._output_metric()
                 if self.fisher is not None:
-                    metric = fisher_blend(self.fisher[name], metric, moment)
+                    metric = fisher_blend(self.fisher[name].double(), metric, moment)
                 root, inv_root = psd_sqrt(metric, self.damping)
                 evals, evecs = torch.linalg.eigh(root @ moment @ root)
                 evals, evecs = evals.flip(0), evecs.flip(1)
@@ -203,7 +242,7 @@ class LayerSolver:
         if rank is None or rank >= hd:
             return w, None
         if self.fisher is not None and "q" in self.fisher:
-            fq = self.fisher["q"]
+            fq = self.fisher["q"].double()
             blocks = [fq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] for h in range(s.num_heads)]
         else:
             ck = self._rope_average(self.output_moment("k")) if self.uses_rope else self.output_moment("k")
@@ -246,7 +285,7 @@ class LayerSolver:
     def fisher_head_metrics(self) -> list[torch.Tensor]:
         """Per output head (q heads, then k, then v) the diagonal block of its projection's Fisher."""
         hd = self.shape.head_dim
-        return [self.fisher[n][h * hd:(h + 1) * hd, h * hd:(h + 1) * hd]
+        return [self.fisher[n][h * hd:(h + 1) * hd, h * hd:(h + 1) * hd].double()
                 for n in "qkv" for h in range(self.fisher[n].shape[0] // hd)]
 
     def _rope_average(self, m: torch.Tensor) -> torch.Tensor:
@@ -300,7 +339,7 @@ class LayerSolver:
         additive over directions, in loss units comparable across layers.
         """
         _, metric = self.whitened_tensor(output_weighted=False)
-        m = sum((w @ metric.sqrt).T @ fisher[name] @ (w @ metric.sqrt)
+        m = sum((w @ metric.sqrt).T @ fisher[name].double() @ (w @ metric.sqrt)
                 for name, w in (("q", self.w.wq), ("k", self.w.wk), ("v", self.w.wv)))
         _, vectors = self.weight_basis()
         return torch.einsum("ji,jk,ki->i", vectors, m, vectors)
