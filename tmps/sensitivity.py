@@ -22,9 +22,9 @@ from .calibration import augmented_moment
 
 __all__ = ["projection_fisher", "prefix_costs"]
 
-# Tokens per forward/backward step: bounds the activations kept for the backward pass (OPT-1.3B
-# shape, 1024 tokens in one step: 5 GB of activations over the 5.3 GB model; 512: a quarter of it).
-TOKENS_PER_STEP = 512
+# Tokens per forward/backward step (at least one sequence): bounds the activations kept for the
+# backward pass, which at OPT-1.3B's width are about 4 MB per token.
+TOKENS_PER_STEP = 256
 
 
 def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
