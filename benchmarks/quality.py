@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--eval", default="32x1024", help="evaluation windows x tokens")
     p.add_argument("--out", default="results/quality")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fisher-tokens", type=int, default=8192,
+                   help="tmps.compress's fisher_tokens: calibration tokens of the Fisher pass")
     p.add_argument("--q-ratio", type=float, default=1.0,
                    help="kv mode, tucker family: fraction of Q's head_dim kept (tmps.compress's q_ratio)")
     p.add_argument("--metric", default="auto", choices=["auto", "fisher", "analytic"],
@@ -71,7 +73,7 @@ def main(argv=None):
                 start = time.time()
                 q_ratio = args.q_ratio if mode == "kv" and method in FISHER_METHODS else 1.0
                 tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, metric=args.metric,
-                              q_ratio=q_ratio, progress=False)
+                              q_ratio=q_ratio, fisher_tokens=args.fisher_tokens, progress=False)
                 seconds = time.time() - start
                 ppl = perplexity(candidate, evaluation, progress=False)
                 s = tmps.summary(candidate.tmps_info)
@@ -79,6 +81,7 @@ def main(argv=None):
                 # The tucker family's analytic-metric ablation gets its own line in the table and plot.
                 label = f"{method}/analytic" if metric == "analytic" and method in FISHER_METHODS else method
                 label += f" q{q_ratio:g}" if q_ratio < 1.0 else ""
+                label += f" F{args.fisher_tokens}" if metric == "fisher" and args.fisher_tokens != 8192 else ""
                 row = {"mode": mode, "method": label, "metric": metric,
                        "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
                        "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],
