@@ -100,7 +100,7 @@ def merge(args) -> None:
     for path in args.merge:
         data = json.loads(Path(path).read_text())
         for row in data["rows"]:
-            key = (row["mode"], row["method"], row.get("metric"), row["ratio"])
+            key = ("dense",) if row["mode"] == "dense" else (row["mode"], row["method"], row.get("metric"), row["ratio"])
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
