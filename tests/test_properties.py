@@ -37,13 +37,7 @@ scales = st.sampled_from([1e-6, 1e-3, 1.0, 1e3, 1e6])
 energies = st.floats(min_value=0.5, max_value=1.0, exclude_min=True, allow_nan=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine OpenMP's spinning makes them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randn(shape, seed, dtype=torch.float64):

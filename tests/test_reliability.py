@@ -59,13 +59,7 @@ def compressed(model, calibration=None, **kw):
     return tmps.compress(copy.deepcopy(model), calib() if calibration is None else calibration, **kw)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine OpenMP's spinning makes them ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_tensors(a: dict, b: dict):

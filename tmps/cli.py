@@ -828,6 +828,11 @@ def _common(parser, *, dtype_help="parameter dtype (default: float32; a tmps fol
     _threads_option(parser)
 
 
+METRIC_HELP = ("what the decompositions minimise: fisher = the LM loss (empirical Fisher of the Q/K/V outputs, "
+               "one extra forward/backward pass); analytic = attention's view computed from the weights; "
+               "auto = fisher for tucker-mps/tucker/mps on a causal LM, else analytic")
+
+
 def _rank_rule(parser) -> None:
     from .config import ALLOCATIONS, METHODS, METRICS, MODES
 
@@ -852,9 +857,7 @@ def _rank_rule(parser) -> None:
                         help="kv mode: fraction of Q's head_dim kept (Q as per-head cores and a shared output factor; "
                              "fewer Q/K/V parameters, KV cache unaffected); 1.0 keeps Q dense")
     parser.add_argument("--metric", choices=METRICS, default="auto",
-                        help="what the decompositions minimise: fisher = the LM loss (empirical Fisher of the Q/K/V outputs, "
-                             "one extra forward/backward pass); analytic = attention's view computed from the weights; "
-                             "auto = fisher for tucker-mps/tucker/mps on a causal LM, else analytic")
+                        help=METRIC_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -939,9 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"any of {', '.join(METHODS)}")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), metavar="MODE", help="kv and/or weights")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="greedy", help="how --ratio is spread over layers")
-    p.add_argument("--metric", choices=METRICS, default="auto", help="what the decompositions minimise: fisher = the LM loss (empirical Fisher of the Q/K/V outputs, "
-                             "one extra forward/backward pass); analytic = attention's view computed from the weights; "
-                             "auto = fisher for tucker-mps/tucker/mps on a causal LM, else analytic")
+    p.add_argument("--metric", choices=METRICS, default="auto", help=METRIC_HELP)
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="plain-text files (evaluation, and calibration without --calib)")
     p.add_argument("--calib", nargs="+", default=None, metavar="FILE", help="separate calibration text files")
     p.add_argument("--calib-tokens", type=_positive_int, default=8192, metavar="N", help="calibration tokens")

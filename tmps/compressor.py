@@ -29,7 +29,7 @@ from .calibration import (
 )
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
-from .sensitivity import projection_fisher
+from .sensitivity import has_language_model_head, projection_fisher
 from .solvers import (
     DenseAttentionWeights,
     LayerSolver,
@@ -89,7 +89,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     _check_weights(model)
     if isinstance(fisher_tokens, bool) or not isinstance(fisher_tokens, int) or fisher_tokens < 1:
         raise ValueError(f"fisher_tokens={fisher_tokens!r} must be a positive number of tokens, e.g. 8192")
-    has_lm_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    has_lm_head = has_language_model_head(model)
     if config.metric == "auto":
         config.metric = "fisher" if has_lm_head and config.method in FISHER_METHODS else "analytic"
     if config.metric == "fisher" and not has_lm_head:
@@ -164,14 +164,14 @@ def _solver(arch, attention, config, moment, fisher=None) -> LayerSolver:
                        fisher)
 
 
-def _plan_ranks(config: CompressionConfig, solvers: list[LayerSummary]) -> list[dict]:
+def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
     """Per-layer ranks from the rank rule; kv: {'k': [...], 'v': [...]}, weights: {'r_in', ...}."""
     plans = []
-    fisher = solvers[0].kv_gains is not None or solvers[0].input_costs is not None
+    fisher = summaries[0].kv_gains is not None or summaries[0].input_costs is not None
     if config.mode == "kv":
         if fisher and config.ratio is not None and config.allocation == "greedy":
-            return _plan_kv_fisher(config, solvers)
-        spectra = [s.kv_spectra for s in solvers]
+            return _plan_kv_fisher(config, summaries)
+        spectra = [s.kv_spectra for s in summaries]
         if config.ratio is not None and config.method == "eigen" and config.allocation == "greedy":
             # EigenAttention: one energy threshold for every head of every layer, fitted to the budget.
             flat, index = [], []
@@ -206,7 +206,7 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSummary]) -> list[
 
     # weights mode
     if config.method == "svd":
-        for s in solvers:
+        for s in summaries:
             sp = s.projection_spectra
             d = s.shape.hidden_size
             if config.ratio is not None:  # SVD-LLM's uniform rule: rank r costs r (d + out) numbers
@@ -220,17 +220,17 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSummary]) -> list[
             plans.append({"svd_ranks": ranks})
         return plans
 
-    heads_out = [s.shape.q_width + 2 * s.shape.kv_width for s in solvers]
-    spectra = [s.weight_spectrum for s in solvers]
+    heads_out = [s.shape.q_width + 2 * s.shape.kv_width for s in summaries]
+    spectra = [s.weight_spectrum for s in summaries]
     if config.hooi_ranks is not None:
         r = list(config.hooi_ranks)
-        for s in solvers:
+        for s in summaries:
             shape = s.tensor_shape
             dims = shape if len(r) == 3 else (shape[0], shape[2])
             for value, dim in zip(r if len(r) > 1 else r[:1], dims):
                 if value > dim:
                     raise ValueError(f"hooi_ranks={r} exceeds the tensor dims {shape} (input, heads, head_dim)")
-        for _ in solvers:
+        for _ in summaries:
             plan = {"r_in": r[0], "mps_eps": config.mps_eps}
             if len(r) == 2:
                 plan["r_out"] = r[1]
@@ -239,10 +239,10 @@ def _plan_ranks(config: CompressionConfig, solvers: list[LayerSummary]) -> list[
             plans.append(plan)
         return plans
     if config.ratio is not None:
-        costs = [s.shape.hidden_size + out for s, out in zip(solvers, heads_out)]
-        dense = [s.shape.hidden_size * out for s, out in zip(solvers, heads_out)]
+        costs = [s.shape.hidden_size + out for s, out in zip(summaries, heads_out)]
+        dense = [s.shape.hidden_size * out for s, out in zip(summaries, heads_out)]
         if fisher and config.allocation == "greedy":
-            gains = [s.input_costs for s in solvers]
+            gains = [s.input_costs for s in summaries]
             r_in = allocate_by_cost(gains, config.ratio * sum(dense), costs)
         elif config.allocation == "greedy":
             r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense))
@@ -268,14 +268,14 @@ def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]
     return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks["k"], ranks["v"])]
 
 
-def _plan_kv_fisher(config: CompressionConfig, solvers: list[LayerSummary]) -> list[dict]:
+def _plan_kv_fisher(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
     """Keep the K/V directions of all layers that cost the most loss (:func:`prefix_costs`) within the budget.
 
     With Fisher-weighted bases each cost is the basis' own eigenvalue (``u_iᵀ F u_i = 1``); the
     general formula also serves any other basis.
     """
     gains, widths = [], 0
-    for summary in solvers:
+    for summary in summaries:
         for name in ("k", "v"):
             gains.append(summary.kv_gains[name])
             widths += summary.kv_gains[name].numel()

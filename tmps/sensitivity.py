@@ -20,11 +20,16 @@ from tqdm.auto import tqdm
 
 from .calibration import augmented_moment
 
-__all__ = ["projection_fisher", "prefix_costs"]
+__all__ = ["has_language_model_head", "projection_fisher", "prefix_costs"]
 
 # Tokens per forward/backward step (at least one sequence): bounds the activations kept for the
 # backward pass, which at OPT-1.3B's width are about 4 MB per token.
 TOKENS_PER_STEP = 256
+
+
+def has_language_model_head(model: nn.Module) -> bool:
+    """Whether ``model`` computes next-token logits (a ``*ForCausalLM``), which the Fisher pass needs."""
+    return getattr(model, "get_output_embeddings", lambda: None)() is not None
 
 
 def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
@@ -39,7 +44,7 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     gradients are computed: zero tensors added to the hooked outputs are the only leaves that
     require grad), and leaves the model's parameters and ``requires_grad`` flags as they were.
     """
-    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+    if not has_language_model_head(model):
         raise ValueError("Fisher-based allocation needs the language-model loss: pass a *ForCausalLM, "
                          "or use allocation='greedy' for a bare *Model")
     layers = arch.decoder_layers(model)

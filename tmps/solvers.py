@@ -58,6 +58,11 @@ class DenseAttentionWeights:
         return torch.cat([w, b[:, None]], dim=1)
 
 
+def head_block(m: torch.Tensor, i: int, size: int) -> torch.Tensor:
+    """The ``i``-th ``size × size`` diagonal block of ``m`` (one head's block of a projection-wide matrix)."""
+    return m[i * size:(i + 1) * size, i * size:(i + 1) * size]
+
+
 def psd_sqrt(m: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric square root of a PSD matrix and its inverse; eigenvalues floored at ``damping·mean``."""
     evals, evecs = torch.linalg.eigh((m + m.T) / 2)
@@ -143,7 +148,7 @@ class LayerSolver:
         cq = self.output_moment("q")
         blocks = []
         for j in range(s.num_kv_heads):
-            m = sum(cq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] for h in range(j * s.group_size, (j + 1) * s.group_size))
+            m = sum(head_block(cq, h, hd) for h in range(j * s.group_size, (j + 1) * s.group_size))
             if self.uses_rope:  # average over rotation angles: each (i, i+hd/2) pair becomes (tr/2)·I
                 diag = torch.diagonal(m)
                 pair = (diag[: hd // 2] + diag[hd // 2:]) / 2
@@ -187,9 +192,9 @@ class LayerSolver:
             cq = self.output_moment("q") if name == "k" else None
             bases = []
             for j in range(s.num_kv_heads):
-                m = moment[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd]
+                m = head_block(moment, j, hd)
                 if cq is not None:  # K shares its basis with the queries that attend to it
-                    m = m + sum(cq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd]
+                    m = m + sum(head_block(cq, h, hd)
                                 for h in range(j * s.group_size, (j + 1) * s.group_size))
                 evals, evecs = torch.linalg.eigh(m)
                 bases.append((evals.flip(0).clamp_min(0), evecs.flip(1)))
@@ -243,11 +248,10 @@ class LayerSolver:
             return w, None
         if self.fisher is not None and "q" in self.fisher:
             fq = self.fisher["q"].double()
-            blocks = [fq[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] for h in range(s.num_heads)]
+            blocks = [head_block(fq, h, hd) for h in range(s.num_heads)]
         else:
             ck = self._rope_average(self.output_moment("k")) if self.uses_rope else self.output_moment("k")
-            blocks = [ck[(h // s.group_size) * hd:(h // s.group_size + 1) * hd,
-                         (h // s.group_size) * hd:(h // s.group_size + 1) * hd] for h in range(s.num_heads)]
+            blocks = [head_block(ck, h // s.group_size, hd) for h in range(s.num_heads)]
         root, inv_root = psd_sqrt(sum(blocks) / len(blocks), self.damping)
         c = self.c[:d, :d]
         moment = sum(root @ w[h] @ c @ w[h].T @ root for h in range(s.num_heads))
@@ -268,12 +272,12 @@ class LayerSolver:
         ck = self.output_moment("k")
         if self.uses_rope:  # as for K in kv mode: average over rotation angles within each pair
             ck = self._rope_average(ck)
-        k_blocks = [ck[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd] for j in range(s.num_kv_heads)]
+        k_blocks = [head_block(ck, j, hd) for j in range(s.num_kv_heads)]
         q_metric, v_metric = self._query_metric(), self._output_metric()
         metrics = {
             "q": [k_blocks[h // s.group_size] for h in range(s.num_heads)],
-            "k": [q_metric[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd] for j in range(s.num_kv_heads)],
-            "v": [v_metric[j * hd:(j + 1) * hd, j * hd:(j + 1) * hd] for j in range(s.num_kv_heads)],
+            "k": [head_block(q_metric, j, hd) for j in range(s.num_kv_heads)],
+            "v": [head_block(v_metric, j, hd) for j in range(s.num_kv_heads)],
         }
         out = []
         for name in ("q", "k", "v"):
@@ -285,7 +289,7 @@ class LayerSolver:
     def fisher_head_metrics(self) -> list[torch.Tensor]:
         """Per output head (q heads, then k, then v) the diagonal block of its projection's Fisher."""
         hd = self.shape.head_dim
-        return [self.fisher[n][h * hd:(h + 1) * hd, h * hd:(h + 1) * hd].double()
+        return [head_block(self.fisher[n], h, hd).double()
                 for n in "qkv" for h in range(self.fisher[n].shape[0] // hd)]
 
     def _rope_average(self, m: torch.Tensor) -> torch.Tensor:
