@@ -115,14 +115,21 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     return model
 
 
-def _attention_moments(arch, layers, inputs, masks, progress: bool, desc: str):
-    """Dense pass: the augmented second moment of every attention input, layer by layer."""
-    moments = []
+def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: bool) -> list[LayerSummary]:
+    """Dense pass, one layer at a time: each layer's input moment, turned into its planning summary at once.
+
+    Only the current layer's moment and solver are alive (for OPT-1.3B a solver holds ~300 MB of
+    float64 weights and bases, a moment 34 MB): what planning keeps of a layer is its small
+    :class:`LayerSummary`.
+    """
     hidden = [h for h, _ in inputs]
-    for layer in tqdm(layers, desc=desc, disable=not progress, leave=False):
+    summaries = []
+    for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
         moment = _run_with_moment(arch, layer, hidden, inputs, masks)
-        moments.append(moment)
-    return moments
+        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None)
+        summaries.append(solver.summary())
+        del solver, moment
+    return summaries
 
 
 def _run_over_batches(layer, hidden, inputs, masks, module, hook, after: bool = False) -> None:
@@ -150,11 +157,14 @@ def _run_with_moment(arch, layer, hidden, inputs, masks):
 
     def hook(mask, args, kwargs):
         m = augmented_moment(args[0] if args else kwargs["hidden_states"], mask)
-        state["moment"] = m if state["moment"] is None else state["moment"] + m
+        if state["moment"] is None:
+            state["moment"] = m
+        else:  # in place: the allocator reuses the (d+1)² temporary instead of fragmenting
+            state["moment"] += m
         state["count"] += int(mask.sum())
 
     _run_over_batches(layer, hidden, inputs, masks, arch.attention_of(layer), hook)
-    return state["moment"] / max(state["count"], 1)
+    return state["moment"].div_(max(state["count"], 1))
 
 
 def _solver(arch, attention, config, moment, fisher=None) -> LayerSolver:
@@ -313,26 +323,22 @@ def _first_tokens(batches, max_tokens: int):
 
 
 def _compress_layers(model, arch, layers, batches, config, swapped, progress, fisher_tokens):
-    inputs = capture_first_layer_inputs(model, layers[0], batches)
-    masks = [mask for _, mask in batches]
     dtype = next(model.parameters()).dtype
 
-    # Pass 1: dense statistics for every layer, to plan ranks across layers. With the Fisher metric
-    # they come from one forward/backward pass over the first ``fisher_tokens`` calibration tokens.
+    # Pass 1: per-layer planning summaries from the dense model. With the Fisher metric, the loss
+    # sensitivity comes first from one forward/backward pass over the first ``fisher_tokens``
+    # calibration tokens, and the moments that go with it from the same tokens.
     fisher = None
     if config.metric == "fisher":
         names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
-        fisher, moments = projection_fisher(model, arch, _first_tokens(batches, fisher_tokens), names, progress,
-                                            input_moments=True)
-    else:
-        moments = _attention_moments(arch, layers, inputs, masks, progress, "tmps: calibration statistics")
-    # One solver at a time: for OPT-1.3B each holds ~300 MB of float64 weights and bases.
-    summaries = []
-    for index, layer in enumerate(layers):
-        solver = _solver(arch, arch.attention_of(layer), config, moments[index], fisher[index] if fisher else None)
-        summaries.append(solver.summary())
-        moments[index] = None
-        del solver
+        fisher_batches = _first_tokens(batches, fisher_tokens)
+        fisher = projection_fisher(model, arch, fisher_batches, names, progress)
+        summaries = _planning_summaries(arch, layers, capture_first_layer_inputs(model, layers[0], fisher_batches),
+                                        [mask for _, mask in fisher_batches], config, fisher, progress)
+    inputs = capture_first_layer_inputs(model, layers[0], batches)
+    masks = [mask for _, mask in batches]
+    if fisher is None:
+        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, progress)
     plans = _plan_ranks(config, summaries)
 
     # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
@@ -353,6 +359,9 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
             raise FloatingPointError(f"layer {index}: the compressed attention produced NaN/Inf on the calibration "
                                      "data; try a larger ratio or damping")
         info.append(layer_info(compressed, arch.shape(dense_attention), error, plans[index]))
+        del solver
+        if fisher:
+            fisher[index] = None  # this layer's Fisher has served: free it while later layers grow
     return info
 
 
@@ -369,11 +378,14 @@ def _moment_only(arch, layer, hidden, inputs, masks):
             run_layer(layer, hidden[i], kwargs)
         except _Captured as cap:
             m = augmented_moment(cap.x, masks[i])
-            total = m if total is None else total + m
+            if total is None:
+                total = m
+            else:
+                total += m
             count += int(masks[i].sum())
         finally:
             handle.remove()
-    return total / max(count, 1)
+    return total.div_(max(count, 1))
 
 
 class _Captured(Exception):

@@ -18,8 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import augmented_moment
-
 __all__ = ["has_language_model_head", "projection_fisher", "prefix_costs"]
 
 # Tokens per forward/backward step (at least one sequence): bounds the activations kept for the
@@ -33,16 +31,17 @@ def has_language_model_head(model: nn.Module) -> bool:
 
 
 def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
-                      progress: bool = True, input_moments: bool = False):
-    """Per decoder layer, ``{name: F (d_p, d_p) float64}`` for the projections in ``names`` ("q", "k", "v").
-
-    With ``input_moments``, returns ``(fisher, moments)`` where ``moments[l]`` is the augmented
-    second moment ``E[x̃ x̃ᵀ] (d+1, d+1)`` of layer l's attention input, from the same dense pass.
+                      progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Per decoder layer, ``{name: F (d_p, d_p) float32}`` for the projections in ``names`` ("q", "k", "v").
 
     ``model`` must be a ``*ForCausalLM`` (it needs the LM loss); ``batches`` are ``(input_ids, mask)``
     pairs, run ``TOKENS_PER_STEP`` tokens at a time. One forward and backward per step with the model's own weights frozen (no weight
     gradients are computed: zero tensors added to the hooked outputs are the only leaves that
     require grad), and leaves the model's parameters and ``requires_grad`` flags as they were.
+
+    Memory: the sums ``Σ g gᵀ`` are accumulated in place (float32, one ``d_p²`` buffer per
+    projection and layer) and each step's ``g gᵀ`` has the same size, so the allocator reuses it:
+    for OPT-1.3B in kv mode that is 24 × 2 × 16 MB, plus one step's activations.
     """
     if not has_language_model_head(model):
         raise ValueError("Fisher-based allocation needs the language-model loss: pass a *ForCausalLM, "
@@ -50,16 +49,8 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     layers = arch.decoder_layers(model)
     index = {"q": 0, "k": 1, "v": 2}
     sums = [{n: None for n in names} for _ in layers]
-    moment_sums = [None] * len(layers)
     current = {}
     handles = []
-
-    def moment_hook(layer_idx: int):
-        def hook(module, args, kwargs):
-            x = (args[0] if args else kwargs["hidden_states"]).detach()
-            m = augmented_moment(x, current["mask"].reshape(x.shape[:-1]))
-            moment_sums[layer_idx] = m if moment_sums[layer_idx] is None else moment_sums[layer_idx] + m
-        return hook
 
     def make_hook(layer_idx: int, name: str):
         def hook(module, args, output):
@@ -70,9 +61,10 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
 
             def accumulate(grad):
                 g = grad.reshape(-1, grad.shape[-1])[current["mask"]].float()
-                gg = g.T @ g
-                prev = sums[layer_idx][name]
-                sums[layer_idx][name] = gg if prev is None else prev + gg
+                if sums[layer_idx][name] is None:
+                    sums[layer_idx][name] = g.T @ g
+                else:
+                    sums[layer_idx][name] += g.T @ g
             tracked.register_hook(accumulate)
             return tracked
         return hook
@@ -87,8 +79,6 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
             projections = arch.projections(arch.attention_of(layer))
             for name in names:
                 handles.append(projections[index[name]].register_forward_hook(make_hook(li, name)))
-            if input_moments:
-                handles.append(arch.attention_of(layer).register_forward_pre_hook(moment_hook(li), with_kwargs=True))
         steps = []
         for ids, mask in batches:
             rows = max(1, TOKENS_PER_STEP // ids.shape[1])
@@ -102,6 +92,7 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
                 targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
                 loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                                    ignore_index=-100, reduction="sum")
+                del logits
                 loss.backward()
                 count += int(mask.sum())
     finally:
@@ -110,16 +101,15 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    # Kept as float32 (callers cast): for OPT-1.3B the 24 layers' 2048² matrices are 0.4 GB each way.
-    fisher = [{n: (s[n] / max(count, 1)).float() for n in names} for s in sums]
-    for li, per_layer in enumerate(fisher):
-        for name, f in per_layer.items():
-            if not torch.isfinite(f).all():
+    fisher = []
+    for li, per_layer in enumerate(sums):
+        for name, s in per_layer.items():
+            s /= max(count, 1)
+            if not torch.isfinite(s).all():
                 raise FloatingPointError(
                     f"layer {li}: the loss gradient of {name}_proj has NaN/Inf entries (overflow in a half-precision "
                     "backward?); compress in float32, or use metric='analytic'")
-    if input_moments:
-        return fisher, [m / max(count, 1) for m in moment_sums]
+        fisher.append(per_layer)
     return fisher
 
 
