@@ -406,3 +406,63 @@ def test_save_failing_at_the_final_rename_keeps_the_previous_folder(monkeypatch,
     assert listing(tmp_path) == ["model"]
     ids = torch.randint(0, VOCAB, (2, 9))
     assert torch.equal(tmps.load(path)(ids).logits, old(ids).logits)
+
+
+# ----------------------------------------------------------------------------- memory
+# What keeps compress's peak memory bounded (benchmarks/memory.py measures it on an OPT-1.3B shape):
+# planning holds one layer's input moment at a time, and each layer's Fisher is freed once that
+# layer is compressed. Counted with weak references, so that keeping them alive fails the tests.
+
+def _alive(refs):
+    return sum(r() is not None for r in refs)
+
+
+@pytest.mark.parametrize("metric", ["fisher", "analytic"])
+def test_planning_holds_one_layer_moment_at_a_time(monkeypatch, metric):
+    import weakref
+
+    import tmps.compressor as compressor
+
+    moments, alive_at_solver = [], []
+    run_with_moment, solver = compressor._run_with_moment, compressor._solver
+
+    def tracked_moment(*args):
+        m = run_with_moment(*args)
+        moments.append(weakref.ref(m))
+        return m
+
+    def counting_solver(*args):
+        alive_at_solver.append(_alive(moments))
+        return solver(*args)
+
+    monkeypatch.setattr(compressor, "_run_with_moment", tracked_moment)
+    monkeypatch.setattr(compressor, "_solver", counting_solver)
+    compressed(llama(layers=4), metric=metric)
+    assert len(moments) == 4  # one planning moment per layer
+    assert max(alive_at_solver) == 1
+
+
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, mode):
+    import weakref
+
+    import tmps.compressor as compressor
+
+    refs, alive_at_build = [], []
+    fisher_pass, build = compressor.projection_fisher, compressor.build_compressed_attention
+
+    def tracked_fisher(*args, **kwargs):
+        fisher = fisher_pass(*args, **kwargs)
+        refs.extend([weakref.ref(f) for f in per_layer.values()] for per_layer in fisher)
+        return fisher
+
+    def counting_build(*args, **kwargs):
+        alive_at_build.append([_alive(layer) for layer in refs])
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(compressor, "projection_fisher", tracked_fisher)
+    monkeypatch.setattr(compressor, "build_compressed_attention", counting_build)
+    compressed(llama(layers=4), mode=mode, metric="fisher")
+    per_layer = 2 if mode == "kv" else 3
+    for index, alive in enumerate(alive_at_build):  # at layer `index`, earlier layers' Fisher is gone
+        assert alive == [0] * index + [per_layer] * (4 - index)
