@@ -179,3 +179,36 @@ def test_fisher_blend_keeps_the_fishers_weighted_energy():
     assert torch.isclose(torch.trace(blend @ c), torch.trace(f @ c))
     expected = (1 - ANALYTIC_WEIGHT) * f + ANALYTIC_WEIGHT * m * torch.trace(f @ c) / torch.trace(m @ c)
     assert torch.allclose(blend, expected)
+
+
+def test_weights_mode_head_blend_keeps_each_projections_fisher_energy():
+    """Σ_h tr(B_h W_h C W_hᵀ) of the blended head metrics equals the Fisher's, projection by projection."""
+    from tmps.calibration import augmented_moment
+    from tmps.solvers import ANALYTIC_WEIGHT, DenseAttentionWeights, LayerSolver, head_block
+
+    model = llama()
+    arch = architecture_of(model)
+    attn = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 200, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
+    weights = DenseAttentionWeights.from_linears(*arch.projections(attn))
+
+    def psd(n):
+        a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        return (a @ a.T).float()
+    fisher = {"q": psd(48), "k": psd(16), "v": psd(16)}
+    solver = LayerSolver("tucker-mps", "weights", arch.shape(attn), weights, augmented_moment(x, torch.ones(1, 200)) / 200,
+                         True, fisher=fisher)
+    blended, analytic = solver.blended_head_metrics(), solver.head_output_metrics()
+    c, hd, start = solver.c[:-1, :-1], arch.shape(attn).head_dim, 0
+    for name in "qkv":
+        w = getattr(weights, "w" + name).reshape(-1, hd, 48)
+        f = [head_block(fisher[name].double(), h, hd) for h in range(w.shape[0])]
+        energy = lambda ms: sum(torch.trace(m @ w[h] @ c @ w[h].T) for h, m in enumerate(ms))
+        b = blended[start:start + w.shape[0]]
+        assert torch.isclose(energy(b), energy(f), rtol=1e-9)
+        # and it is the stated mix: (1 - a) F_h + a e_p M_h
+        expected = [(1 - ANALYTIC_WEIGHT) * fh + ANALYTIC_WEIGHT * energy(f) * mh
+                    for fh, mh in zip(f, analytic[start:start + w.shape[0]])]
+        assert all(torch.allclose(bh, eh) for bh, eh in zip(b, expected))
+        start += w.shape[0]
