@@ -120,24 +120,31 @@ def test_fisher_metric_refused_for_the_baselines(method):
         tmps.compress(llama(), torch.randint(0, VOCAB, (2, 8)), method=method, metric="fisher", progress=False)
 
 
-def test_input_direction_costs_equal_the_trace_formula():
-    """weights mode: dropping the trailing shared-input directions costs the sum of their costs."""
+def weights_solver_with_random_fisher(seed: int):
+    """Layer 0 of the tiny Llama as a weights-mode solver on correlated inputs, with random PSD Fishers."""
     from tmps.calibration import augmented_moment
     from tmps.solvers import DenseAttentionWeights, LayerSolver
 
     model = llama()
     arch = architecture_of(model)
     attn = model.model.layers[0].self_attn
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 200, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
     moment = augmented_moment(x, torch.ones(1, 200)) / 200
-    solver = LayerSolver("tucker-mps", "weights", arch.shape(attn),
-                         DenseAttentionWeights.from_linears(*arch.projections(attn)), moment, True)
 
     def psd(n):
         a = torch.randn(n, n, generator=gen, dtype=torch.float64)
         return a @ a.T
     fisher = {"q": psd(48), "k": psd(16), "v": psd(16)}
+    solver = LayerSolver("tucker-mps", "weights", arch.shape(attn),
+                         DenseAttentionWeights.from_linears(*arch.projections(attn)), moment, True, fisher=fisher)
+    return solver, fisher
+
+
+def test_input_direction_costs_equal_the_trace_formula():
+    """weights mode: dropping the trailing shared-input directions costs the sum of their costs."""
+    solver, fisher = weights_solver_with_random_fisher(1)
+    moment = solver.c
     costs = solver.input_direction_costs(fisher)
     _, vectors = solver.weight_basis()
     _, metric = solver.whitened_tensor(output_weighted=False)
@@ -183,24 +190,12 @@ def test_fisher_blend_keeps_the_fishers_weighted_energy():
 
 def test_weights_mode_head_blend_keeps_each_projections_fisher_energy():
     """Σ_h tr(B_h W_h C W_hᵀ) of the blended head metrics equals the Fisher's, projection by projection."""
-    from tmps.calibration import augmented_moment
-    from tmps.solvers import ANALYTIC_WEIGHT, DenseAttentionWeights, LayerSolver, head_block
+    from tmps.solvers import ANALYTIC_WEIGHT, head_block
 
-    model = llama()
-    arch = architecture_of(model)
-    attn = model.model.layers[0].self_attn
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 200, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
-    weights = DenseAttentionWeights.from_linears(*arch.projections(attn))
-
-    def psd(n):
-        a = torch.randn(n, n, generator=gen, dtype=torch.float64)
-        return (a @ a.T).float()
-    fisher = {"q": psd(48), "k": psd(16), "v": psd(16)}
-    solver = LayerSolver("tucker-mps", "weights", arch.shape(attn), weights, augmented_moment(x, torch.ones(1, 200)) / 200,
-                         True, fisher=fisher)
+    solver, fisher = weights_solver_with_random_fisher(3)
+    weights = solver.w
     blended, analytic = solver.blended_head_metrics(), solver.head_output_metrics()
-    c, hd, start = solver.c[:-1, :-1], arch.shape(attn).head_dim, 0
+    c, hd, start = solver.c[:-1, :-1], solver.shape.head_dim, 0
     for name in "qkv":
         w = getattr(weights, "w" + name).reshape(-1, hd, 48)
         f = [head_block(fisher[name].double(), h, hd) for h in range(w.shape[0])]
