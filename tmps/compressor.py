@@ -3,8 +3,10 @@
 Two passes over the calibration data, one decoder layer at a time, keeping only the current
 layer's hidden states and a ``(d+1)²`` second moment per layer (no stored activations beyond that):
 
-1. dense pass: second moments of every attention input; their spectra set the ranks of each layer
-   (a global ``ratio`` is spent where the calibration error drops most);
+1. dense pass, one layer at a time: each attention input's second moment becomes that layer's
+   planning summary at once (spectra, and with the Fisher metric the loss cost of each direction,
+   from a forward/backward pass over the first ``fisher_tokens`` tokens run before it); a global
+   ``ratio`` is then spent where the loss (or the calibration error) drops most;
 2. sequential pass: layer l is decomposed from the inputs that the *already compressed* layers
    0..l-1 produce, swapped in, and run to make layer l+1's inputs; the attention output error on
    the calibration data is measured on the way.
