@@ -1,7 +1,7 @@
 """``tmps.compress``: calibrated, sequential, transactional compression of every attention block.
 
 Two passes over the calibration data, one decoder layer at a time, keeping only the current
-layer's hidden states and a ``(d+1)²`` second moment per layer (no stored activations beyond that):
+layer's hidden states and one ``(d+1)²`` second moment at a time (no stored activations beyond that):
 
 1. dense pass, one layer at a time: each attention input's second moment becomes that layer's
    planning summary at once (spectra, and with the Fisher metric the loss cost of each direction,
