@@ -117,8 +117,12 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
-def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """``Σ x̃ x̃ᵀ`` over unmasked tokens, ``x̃ = [x; 1]``: ``(d+1, d+1)`` float64."""
+def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ x̃ x̃ᵀ`` over unmasked tokens, ``x̃ = [x; 1]``: ``(d+1, d+1)`` float64.
+
+    With ``out`` (a running sum from earlier batches), the sum is added to it in place and ``out``
+    returned: accumulating out of place fragments the heap with a fresh ``(d+1)²`` matrix per batch.
+    """
     flat = x.reshape(-1, x.shape[-1])[token_mask.reshape(-1).bool()].double()
     flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)], dim=1)
-    return flat.T @ flat
+    return flat.T @ flat if out is None else out.add_(flat.T @ flat)

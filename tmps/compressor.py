@@ -158,11 +158,7 @@ def _run_with_moment(arch, layer, hidden, inputs, masks):
     state = {"moment": None, "count": 0}
 
     def hook(mask, args, kwargs):
-        m = augmented_moment(args[0] if args else kwargs["hidden_states"], mask)
-        if state["moment"] is None:
-            state["moment"] = m
-        else:  # in place: the allocator reuses the (d+1)² temporary instead of fragmenting
-            state["moment"] += m
+        state["moment"] = augmented_moment(args[0] if args else kwargs["hidden_states"], mask, out=state["moment"])
         state["count"] += int(mask.sum())
 
     _run_over_batches(layer, hidden, inputs, masks, arch.attention_of(layer), hook)
@@ -379,11 +375,7 @@ def _moment_only(arch, layer, hidden, inputs, masks):
         try:
             run_layer(layer, hidden[i], kwargs)
         except _Captured as cap:
-            m = augmented_moment(cap.x, masks[i])
-            if total is None:
-                total = m
-            else:
-                total += m
+            total = augmented_moment(cap.x, masks[i], out=total)
             count += int(masks[i].sum())
         finally:
             handle.remove()

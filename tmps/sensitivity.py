@@ -45,7 +45,7 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     """
     if not has_language_model_head(model):
         raise ValueError("Fisher-based allocation needs the language-model loss: pass a *ForCausalLM, "
-                         "or use allocation='greedy' for a bare *Model")
+                         "or use metric='analytic' for a bare *Model")
     layers = arch.decoder_layers(model)
     index = {"q": 0, "k": 1, "v": 2}
     sums = [{n: None for n in names} for _ in layers]

@@ -282,10 +282,14 @@ class LayerSolver:
         }
         out = []
         for name in ("q", "k", "v"):
-            w = getattr(self.w, "w" + name).reshape(len(metrics[name]), hd, -1)
-            energy = sum(torch.einsum("ij,jk,ik->", m @ w[h], self.c[:-1, :-1], w[h]) for h, m in enumerate(metrics[name]))
+            energy = self._weighted_energy(name, metrics[name])
             out += [m / energy.clamp_min(1e-300) for m in metrics[name]]
         return out
+
+    def _weighted_energy(self, name: str, metrics: list[torch.Tensor]) -> torch.Tensor:
+        """``Σ_h tr(M_h W_h C W_hᵀ)`` over the heads of projection ``name`` ("q", "k", "v"), ``C = E[xxᵀ]``."""
+        w = getattr(self.w, "w" + name).reshape(len(metrics), self.shape.head_dim, -1)
+        return sum(torch.einsum("ij,jk,ik->", m @ w[h], self.c[:-1, :-1], w[h]) for h, m in enumerate(metrics))
 
     def fisher_head_metrics(self) -> list[torch.Tensor]:
         """Per output head (q heads, then k, then v) the diagonal block of its projection's Fisher."""
@@ -306,14 +310,12 @@ class LayerSolver:
         """
         a = ANALYTIC_WEIGHT
         fisher, analytic = self.fisher_head_metrics(), self.head_output_metrics()
-        hd, c = self.shape.head_dim, self.c[:-1, :-1]
         out, start = [], 0
         for name in ("q", "k", "v"):
-            w = getattr(self.w, "w" + name).reshape(-1, hd, c.shape[0])
-            heads = range(start, start + w.shape[0])
-            energy = sum(torch.einsum("ij,jk,ik->", fisher[h] @ w[h - start], c, w[h - start]) for h in heads)
-            out += [(1 - a) * fisher[h] + a * energy * analytic[h] for h in heads]
-            start += w.shape[0]
+            heads = slice(start, start + self.fisher[name].shape[0] // self.shape.head_dim)
+            energy = self._weighted_energy(name, fisher[heads])
+            out += [(1 - a) * f + a * energy * m for f, m in zip(fisher[heads], analytic[heads])]
+            start = heads.stop
         return out
 
     def _rope_average(self, m: torch.Tensor) -> torch.Tensor:
