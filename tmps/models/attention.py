@@ -10,10 +10,16 @@ commute with a basis that mixes rotation pairs, so for RoPE models the rotation 
 rebuilt keys, with the cos/sin of positions ``0 … T-1`` for the keys and ``T-q … T-1`` for the
 queries: attention scores depend only on relative positions, and within a sequence the model's
 position ids are contiguous, so this is exact (at full rank it reproduces the dense model).
+
+When the queries are few (decode), kv mode skips the rebuild and attends over the latents directly
+(:mod:`tmps.models.latent_attention`): ``module.kv_attention`` is ``"auto"`` (latent when that costs
+fewer FLOPs, see :func:`prefers_latent`), ``"latent"`` or ``"rebuild"``.
 """
 from __future__ import annotations
 
 import torch
+
+from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -36,6 +42,7 @@ class CompressedAttentionMixin:
     """
 
     uses_rope = False
+    kv_attention = "auto"  # kv mode: "auto" | "latent" | "rebuild" (see the module docstring)
 
     def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -49,6 +56,8 @@ class CompressedAttentionMixin:
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
+            if self._reads_latents(q.shape[1], q.shape[2], attention_mask):
+                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape)
             k = (k.squeeze(1) @ self.k_up.T).view(k.shape[0], k.shape[2], -1, self.head_dim).transpose(1, 2)
             v = (v.squeeze(1) @ self.v_up.T).view(v.shape[0], v.shape[2], -1, self.head_dim).transpose(1, 2)
             if self.uses_rope:
@@ -73,12 +82,48 @@ class CompressedAttentionMixin:
         out = out.reshape(*input_shape, -1).contiguous()
         return self.output_projection(out), weights
 
+    def _reads_latents(self, num_heads: int, q_len: int, attention_mask) -> bool:
+        """Whether this kv-mode step attends over the latent cache directly (see ``kv_attention``)."""
+        if self.kv_attention not in ("auto", "latent", "rebuild"):
+            raise ValueError(f"kv_attention must be 'auto', 'latent' or 'rebuild', got {self.kv_attention!r}")
+        if self.kv_attention == "rebuild":
+            return False
+        readable = (self.config._attn_implementation in LATENT_IMPLEMENTATIONS
+                    and (attention_mask is None or attention_mask.dim() == 4))
+        if self.kv_attention == "latent":
+            if not readable:
+                raise ValueError(
+                    f"kv_attention='latent' reads sdpa/eager attention masks, not those of "
+                    f"attn_implementation={self.config._attn_implementation!r}: use 'auto' or 'rebuild'")
+            return True
+        return not self.training and readable and prefers_latent(num_heads, q_len, self.k_up.shape[0])
+
+    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape):
+        rope = key_scores = None
+        if self.uses_rope:
+            cos, sin = self._relative_rope_tables(c_k.shape[1], q)
+            q_len = q.shape[2]
+            q = q * cos[-q_len:] + rotate_half(q) * sin[-q_len:]
+            rope = (cos, sin)
+            from ..kernels_bridge import latent_rope_scores_for
+
+            rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q_len  # query rows per key head
+            key_scores = latent_rope_scores_for(q.device, self.qkv.backend, rows)
+        out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
+                                      rope=rope, key_scores=key_scores)
+        weights = probs.to(q.dtype) if self.config._attn_implementation == "eager" else None
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.output_projection(out), weights
+
+    def _relative_rope_tables(self, total: int, like: torch.Tensor):
+        """cos, sin of shape (total, head_dim) for positions 0 … total-1, in ``like``'s dtype."""
+        positions = torch.arange(total, device=like.device).unsqueeze(0)
+        cos, sin = self.rotary_emb()(like, positions)
+        return cos[0].to(like.dtype), sin[0].to(like.dtype)
+
     def _rope_by_relative_position(self, q, k):
         total, q_len = k.shape[2], q.shape[2]
-        positions = torch.arange(total, device=k.device).unsqueeze(0)
-        cos, sin = self.rotary_emb()(k, positions)
-        cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+        cos, sin = self._relative_rope_tables(total, k)
         k = k * cos + rotate_half(k) * sin
-        qc, qs = cos[:, :, total - q_len:], sin[:, :, total - q_len:]
-        q = q * qc + rotate_half(q) * qs
+        q = q * cos[total - q_len:] + rotate_half(q) * sin[total - q_len:]
         return q, k

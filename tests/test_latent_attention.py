@@ -1,0 +1,185 @@
+"""kv mode's attention over the latent cache against rebuilding full keys and values."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import tmps
+from tmps.models import attention as attention_module
+from tmps.models.attention import rotate_half
+from tmps.models.latent_attention import latent_attention, prefers_latent, rope_key_scores_torch
+
+from test_compress import VOCAB, calib, llama, opt
+
+
+def rebuild_reference(q, c_k, c_v, k_up, v_up, mask, scaling, rope=None):
+    """Full keys/values from the latents, RoPE on the keys, SDPA with GQA: (b, q_len, heads, head_dim)."""
+    b, heads, q_len, head_dim = q.shape
+    kv_heads = k_up.shape[0] // head_dim
+    k = (c_k @ k_up.T).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+    v = (c_v @ v_up.T).view(b, -1, kv_heads, head_dim).transpose(1, 2)
+    if rope is not None:
+        cos, sin = rope
+        k = k * cos + rotate_half(k) * sin
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def random_case(b, heads, kv_heads, q_len, total, head_dim, r_k, r_v, dtype=torch.float64):
+    q = torch.randn(b, heads, q_len, head_dim, dtype=dtype)
+    c_k, c_v = torch.randn(b, total, r_k, dtype=dtype), torch.randn(b, total, r_v, dtype=dtype)
+    k_up = torch.randn(kv_heads * head_dim, r_k, dtype=dtype) / r_k**0.5
+    v_up = torch.randn(kv_heads * head_dim, r_v, dtype=dtype) / r_v**0.5
+    return q, c_k, c_v, k_up, v_up
+
+
+def rope_tables(total, head_dim, dtype=torch.float64):
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    freqs = torch.outer(torch.arange(total, dtype=dtype), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def bottom_right_causal(q_len, total):
+    return torch.arange(total).unsqueeze(0) <= torch.arange(total - q_len, total).unsqueeze(1)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "causal"])
+@pytest.mark.parametrize("heads,kv_heads,q_len", [(6, 2, 1), (4, 4, 3), (9, 3, 7)])
+def test_matches_rebuilding_keys_and_values(rope, mask_kind, heads, kv_heads, q_len):
+    b, total, head_dim, r_k, r_v = 2, 13, 8, 5, 11
+    q, c_k, c_v, k_up, v_up = random_case(b, heads, kv_heads, q_len, total, head_dim, r_k, r_v)
+    tables = rope_tables(total, head_dim) if rope else None
+    keep = bottom_right_causal(q_len, total).expand(b, 1, q_len, total).clone()
+    keep[0, ..., :4] = False  # left padding of the first sequence
+    if mask_kind == "none":
+        if q_len > 1:
+            pytest.skip("no mask means causal when q_len > 1: the 'causal' case")
+        mask, ref_mask = None, None
+    elif mask_kind == "causal":
+        mask, ref_mask = None, bottom_right_causal(q_len, total)
+    elif mask_kind == "bool":
+        mask, ref_mask = keep, keep
+    else:
+        additive = torch.zeros(b, 1, q_len, total + 3, dtype=torch.float64)  # wider than T, as a static cache's
+        additive[..., :total].masked_fill_(~keep, torch.finfo(torch.float64).min)
+        mask, ref_mask = additive, keep
+    out, probs = latent_attention(q, c_k, c_v, k_up, v_up, mask, 0.3, rope=tables)
+    ref = rebuild_reference(q, c_k, c_v, k_up, v_up, ref_mask, 0.3, rope=tables)
+    assert out.shape == (b, q_len, heads, head_dim)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert probs.shape == (b, heads, q_len, total)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(b, heads, q_len, dtype=torch.float64))
+
+
+def test_rope_key_scores_are_query_dot_rotated_rebuilt_keys():
+    q, c_k, _, k_up, _ = random_case(1, 2, 2, 3, 9, 8, 6, 6)
+    cos, sin = rope_tables(9, 8)
+    scores = rope_key_scores_torch(q, c_k, k_up, cos, sin)
+    k = (c_k @ k_up.T).view(1, 9, 2, 8).transpose(1, 2)
+    for t in range(9):
+        angle = torch.arange(0, 8, 2, dtype=torch.float64) / 8
+        theta = t / 10000**angle
+        rotation = torch.zeros(8, 8, dtype=torch.float64)  # the rotation matrix R_t of rotate_half pairs (j, j+4)
+        for j in range(4):
+            c, s = theta[j].cos(), theta[j].sin()
+            rotation[j, j], rotation[j, j + 4], rotation[j + 4, j], rotation[j + 4, j + 4] = c, -s, s, c
+        expected = q @ (k[:, :, t] @ rotation.T).unsqueeze(-1)
+        torch.testing.assert_close(scores[..., t:t + 1], expected)
+
+
+def test_prefers_latent_is_the_flop_crossover():
+    assert prefers_latent(num_heads=32, q_len=1, kv_width=2048)
+    assert prefers_latent(num_heads=32, q_len=64, kv_width=2048)
+    assert not prefers_latent(num_heads=32, q_len=65, kv_width=2048)
+
+
+def kv_model(arch, attn):
+    dense = {"llama": llama, "opt": opt}[arch](attn)
+    return tmps.compress(copy.deepcopy(dense), calib(), mode="kv", ratio=0.5, progress=False)
+
+
+def count_latent_calls(monkeypatch):
+    calls = []
+    original = attention_module.latent_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])  # q_len
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "latent_attention", counted)
+    return calls
+
+
+def cached_steps(model, ids, mask, chunk):
+    """Prefill ``ids`` then feed ``chunk`` new tokens at once: (prefill logits, chunk logits)."""
+    cache = DynamicCache()
+    first = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    new = torch.randint(1, VOCAB, (ids.shape[0], chunk))
+    mask = torch.cat([mask, torch.ones(ids.shape[0], chunk, dtype=mask.dtype)], 1)
+    step = model(new, attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+    return first.logits, step.logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_compressed_model_latent_equals_rebuild(arch, attn, chunk, monkeypatch):
+    model = kv_model(arch, attn)
+    ids = torch.randint(1, VOCAB, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    results = {}
+    for path in ("rebuild", "latent"):
+        for module in model.modules():
+            if hasattr(module, "kv_attention"):
+                module.kv_attention = path
+        torch.manual_seed(1)
+        results[path] = cached_steps(model, ids, mask, chunk)
+    valid = mask.bool()
+    torch.testing.assert_close(results["latent"][0][valid], results["rebuild"][0][valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["latent"][1], results["rebuild"][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_auto_reads_latents_for_decode_and_rebuilds_for_prefill(arch, monkeypatch):
+    model = kv_model(arch, "sdpa")
+    calls = count_latent_calls(monkeypatch)
+    ids = torch.randint(1, VOCAB, (2, 15))
+    cached_steps(model, ids, torch.ones_like(ids), 1)
+    layers = model.config.num_hidden_layers
+    assert calls == [1] * layers  # 15 query tokens x heads exceed d_kv (llama 16, opt 48); one token does not
+    g_auto = model.generate(ids, max_new_tokens=5, do_sample=False)
+    for module in model.modules():
+        if hasattr(module, "kv_attention"):
+            module.kv_attention = "rebuild"
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), g_auto)
+
+
+def test_eager_returns_the_attention_probabilities():
+    model = kv_model("llama", "eager")
+    ids = torch.randint(1, VOCAB, (1, 7))
+    out = {}
+    for path in ("rebuild", "latent"):
+        for module in model.modules():
+            if hasattr(module, "kv_attention"):
+                module.kv_attention = path
+        cache = DynamicCache()
+        first = model(ids, past_key_values=cache, use_cache=True)
+        out[path] = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True,
+                          output_attentions=True).attentions
+    for latent, rebuilt in zip(out["latent"], out["rebuild"]):
+        assert latent.shape == rebuilt.shape == (1, 6, 1, 8)
+        torch.testing.assert_close(latent, rebuilt, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_kv_attention_is_a_clear_error():
+    model = kv_model("opt", "sdpa")
+    next(m for m in model.modules() if hasattr(m, "kv_attention")).kv_attention = "fast"
+    with pytest.raises(ValueError, match="kv_attention must be 'auto', 'latent' or 'rebuild'"):
+        model(torch.randint(1, VOCAB, (1, 5)))

@@ -1,0 +1,104 @@
+"""Attention read straight from the latent KV cache of kv mode, without rebuilding full keys and values.
+
+kv mode caches ``c_k = P_k k`` and ``c_v = P_v v`` (widths ``r_k``, ``r_v``, one basis shared by all
+heads) and holds the up-projections ``U_k: (d_kv, r_k)``, ``U_v: (d_kv, r_v)`` with ``k ≈ U_k c_k``.
+Rebuilding ``k`` and ``v`` for the whole context at every decode step reads the latents, writes full
+keys and values and reads them again: more memory traffic than the dense cache it replaces. Here the
+up-projections are moved to the other side of the products instead (as DeepSeek's MLA does), for the
+query heads ``h`` of key/value head ``g``::
+
+    scores[h, i, t] = scaling · q_h,iᵀ U_k,g c_k,t = scaling · (U_k,gᵀ q_h,i) · c_k,t     (no RoPE)
+    o_h,i           = Σ_t p[h, i, t] U_v,g c_v,t   = U_v,g (Σ_t p[h, i, t] c_v,t)
+
+so the context is read once, as latents, and the work per cached token is ``r_k + r_v`` per query
+head instead of ``2·head_dim`` plus the rebuild. That pays while the queries are few: the absorbed
+products cost ``heads·q_len·T·(r_k + r_v)`` against the rebuild's ``T·d_kv·(r_k + r_v)``, so
+:func:`prefers_latent` takes this path when ``heads·q_len <= d_kv`` (decode) and leaves prefill to
+the rebuild and the model's fused attention kernel.
+
+RoPE rotates keys by their position, ``k_t = R_t U_k c_k,t``, and ``R_t`` does not commute with
+``U_k``, so the key side cannot be absorbed: the keys are rebuilt and rotated (fused with the scores
+in the Triton kernel :mod:`tmps.kernels.latent_scores` on CUDA), and only the value side is absorbed.
+"""
+from __future__ import annotations
+
+import torch
+
+# Attention implementations whose masks this module reads: 4-D boolean (True = attend) from sdpa,
+# 4-D additive from eager, or None (no padding).  Others (flash, flex) take the rebuild path.
+LATENT_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def prefers_latent(num_heads: int, q_len: int, kv_width: int) -> bool:
+    """Whether reading the latent cache directly costs fewer FLOPs than rebuilding keys and values."""
+    return num_heads * q_len <= kv_width
+
+
+def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None, key_scores=None):
+    """Softmax attention of ``q`` over latent keys and values.
+
+    Parameters
+    ----------
+    q : (b, heads, q_len, head_dim)   queries (RoPE already applied for RoPE models)
+    c_k : (b, T, r_k), c_v : (b, T, r_v)   the cached latents of the whole context
+    k_up : (kv_heads·head_dim, r_k), v_up : (kv_heads·head_dim, r_v)   rows head-major
+    attention_mask : None, or (b | 1, 1 | heads, q_len, ≥T), boolean (True = attend) or additive
+    scaling : float   softmax scale
+    rope : None, or (cos, sin) of shape (T, head_dim): keys at position t are rotated by row t
+    key_scores : optional callable ``(q_grouped, c_k, k_up, cos, sin) -> (b, kv_heads, G·q_len, T)``
+        computing the RoPE key scores (the fused Triton kernel); the torch chain when None.
+
+    Returns ``(out, probs)``: out ``(b, q_len, heads, head_dim)`` (the layout HF's attention
+    functions return), probs ``(b, heads, q_len, T)`` in float32 (float64 for float64 inputs).
+    """
+    b, heads, q_len, head_dim = q.shape
+    total = c_k.shape[1]
+    kv_heads = k_up.shape[0] // head_dim
+    group = heads // kv_heads
+    # Query head h = g·group + j belongs to key/value head g (HF's repeat_kv order).
+    q_grouped = (q * scaling).reshape(b, kv_heads, group * q_len, head_dim)
+    if rope is None:
+        q_latent = torch.einsum("bgmd,gdr->bgmr", q_grouped, k_up.view(kv_heads, head_dim, -1))
+        scores = q_latent.reshape(b, heads * q_len, -1) @ c_k.transpose(1, 2)
+    elif key_scores is not None:
+        scores = key_scores(q_grouped, c_k, k_up, *rope)
+    else:
+        scores = rope_key_scores_torch(q_grouped, c_k, k_up, *rope)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32 at least, as HF's eager
+    scores = _masked(scores.reshape(b, heads, q_len, total).to(softmax_dtype), attention_mask, total)
+    probs = torch.softmax(scores, dim=-1)
+    out_latent = probs.to(c_v.dtype).reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)
+    out = torch.einsum("bgmr,gdr->bgmd", out_latent.view(b, kv_heads, group * q_len, -1),
+                       v_up.view(kv_heads, head_dim, -1))
+    return out.reshape(b, heads, q_len, head_dim).transpose(1, 2), probs
+
+
+def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
+    """``q · R_t U_k,g c_k,t`` by rebuilding and rotating the keys: (b, kv_heads, m, T).
+
+    q_grouped (b, kv_heads, m, head_dim); c_k (b, T, r_k); k_up (kv_heads·head_dim, r_k);
+    cos, sin (T, head_dim) with HF's rotate_half convention.
+    """
+    b, kv_heads, _, head_dim = q_grouped.shape
+    keys = (c_k @ k_up.T).view(b, c_k.shape[1], kv_heads, head_dim).transpose(1, 2)
+    half = head_dim // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    keys = keys * cos.to(keys.dtype) + rotated * sin.to(keys.dtype)
+    return q_grouped @ keys.transpose(-1, -2)
+
+
+def _masked(scores, attention_mask, total):
+    """Apply HF's 4-D mask (boolean or additive), or the bottom-right causal mask when it is None."""
+    q_len = scores.shape[-2]
+    if attention_mask is not None:
+        mask = attention_mask[..., :total]
+        if mask.dtype == torch.bool:
+            # The dtype's minimum, not -inf: a fully masked (padding) row stays finite, as in eager.
+            return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores + mask.to(scores.dtype)
+    if q_len == 1:
+        return scores
+    # Query i sits at position total - q_len + i and sees keys up to it.
+    query_pos = torch.arange(total - q_len, total, device=scores.device).unsqueeze(1)
+    visible = torch.arange(total, device=scores.device).unsqueeze(0) <= query_pos
+    return scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
