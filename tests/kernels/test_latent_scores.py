@@ -1,0 +1,125 @@
+"""RoPE key scores against the latent cache: the Triton kernel against its float64 torch reference.
+
+On a machine without CUDA the kernel runs in Triton's interpreter (see conftest.py).
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import tmps
+from tmps.kernels import latent_scores as ls
+from tmps.kernels.latent_scores import ScoresConfig, latent_rope_scores, latent_rope_scores_ref, triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() and not ls._interpreted() else "cpu"
+needs_kernel = pytest.mark.skipif(not triton_available(DEVICE), reason=f"Triton cannot run on {DEVICE}")
+
+# max|error| / max|reference|: keys are rounded to the input dtype twice (rebuild, rotation) on top
+# of fp32 accumulation; fp32 runs as 3xTF32 on the GPU.
+TOLERANCE = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rope_tables(total, head_dim):
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    emb = torch.outer(torch.arange(total, dtype=torch.float64), inv).repeat(1, 2)
+    return emb.cos(), emb.sin()
+
+
+def make_inputs(b, kv_heads, m, head_dim, total, r, dtype):
+    """Inputs rounded to ``dtype`` once; the float64 copies are what the reference sees."""
+    q = torch.randn(b, kv_heads, m, head_dim, dtype=torch.float64) / head_dim**0.5
+    c_k = torch.randn(b, total, r, dtype=torch.float64)
+    k_up = torch.randn(kv_heads * head_dim, r, dtype=torch.float64) / r**0.5
+    cos, sin = rope_tables(total, head_dim)
+    low = [t.to(device=DEVICE, dtype=dtype) for t in (q, c_k, k_up, cos, sin)]
+    exact = [t.to(torch.float64).cpu() for t in low]
+    return low, exact
+
+
+def check(low, exact, dtype, **kw):
+    ref = latent_rope_scores_ref(*exact)
+    poisoned = torch.full(ref.shape, float("nan"), device=DEVICE, dtype=torch.float32)
+    out = latent_rope_scores(*low, out=poisoned, **kw)
+    assert out.data_ptr() == poisoned.data_ptr()
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.isfinite(out).all(), "an element was left unwritten or overflowed"
+    err = (out.double().cpu() - ref).abs().max().item() / ref.abs().max().item()
+    assert err < TOLERANCE[dtype], f"relative max error {err:.2e} for {dtype}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,kv_heads,m,head_dim,total,r", [
+    (1, 3, 3, 64, 1, 24),      # SmolLM2's GQA group of 3, a first decode step
+    (2, 2, 4, 32, 7, 40),      # odd T, r not a power of two
+    (1, 1, 1, 96, 129, 96),    # half = 48 padded to 64, T across five 32-wide tiles
+    (3, 2, 17, 16, 33, 17),    # 17 rows (chunked prefill), half = 8 padded to 16
+])
+def test_matches_reference(dtype, b, kv_heads, m, head_dim, total, r):
+    low, exact = make_inputs(b, kv_heads, m, head_dim, total, r, dtype)
+    check(low, exact, dtype)
+
+
+@needs_kernel
+def test_strided_queries_and_larger_tiles():
+    low, exact = make_inputs(2, 3, 2, 32, 45, 40, torch.float16)
+    q = low[0]
+    padded = torch.full((2, 3, 2, 40), float("nan"), device=DEVICE, dtype=torch.float16)
+    padded[..., :32] = q  # unit stride on head_dim, row stride 40: strides are passed, not assumed
+    low[0] = padded[..., :32]
+    check(low, exact, torch.float16, config=ScoresConfig(block_t=64, block_r=64))
+
+
+@needs_kernel
+def test_allocates_its_output_when_none_is_given():
+    low, exact = make_inputs(1, 2, 5, 32, 70, 24, torch.float32)
+    out = latent_rope_scores(*low)
+    torch.testing.assert_close(out.double().cpu(), latent_rope_scores_ref(*exact), rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(c_k=a["c_k"].half()), TypeError, "share one dtype"),
+    (lambda a: a.update(k_up=a["k_up"][:-1]), ValueError, "shapes do not match"),
+    (lambda a: a.update(cos=a["cos"][:-1]), ValueError, r"cos has shape"),
+    (lambda a: a.update(q=a["q"].expand(1, 2, 200, 32)), ValueError, "serves decode"),
+    (lambda a: a.update(q=a["q"].numpy()), TypeError, "must be a torch.Tensor"),
+    (lambda a: a.update(out=torch.empty(1, 2, 1, 5, dtype=torch.float16)), ValueError, "out must be"),
+])
+def test_bad_arguments_are_explained(change, error, match):
+    args = dict(q=torch.randn(1, 2, 1, 32), c_k=torch.randn(1, 5, 8), k_up=torch.randn(64, 8),
+                cos=torch.randn(5, 32), sin=torch.randn(5, 32))
+    change(args)
+    with pytest.raises(error, match=match):
+        latent_rope_scores(**args)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_llama_decodes_through_the_kernel(dtype, monkeypatch):
+    """A kv-mode Llama's cached decode step with the Triton path equals the torch path."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
+    dense = LlamaForCausalLM(cfg).eval()
+    model = tmps.compress(copy.deepcopy(dense), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
+                          progress=False).to(device=DEVICE, dtype=dtype)
+    calls = []
+    monkeypatch.setattr(ls, "latent_rope_scores", lambda *a, **k: calls.append(1) or latent_rope_scores(*a, **k))
+    ids = torch.randint(0, 64, (2, 12), device=DEVICE)  # 12 x 6 heads > d_kv = 64: the prefill rebuilds
+    logits = {}
+    for backend in ("torch", "triton"):
+        for module in model.modules():
+            if hasattr(module, "kv_attention"):
+                module.qkv.backend = backend
+        cache = DynamicCache()
+        first = model(ids, past_key_values=cache, use_cache=True)
+        logits[backend] = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits.double()
+    assert len(calls) == cfg.num_hidden_layers  # the decode step of each layer, not the prefill
+    err = (logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()
+    assert err < {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
