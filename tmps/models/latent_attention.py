@@ -64,9 +64,9 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
         scores = key_scores(q_grouped, c_k, k_up, *rope)
     else:
         scores = rope_key_scores_torch(q_grouped, c_k, k_up, *rope)
-    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32 at least, as HF's eager
-    scores = _masked(scores.reshape(b, heads, q_len, total).to(softmax_dtype), attention_mask, total)
-    probs = torch.softmax(scores, dim=-1)
+    scores = _masked(scores.reshape(b, heads, q_len, total), attention_mask, total)
+    # fp32 at least, as HF's eager attention; the upcast is fused into the softmax.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
     out_latent = probs.to(c_v.dtype).reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)
     out = torch.einsum("bgmr,gdr->bgmd", out_latent.view(b, kv_heads, group * q_len, -1),
                        v_up.view(kv_heads, head_dim, -1))
