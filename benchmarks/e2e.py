@@ -11,7 +11,10 @@ sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quali
 * ``dense``: the model as built;
 * ``kv``: ``tmps.compress(model, calib, mode="kv", ratio=0.5)``: the cache holds K/V latents;
 * ``weights``: ``mode="weights", ratio=0.5``: factored Q/K/V through the fused Triton kernel;
-* ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``.
+* ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``;
+* ``kv-rebuild``: the kv model with ``kv_attention = "rebuild"``: decode rebuilds full keys and
+  values from the latents at every step instead of attending over the latents (what kv mode did
+  before the latent path); its prefill is the kv variant's (prefill rebuilds in both), not re-timed.
 
 Calibration is ``--calib`` random token ids. ``--factors auto`` calibrates under a time limit
 (``--calib-timeout``) and otherwise falls back to random factors of the ranks a uniform allocation
@@ -68,7 +71,16 @@ SHAPES = {
 SMOKE_SHAPE = {"tiny": dict(hidden=64, layers=2, heads=4, ffn=256)}
 VOCAB = 50272
 MAX_POSITIONS = 2048
-VARIANTS = ("dense", "kv", "weights", "weights-torch")
+VARIANTS = ("dense", "kv", "kv-rebuild", "weights", "weights-torch")
+# variant -> (compression mode, FactoredProjection.backend, kv_attention); a variant that differs from
+# the previous one only in the switches reuses its model.
+VARIANT_SETTINGS = {
+    "dense": ("dense", "auto", "auto"),
+    "kv": ("kv", "auto", "auto"),
+    "kv-rebuild": ("kv", "auto", "rebuild"),
+    "weights": ("weights", "auto", "auto"),
+    "weights-torch": ("weights", "torch", "auto"),
+}
 RATIO = 0.5
 WARM_STEPS = 2
 MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
@@ -288,12 +300,14 @@ def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
     return model, note
 
 
-def set_backend(model, backend: str) -> None:
+def set_backend(model, backend: str, kv_attention: str = "auto") -> None:
     from tmps.projection import FactoredProjection
 
     for module in model.modules():
         if isinstance(module, FactoredProjection):
             module.backend = backend
+        if hasattr(module, "kv_attention"):
+            module.kv_attention = kv_attention
 
 
 def _empty_cache(device):
@@ -599,6 +613,8 @@ def render(args, env, results) -> list[str]:
         for name, kind, key in cases:
             d_val = dense[r["shape"]]["cells"].get(kind, {}).get(key)
             v_val = r["cells"].get(kind, {}).get(key)
+            if kind not in r["cells"]:  # not measured for this variant (kv-rebuild's prefill)
+                continue
             bound = r.get("bounds", {}).get(kind, {}).get(key)
             speed = pct = None
             if isinstance(d_val, (int, float)) and isinstance(v_val, (int, float)) and v_val > 0:
@@ -614,8 +630,9 @@ def render(args, env, results) -> list[str]:
     lines += ["", "Bounds: decode = dense bytes / compressed bytes per step (all weights once, LM head included, "
               f"+ KV cache at context {args.context}, fp16); prefill = dense FLOPs / compressed FLOPs (projections, "
               "out_proj, MLP, causal attention, LM head on one token; kv mode adds rebuilding K and V from the "
-              "latents). kv mode's decode also rebuilds the full keys and values of the whole context at every "
-              "step (k = c_k U_kᵀ), memory traffic the bound does not count.",
+              "latents). kv mode's decode attends over the latents directly (the bound's traffic); kv-rebuild's "
+              "decode also rebuilds the full keys and values of the whole context at every step (k = c_k U_kᵀ), "
+              "work the bound does not count.",
               "", "Notes:", ""] + (notes or ["- none"])
     return lines
 
@@ -679,7 +696,7 @@ def run(args) -> list[dict]:
         dense_cost = cost_model(cfg, None)
         model, model_mode, model_note = None, None, {}
         for variant in args.variants:
-            mode = {"dense": "dense", "kv": "kv", "weights": "weights", "weights-torch": "weights"}[variant]
+            mode, backend, kv_attention = VARIANT_SETTINGS[variant]
             record = {"shape": shape_name, "variant": variant, "cells": {}, "bounds": {}, "notes": []}
             results.append(record)
             if left() < MIN_CELL_S * 2:
@@ -687,15 +704,15 @@ def run(args) -> list[dict]:
                 write(args, env, results, started)
                 continue
             try:
-                if variant == "weights-torch" and model is not None and model_mode == "weights":
-                    note = {"factors": model_note.get("factors", ""), "reused": "the weights variant's model"}
+                if mode != "dense" and model is not None and model_mode == mode:
+                    note = {"factors": model_note.get("factors", ""), "reused": f"the {mode} variant's model"}
                 else:
                     model = None
                     gc.collect()
                     _empty_cache(device)
                     model, note = make_variant(cfg, mode, args, dtype, device, calib_history)
                     model_mode, model_note = mode, note
-                set_backend(model, "torch" if variant == "weights-torch" else "auto")
+                set_backend(model, backend, kv_attention)
             except Exception as exc:  # noqa: BLE001
                 record["factors"] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 traceback.print_exc()
@@ -709,7 +726,8 @@ def run(args) -> list[dict]:
             if info is not None:
                 record["summary"] = {k: float(v) for k, v in cost["summary"].items()}
             print(f"e2e: {shape_name} {variant} ({record['factors']}) {note}", flush=True)
-            measure_variant(model, mode, args, device, record, dense_cost, cost, left)
+            measure_variant(model, mode, args, device, record, dense_cost, cost, left,
+                            prefill=variant != "kv-rebuild")
             write(args, env, results, started)
         model = None
         gc.collect()
@@ -746,8 +764,8 @@ def _attempt(record, kind, key, left, fn):
     return value
 
 
-def measure_variant(model, mode, args, device, record, dense_cost, cost, left):
-    for b, t in args.prefill:
+def measure_variant(model, mode, args, device, record, dense_cost, cost, left, prefill=True):
+    for b, t in args.prefill if prefill else ():
         key = f"{b}x{t}"
         record["bounds"].setdefault("prefill", {})[key] = (prefill_flops(dense_cost, b, t, True)
                                                            / prefill_flops(cost, b, t, mode == "dense"))

@@ -32,7 +32,9 @@ def test_smoke_run_measures_every_variant(e2e, tmp_path, factors):
     results = json.loads((tmp_path / "e2e.json").read_text())["results"]
     assert [r["variant"] for r in results] == list(e2e.VARIANTS)
     expected = "calibrated" if factors == "auto" else "random"
-    assert [r["factors"] for r in results] == ["dense", expected, expected, expected]
+    assert [r["factors"] for r in results] == ["dense"] + [expected] * 4
+    kinds = {r["variant"]: set(r["cells"]) for r in results}
+    assert kinds["kv-rebuild"] == {"decode", "graph"} and kinds["kv"] == {"prefill", "decode", "graph"}
     for variant, kind, key, value in _cells(results):
         assert isinstance(value, float) and value > 0, (variant, kind, key, value)
     # the static-cache step (what the GPU captures in a CUDA graph) decodes the same greedy tokens
