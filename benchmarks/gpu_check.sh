@@ -14,7 +14,9 @@
 #      TRITON_INTERPRET is unset); the fused kernel against its float64 reference at model sizes
 #      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts); tmps.compress at full rank on
 #      tiny Llama/OPT models, logits against dense, with the Triton path counted
-#   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio 0.5, no torch.compile)
+#   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio 0.5, no torch.compile);
+#      d2. benchmarks/latent_attention_bench.py: one kv decode step over the latent cache against
+#      the dense cache and the rebuild (OPT and Llama/SmolLM2 shapes, batch 1/16, context 1k/4k)
 #   e. benchmarks/e2e.py (OPT-1.3B and OPT-6.7B shapes) with whatever time is left. Random factors
 #      of uniform ranks by default (E2E_FACTORS=auto calibrates with tmps.compress first, 40 s per
 #      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
@@ -23,8 +25,8 @@
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
-# step shortens the later ones instead of overrunning. Outputs: gpu_check.log, kernels.md, e2e.md,
-# e2e.json (4 files). Exit status 0 when every step passed, 1 otherwise.
+# step shortens the later ones instead of overrunning. Outputs: gpu_check.log, kernels.md,
+# latent_attention.md, e2e.md, e2e.json (5 files). Exit status 0 when every step passed, 1 otherwise.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -333,6 +335,9 @@ step "d. kernel microbenchmark (subset)" 90 180 \
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --hidden 4096 --tokens 1 16 4096 \
   --ratios 0.5 --layouts weights kv_latent --no-compile
 
+step "d2. latent attention microbenchmark (kv decode)" 60 150 \
+  "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --context 1024 4096
+
 # ------------------------------------------------------------------------------------------ e
 E2E_CAP=$(( START + TOTAL - $(date +%s) - 5 ))
 step "e. end-to-end benchmark" "$E2E_CAP" 0 \
@@ -343,6 +348,7 @@ step "e. end-to-end benchmark" "$E2E_CAP" 0 \
 {
   echo
   [ -f "$OUT/kernels.md" ] && echo "kernels.md: $(grep -c '^| [0-9]' "$OUT/kernels.md") rows"
+  [ -f "$OUT/latent_attention.md" ] && cat "$OUT/latent_attention.md"
   [ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
   echo
   echo "gpu_check summary ($(( $(date +%s) - START ))s of ${TOTAL}s), logs in $LOG:"

@@ -37,6 +37,7 @@ DEMO_SIZES = {"full": {"calib": (16, 512), "eval": (8, 1024), "speed": 1},
               "quick": {"calib": (8, 256), "eval": (4, 512), "speed": 1}}
 MICROBENCH = Path("benchmarks") / "kernel_microbench.py"
 END_TO_END = Path("benchmarks") / "e2e.py"
+LATENT_BENCH = Path("benchmarks") / "latent_attention_bench.py"
 
 
 class UsageError(Exception):
@@ -766,17 +767,24 @@ def cmd_bench(args) -> int:
         cmd += ["--out", str(Path(args.out).resolve())]
     print("running " + " ".join(cmd), flush=True)
     status = subprocess.run(cmd, cwd=script.parents[1]).returncode
+    # kv mode's decode attention over the latent cache against the dense cache.
+    status = max(status, _run_companion(script.parents[1] / LATENT_BENCH, "_latent_attention", args))
     if args.no_e2e:
         return status
     # The end-to-end table: OPT-1.3B/6.7B-shaped models, dense against kv and weights mode.
-    e2e = [sys.executable, str(script.parents[1] / END_TO_END)]
+    return max(status, _run_companion(script.parents[1] / END_TO_END, "_e2e", args))
+
+
+def _run_companion(script: Path, suffix: str, args) -> int:
+    """Run another benchmark script of the checkout, its table next to ``--out`` with ``suffix``."""
+    cmd = [sys.executable, str(script)]
     if args.device == "cpu":
-        e2e.append("--smoke")
+        cmd.append("--smoke")
     if args.out:
         out = Path(args.out).resolve()
-        e2e += ["--out", str(out.with_name(out.stem + "_e2e" + (out.suffix or ".md")))]
-    print("running " + " ".join(e2e), flush=True)
-    return max(status, subprocess.run(e2e, cwd=script.parents[1]).returncode)
+        cmd += ["--out", str(out.with_name(out.stem + suffix + (out.suffix or ".md")))]
+    print("running " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=script.parents[1]).returncode
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -993,8 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", formatter_class=_Formatter, help="the kernel and end-to-end benchmarks (GPU)",
         description=f"Run {MICROBENCH} (fused factored QKV projection in Triton against cuBLAS dense, the torch "
-                    f"chain and torch.compile, with a roofline), then {END_TO_END} (OPT-1.3B/6.7B-shaped models "
-                    "with random weights: prefill latency and decode tokens/s, dense against kv and weights mode), "
+                    f"chain and torch.compile, with a roofline), {LATENT_BENCH} (one kv-mode decode step over the "
+                    f"latent cache against the dense cache and the rebuild), then {END_TO_END} (OPT-1.3B/6.7B-shaped "
+                    "models with random weights: prefill latency and decode tokens/s, dense against kv and weights mode), "
                     "from the repository checkout. --device cuda needs a GPU; --device cpu runs tiny smoke tests "
                     "(the kernel under the Triton interpreter).",
         epilog="examples:\n"
@@ -1008,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_fraction, nargs="+", default=None, metavar="R", help="rank ratios (cuda)")
     p.add_argument("--layouts", nargs="+", choices=("weights", "kv_latent"), default=None, help="layouts (cuda)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch_compile provider")
-    p.add_argument("--no-e2e", action="store_true", help="only the kernel microbenchmark")
+    p.add_argument("--no-e2e", action="store_true", help="only the kernel microbenchmarks")
     p.set_defaults(func=cmd_bench)
     return parser
 
