@@ -1,6 +1,7 @@
 """Microbenchmark: one decode step of attention over kv mode's latent cache, against the dense cache.
 
     python benchmarks/latent_attention_bench.py --out results/latent_attention.md   # CUDA, fp16
+    python benchmarks/latent_attention_bench.py --device cpu --shapes opt-1.3b      # CPU, fp32, torch only
     python benchmarks/latent_attention_bench.py --smoke                             # CPU, tiny, interpreter
 
 One attention layer at decode (one new query token per sequence), fp16, batch 1 and 16, contexts
@@ -28,6 +29,8 @@ latent outputs are checked against the rebuild's (fp16 tolerance) in the same ru
 import argparse
 import math
 import os
+import platform
+import statistics
 import sys
 import time
 
@@ -48,6 +51,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (kernel under TRITON_INTERPRET=1)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: the real shapes in fp32, median of 5 wall-clock runs, torch providers only")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
@@ -134,6 +139,15 @@ def table_row(name, batch, context, case, ms, err, elt):
     return "| " + " | ".join(cells) + " |"
 
 
+def wall_clock_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def max_error(fns):
     """max |out - rebuild| / max |rebuild| over the latent providers."""
     want = fns["rebuild"]().float()
@@ -161,11 +175,18 @@ def run(args):
         batches, contexts = [1, 2], [33]
         if kernel is not None and not latent_scores._interpreted():
             raise SystemExit("--smoke: the kernel module was imported before TRITON_INTERPRET=1 could take effect")
+    elif args.device == "cpu":
+        device, dtype, shapes = "cpu", torch.float32, {name: SHAPES[name] for name in args.shapes}
+        batches, contexts, kernel = args.batch, args.context, None
     else:
         device, dtype, shapes = "cuda", torch.float16, {name: SHAPES[name] for name in args.shapes}
         batches, contexts = args.batch, args.context
         import triton.testing
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run, wall clock of one call)"
+    if device == "cuda":
+        gpu = torch.cuda.get_device_name()
+    else:
+        how = "smoke run, wall clock of one call" if args.smoke else "median of 5 wall-clock runs"
+        gpu = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads; {how})"
     tolerance = 2e-2 if dtype == torch.float16 else 1e-4
     lines = [f"# kv decode attention over the latent cache on {gpu}", "",
              f"torch {torch.__version__}, triton {triton_version}, {str(dtype)[6:]}, one decode token per sequence, "
@@ -187,9 +208,7 @@ def run(args):
                                 torch.cuda.synchronize()
                                 ms[provider] = triton.testing.do_bench(fn, return_mode="median")
                             else:
-                                start = time.perf_counter()
-                                fn()
-                                ms[provider] = (time.perf_counter() - start) * 1e3
+                                ms[provider] = wall_clock_ms(fn, 1 if args.smoke else 5)
                         except torch.cuda.OutOfMemoryError:
                             ms[provider] = None
                             torch.cuda.empty_cache()
@@ -205,7 +224,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.smoke:
+    if not args.smoke and args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
