@@ -255,6 +255,17 @@ def counting(*args, **kwargs):
 
 
 bridge.fused_factored_projection = counting  # FactoredProjection looks it up at each call
+import tmps.kernels.latent_scores as latent_scores  # noqa: E402
+
+score_kernel = latent_scores.latent_rope_scores
+
+
+def counting_scores(*args, **kwargs):
+    calls["scores"] = calls.get("scores", 0) + 1
+    return score_kernel(*args, **kwargs)
+
+
+latent_scores.latent_rope_scores = counting_scores  # the bridge imports it at each kv decode step
 VOCAB, HIDDEN = 512, 256
 ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(
@@ -315,10 +326,14 @@ for arch, dtype, tol in CASES:
                     if isinstance(m, FactoredProjection):
                         m.backend = "auto"
             if want_steps is not None:
+                calls["scores"] = 0
                 with torch.no_grad():
                     err_steps = rel(greedy(model, ids), want_steps)
                 lines.append(f"prefill + 3 cached steps rel {err_steps:.2e}")
                 ok &= err_steps < tol
+                if mode == "kv" and arch == "llama":  # decode over the latents through the RoPE score kernel
+                    lines.append(f"latent score kernel calls {calls['scores']}")
+                    ok &= calls["scores"] == 3 * model.config.num_hidden_layers
             verdict = "ok" if ok else "MISMATCH"
         except Exception as exc:  # report and go on
             ok, lines, verdict = False, [f"{type(exc).__name__}: {exc}"[:300]], "ERROR"
