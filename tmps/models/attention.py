@@ -57,11 +57,11 @@ class CompressedAttentionMixin:
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
             if self._reads_latents(q.shape[1], q.shape[2], attention_mask):
-                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape)
+                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape, cache)
             k = (k.squeeze(1) @ self.k_up.T).view(k.shape[0], k.shape[2], -1, self.head_dim).transpose(1, 2)
             v = (v.squeeze(1) @ self.v_up.T).view(v.shape[0], v.shape[2], -1, self.head_dim).transpose(1, 2)
             if self.uses_rope:
-                q, k = self._rope_by_relative_position(q, k)
+                q, k = self._rope_by_relative_position(q, k, cache)
         else:
             k = k.view(*input_shape, -1, self.head_dim).transpose(1, 2)
             v = v.view(*input_shape, -1, self.head_dim).transpose(1, 2)
@@ -98,12 +98,13 @@ class CompressedAttentionMixin:
             return True
         return not self.training and readable and prefers_latent(num_heads, q_len, self.k_up.shape[0])
 
-    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape):
+    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache):
         rope = key_scores = None
         if self.uses_rope:
             cos, sin = self._relative_rope_tables(c_k.shape[1], q)
             q_len = q.shape[2]
-            q = q * cos[-q_len:] + rotate_half(q) * sin[-q_len:]
+            slots = self._query_slots(cache, c_k.shape[1], q_len, q.device)
+            q = q * cos[slots] + rotate_half(q) * sin[slots]
             rope = (cos, sin)
             from ..kernels_bridge import latent_rope_scores_for
 
@@ -121,9 +122,23 @@ class CompressedAttentionMixin:
         cos, sin = self.rotary_emb()(like, positions)
         return cos[0].to(like.dtype), sin[0].to(like.dtype)
 
-    def _rope_by_relative_position(self, q, k):
+    def _query_slots(self, cache, total: int, q_len: int, device):
+        """Cache slots of this step's queries (their RoPE positions): the last ``q_len`` filled ones.
+
+        A dynamic cache holds exactly the filled slots, ``total``. HF's StaticCache preallocates
+        ``total`` slots and counts the filled ones in its layer's ``cumulative_length``, a device
+        tensor: indexing with it keeps the step free of host syncs (CUDA graphs).
+        """
+        layers = getattr(cache, "layers", None)
+        filled = getattr(layers[self.layer_idx], "cumulative_length", None) if layers else None
+        if not isinstance(filled, torch.Tensor):
+            return slice(total - q_len, total)
+        return filled.to(device) - q_len + torch.arange(q_len, device=device)
+
+    def _rope_by_relative_position(self, q, k, cache):
         total, q_len = k.shape[2], q.shape[2]
         cos, sin = self._relative_rope_tables(total, k)
         k = k * cos + rotate_half(k) * sin
-        q = q * cos[total - q_len:] + rotate_half(q) * sin[total - q_len:]
+        slots = self._query_slots(cache, total, q_len, q.device)
+        q = q * cos[slots] + rotate_half(q) * sin[slots]
         return q, k

@@ -88,7 +88,12 @@ def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
 
 
 def _masked(scores, attention_mask, total):
-    """Apply HF's 4-D mask (boolean or additive), or the bottom-right causal mask when it is None."""
+    """Apply HF's 4-D mask (boolean or additive); None means what it means to HF's sdpa path.
+
+    HF leaves the mask out only where SDPA's own ``is_causal`` is right: one query (no mask), or
+    queries that start at slot 0 (a prefill, also into a static cache whose tail is empty), where
+    torch's top-left causal alignment applies: query i sees slots 0 … i.
+    """
     q_len = scores.shape[-2]
     if attention_mask is not None:
         mask = attention_mask[..., :total]
@@ -98,7 +103,5 @@ def _masked(scores, attention_mask, total):
         return scores + mask.to(scores.dtype)
     if q_len == 1:
         return scores
-    # Query i sits at position total - q_len + i and sees keys up to it.
-    query_pos = torch.arange(total - q_len, total, device=scores.device).unsqueeze(1)
-    visible = torch.arange(total, device=scores.device).unsqueeze(0) <= query_pos
+    visible = torch.ones(q_len, total, dtype=torch.bool, device=scores.device).tril()
     return scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
