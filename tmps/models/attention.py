@@ -7,9 +7,10 @@ the model's own attention (RoPE, cache, attention kernel, output projection).
 stores the latents (one pseudo-head of width r), and the full keys/values are rebuilt from the
 whole cached context as ``k = c_k U_kᵀ`` and ``v = c_v U_vᵀ`` before attention. RoPE does not
 commute with a basis that mixes rotation pairs, so for RoPE models the rotation is applied to the
-rebuilt keys, with the cos/sin of positions ``0 … T-1`` for the keys and ``T-q … T-1`` for the
-queries: attention scores depend only on relative positions, and within a sequence the model's
-position ids are contiguous, so this is exact (at full rank it reproduces the dense model).
+rebuilt keys, with the cos/sin of their cache slots ``0 … T-1``, and to the queries at theirs (the
+last q filled slots: ``T-q … T-1`` in a dynamic cache, counted by a static one): attention scores
+depend only on relative positions, and within a sequence the model's position ids are contiguous,
+so this is exact (at full rank it reproduces the dense model).
 
 When the queries are few (decode), kv mode skips the rebuild and attends over the latents directly
 (:mod:`tmps.models.latent_attention`): ``module.kv_attention`` is ``"auto"`` (latent when that costs
