@@ -22,11 +22,15 @@
 #      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
 #      runs tmps.compress on CUDA). --kv-graphs: kv mode's latents do fit HF's StaticCache (the
 #      CPU smoke run checks that its greedy tokens equal the eager decode's), so its graphs are tried.
+#   f. (last, in the 40 s kept from e) pytest benchmarks/bench_attention.py --benchmark-only: one
+#      attention block, dense vs weights/kv mode, torch vs kernel path, fp16 (bench_attention.json;
+#      skipped when pytest-benchmark is not installed)
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
 # step shortens the later ones instead of overrunning. Outputs: gpu_check.log, kernels.md,
-# latent_attention.md, e2e.md, e2e.json (5 files). Exit status 0 when every step passed, 1 otherwise.
+# latent_attention.md, e2e.md, e2e.json, bench_attention.json (6 files). Exit status 0 when every
+# step passed, 1 otherwise.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -354,10 +358,23 @@ step "d2. latent attention microbenchmark (kv decode)" 60 150 \
   "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --context 1024 4096
 
 # ------------------------------------------------------------------------------------------ e
-E2E_CAP=$(( START + TOTAL - $(date +%s) - 5 ))
-step "e. end-to-end benchmark" "$E2E_CAP" 0 \
+E2E_CAP=$(( START + TOTAL - $(date +%s) - 45 ))
+step "e. end-to-end benchmark" "$E2E_CAP" 40 \
   "$PY" benchmarks/e2e.py --out "$OUT/e2e.md" --factors "${E2E_FACTORS:-random}" --calib-timeout 40 --kv-graphs \
   --budget-s $(( E2E_CAP > 40 ? E2E_CAP - 25 : 15 ))
+
+# ------------------------------------------------------------------------------------------ f
+bench_block() {
+  if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+    echo "pytest-benchmark is not installed here: attention-block benchmark skipped"
+    return 0
+  fi
+  "$PY" -m pytest benchmarks/bench_attention.py --benchmark-only -q -p no:cacheprovider \
+    --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=median,rounds --benchmark-sort=name \
+    --benchmark-json "$OUT/bench_attention.json"
+}
+F_CAP=$(( START + TOTAL - $(date +%s) - 5 ))
+step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" 0 bench_block
 
 # ------------------------------------------------------------------------------------------ summary
 {
