@@ -56,7 +56,7 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     kv_heads = k_up.shape[0] // head_dim
     group = heads // kv_heads
     # Query head h = g·group + j belongs to key/value head g (HF's repeat_kv order).
-    q_grouped = (q * scaling).reshape(b, kv_heads, group * q_len, head_dim)
+    q_grouped = (q * scaling if scaling != 1.0 else q).reshape(b, kv_heads, group * q_len, head_dim)  # OPT: 1.0
     if rope is None:
         q_latent = torch.einsum("bgmd,gdr->bgmr", q_grouped, k_up.view(kv_heads, head_dim, -1))
         scores = q_latent.reshape(b, heads * q_len, -1) @ c_k.transpose(1, 2)
