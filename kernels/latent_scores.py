@@ -73,6 +73,9 @@ _CONFIGS = tuple(
     for bt in (32, 64, 128)
     for br in (32, 64)
 )
+# fp32 is the accuracy path: its dots run as 3xTF32 (_FP32_DOT_PRECISION), whose operand splitting
+# doubles the registers, so it gets one small config and no autotuning (as the projection kernel).
+_FP32_CONFIG = ScoresConfig(block_t=32, block_r=32, num_warps=4, num_stages=2)
 _INTERPRETER_CONFIG = ScoresConfig(block_t=32, block_r=32, num_warps=4, num_stages=1)
 
 
@@ -223,6 +226,8 @@ def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
     """Autotune once per (device, dtype, rows, head_dim, r, T bucket) and cache the winner."""
     if q.device.type != "cuda" or _interpreted():
         return _INTERPRETER_CONFIG
+    if q.dtype == torch.float32:
+        return _FP32_CONFIG
     b, kv_heads, m, head_dim = q.shape
     key = (q.device.index, q.dtype, m, head_dim, c_k.shape[2], min(_next_pow2(c_k.shape[1]), 1 << 16))
     if key in _TUNED:

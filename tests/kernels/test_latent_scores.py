@@ -19,6 +19,9 @@ needs_kernel = pytest.mark.skipif(not triton_available(DEVICE), reason=f"Triton 
 # max|error| / max|reference|: keys are rounded to the input dtype twice (rebuild, rotation) on top
 # of fp32 accumulation; fp32 runs as 3xTF32 on the GPU.
 TOLERANCE = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+# One fixed config for the shape sweep keeps the CUDA compile count down (the autotuner would try
+# every candidate per shape); test_autotuned_config_matches_reference covers the tuner's choice.
+FIXED = ScoresConfig(block_t=32, block_r=32, num_warps=4, num_stages=2)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +67,15 @@ def check(low, exact, dtype, **kw):
 ])
 def test_matches_reference(dtype, b, kv_heads, m, head_dim, total, r):
     low, exact = make_inputs(b, kv_heads, m, head_dim, total, r, dtype)
-    check(low, exact, dtype)
+    check(low, exact, dtype, config=FIXED)
+
+
+@needs_kernel
+def test_autotuned_config_matches_reference():
+    low, exact = make_inputs(2, 2, 4, 64, 150, 40, torch.float16)
+    check(low, exact, torch.float16)  # on CUDA: tuned over every candidate, then cached
+    if DEVICE == "cuda":
+        assert ls._TUNED, "the autotuner did not cache its choice"
 
 
 @needs_kernel
