@@ -36,7 +36,9 @@ class FactoredProjection(nn.Module):
             self.register_buffer(f"core_{g}", core)
             self.register_buffer(f"out_factor_{g}", out)
             self.register_buffer(f"bias_{g}", bias)
-        # "auto" uses the Triton kernel on CUDA when it is available; "torch" / "triton" force a path.
+        # "auto": on CUDA, the Triton kernel or the torch chain, whichever is faster for this shape
+        # (timed once per token bucket, see kernels_bridge.faster_path); the torch chain elsewhere.
+        # "torch" / "triton" force a path.
         self.backend = "auto"
 
     @classmethod
@@ -74,21 +76,30 @@ class FactoredProjection(nn.Module):
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or self.in_factor is None:
             return False
-        from .kernels_bridge import triton_path_available
+        from . import kernels_bridge as bridge
 
         if self.backend == "triton":
-            if not triton_path_available(x.device):
+            if not bridge.triton_path_available(x.device):
                 raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
             return True
-        return x.device.type == "cuda" and triton_path_available(x.device)
+        if not bridge.kernel_preferred_on(x.device):
+            return False
+        d_in = self.in_factor.shape[0]
+        key = (x.device, x.dtype, bridge.token_bucket(x.numel() // d_in), tuple(self.in_factor.shape),
+               tuple((tuple(c.shape), None if a is None else tuple(a.shape), b is not None) for c, a, b in self.groups))
+        return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x)) == "triton"
+
+    def _triton(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from .kernels_bridge import fused_factored_projection
+
+        cores, outs, biases = zip(*self.groups)
+        return fused_factored_projection(x, self.in_factor, list(cores), list(outs), list(biases))
+
+    def _torch(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return factored_projection_torch(x, self.in_factor, self.groups)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self._use_triton(x):
-            from .kernels_bridge import fused_factored_projection
-
-            cores, outs, biases = zip(*self.groups)
-            return fused_factored_projection(x, self.in_factor, list(cores), list(outs), list(biases))
-        return factored_projection_torch(x, self.in_factor, self.groups)
+        return self._triton(x) if self._use_triton(x) else self._torch(x)
 
 
 def factored_projection_torch(x, in_factor, groups) -> list[torch.Tensor]:

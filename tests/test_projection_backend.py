@@ -1,0 +1,87 @@
+"""FactoredProjection's backend switch: "auto" takes whichever of the kernel and the torch chain is faster."""
+import pytest
+import torch
+
+import tmps.kernels_bridge as bridge
+from tmps.projection import FactoredProjection, factored_projection_torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch):
+    monkeypatch.setattr(bridge, "_FASTER", {})
+
+
+def projection(d_in=12, r=5):
+    cores = [torch.randn(3, 4, r), torch.randn(1, 6, r)]
+    return FactoredProjection(torch.randn(d_in, r), cores, [torch.randn(8, 4), None], [torch.randn(24), None])
+
+
+def labelled(fn, path):
+    fn.path = path
+    return fn
+
+
+@pytest.mark.parametrize("kernel_ms,torch_ms,expected", [(1.0, 2.0, "triton"), (3.0, 2.0, "torch")])
+def test_faster_path_times_once_and_caches(kernel_ms, torch_ms, expected):
+    timed, ran = [], []
+    bench = lambda fn: timed.append(fn.path) or (kernel_ms if fn.path == "triton" else torch_ms)  # noqa: E731
+    run_kernel = labelled(lambda: ran.append("triton"), "triton")
+    run_torch = labelled(lambda: ran.append("torch"), "torch")
+    assert bridge.faster_path("key", run_kernel, run_torch, bench) == expected
+    assert timed == ["triton", "torch"] and ran == ["triton", "torch"]  # each warmed up once, then timed
+    assert bridge.faster_path("key", run_kernel, run_torch, bench) == expected
+    assert len(timed) == 2, "a cached choice must not be timed again"
+
+
+def test_no_timing_during_graph_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    timed = []
+    choice = bridge.faster_path("key", lambda: None, lambda: None, lambda fn: timed.append(1) or 1.0)
+    assert choice == "triton" and timed == [] and "key" not in bridge._FASTER
+
+
+@pytest.mark.parametrize("kernel_ms,torch_ms,kernel_runs", [(1.0, 2.0, True), (3.0, 2.0, False)])
+def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, kernel_runs):
+    """On a (pretended) GPU, "auto" runs the kernel only where it timed faster; outputs are the chain's."""
+    module = projection()
+    calls = []
+
+    def fake_kernel(x, in_factor, cores, out_factors, biases):
+        calls.append(x.shape[:-1])
+        return factored_projection_torch(x, in_factor, list(zip(cores, out_factors, biases)))
+
+    monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
+    monkeypatch.setattr(bridge, "fused_factored_projection", fake_kernel)
+    timings = {}
+
+    def bench(fn):
+        before = len(calls)
+        fn()
+        which = "triton" if len(calls) > before else "torch"
+        timings[which] = timings.get(which, 0) + 1
+        return kernel_ms if which == "triton" else torch_ms
+
+    monkeypatch.setattr(bridge, "_median_ms", bench)
+    x = torch.randn(2, 7, 12)
+    for _ in range(3):
+        calls.clear()
+        ys = module(x)
+        for y, ref in zip(ys, factored_projection_torch(x, module.in_factor, module.groups)):
+            torch.testing.assert_close(y, ref)
+    assert timings == {"triton": 1, "torch": 1}  # timed on the first call only
+    assert bool(calls) == kernel_runs
+    # Another token bucket is timed anew; 2 x 7 and 14 x 1 rows share one.
+    module(torch.randn(14, 12))
+    assert timings == {"triton": 1, "torch": 1}
+    module(torch.randn(300, 12))
+    assert timings == {"triton": 2, "torch": 2}
+
+
+def test_forced_backends_are_not_timed(monkeypatch):
+    module = projection()
+    monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
+    monkeypatch.setattr(bridge, "_median_ms", lambda fn: pytest.fail("a forced backend was timed"))
+    module.backend = "torch"
+    module(torch.randn(3, 12))
+    assert bridge._FASTER == {}
