@@ -10,7 +10,8 @@ sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quali
 
 * ``dense``: the model as built;
 * ``kv``: ``tmps.compress(model, calib, mode="kv", ratio=0.5)``: the cache holds K/V latents;
-* ``weights``: ``mode="weights", ratio=0.5``: factored Q/K/V through the fused Triton kernel;
+* ``weights``: ``mode="weights", ratio=0.5``: factored Q/K/V, ``backend="auto"``: per token bucket
+  the fused Triton kernel or the torch chain, whichever timed faster (the notes say which);
 * ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``;
 * ``kv-rebuild``: the kv model with ``kv_attention = "rebuild"``: decode rebuilds full keys and
   values from the latents at every step instead of attending over the latents (what kv mode did
@@ -308,6 +309,18 @@ def set_backend(model, backend: str, kv_attention: str = "auto") -> None:
             module.backend = backend
         if hasattr(module, "kv_attention"):
             module.kv_attention = kv_attention
+
+
+def auto_choices() -> str:
+    """What ``backend="auto"`` picked so far (kernel or torch chain), per token bucket."""
+    from tmps import kernels_bridge
+
+    by_bucket: dict = {}
+    for key, choice in kernels_bridge._FASTER.items():
+        by_bucket.setdefault(key[2], set()).add(choice)
+    if not by_bucket:
+        return "nothing timed (no CUDA: the torch chain)"
+    return ", ".join(f"<= {bucket} rows: {'/'.join(sorted(c))}" for bucket, c in sorted(by_bucket.items()))
 
 
 def _empty_cache(device):
@@ -728,6 +741,8 @@ def run(args) -> list[dict]:
             print(f"e2e: {shape_name} {variant} ({record['factors']}) {note}", flush=True)
             measure_variant(model, mode, args, device, record, dense_cost, cost, left,
                             prefill=variant != "kv-rebuild")
+            if mode == "weights" and backend == "auto":
+                record["notes"].append(f"backend auto chose, per token bucket: {auto_choices()}")
             write(args, env, results, started)
         model = None
         gc.collect()
