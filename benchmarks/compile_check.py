@@ -1,0 +1,175 @@
+"""Compile every candidate config of the Triton kernels for a GPU target, without a GPU.
+
+    python benchmarks/compile_check.py                 # sm_90 (H100/H200), both kernels
+    python benchmarks/compile_check.py --arch 80       # sm_80 (A100)
+    python benchmarks/compile_check.py --first         # one config per kernel and dtype (the unit suite's check)
+
+Each kernel launch is captured instead of run (the launcher builds its real arguments from
+empty tensors of the given shapes), then compiled ahead of time with ``triton.compile`` for the
+target and assembled with the ptxas that ships with Triton. Per config it prints shared memory,
+registers per thread, spill stores and compile time, so a config that does not compile, needs
+too much shared memory or spills is seen before a GPU is lent. Uses Triton internals
+(``create_function_from_signature``, ``JITFunction._pack_args``) checked on Triton 3.6 and 3.9;
+exit status 3 when this Triton cannot compile ahead of time, 1 when a config fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's runtime default, stated (it warns otherwise)
+
+import torch  # noqa: E402
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+except ImportError as exc:  # no Triton, or internals this script relies on moved: nothing to check
+    print(f"compile_check: cannot compile ahead of time with this Triton ({exc})", file=sys.stderr)
+    raise SystemExit(3)
+
+from tmps.kernels import fused_projection as fp  # noqa: E402
+from tmps.kernels import latent_scores as ls  # noqa: E402
+
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
+
+
+class _Capture:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self):
+        self.call = None
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.call = (args, kwargs)
+        return record
+
+
+def captured_call(module, name, launch):
+    """Run ``launch()`` with ``module.name`` replaced by a recorder; return the recorded (args, kwargs)."""
+    real = getattr(module, name)
+    capture = _Capture()
+    setattr(module, name, capture)
+    try:
+        launch()
+    finally:
+        setattr(module, name, real)
+    return capture.call
+
+
+def compile_call(kernel, call, target, ptxas):
+    """Compile a recorded call: (shared bytes, registers, spill store bytes, seconds)."""
+    args, kwargs = call
+    kwargs = dict(kwargs)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    seconds = time.perf_counter() - start
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        report = subprocess.run([ptxas, "-v", f"-arch=sm_{target.arch}a" if target.arch >= 90 else f"-arch=sm_{target.arch}",
+                                 f.name, "-o", os.devnull], capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)
+    registers = int(re.findall(r"Used (\d+) registers", report)[0])
+    spills = int(re.findall(r"(\d+) bytes spill stores", report)[0])
+    return compiled.metadata.shared, registers, spills, seconds
+
+
+def projection_cases(dtype):
+    """(label, config, launch) for the fused projection: decode and prefill configs at model-like shapes."""
+    shapes = [  # (rows, d_in, r, groups ((n, s, o, has_out, has_bias), ...))
+        (16, 4096, 1024, ((32, 128, 128, True, False),) * 3),   # Llama-7B-like decode, weights mode
+        (4096, 2048, 512, ((32, 64, 64, True, True),) * 3),     # OPT-1.3B-like prefill, weights mode
+        # kernel_microbench.py at hidden 4096, ratio 0.5 (gpu_check's subset): weights and kv_latent layouts
+        (16, 4096, 2048, ((64, 64, 64, True, True),) * 3),
+        (4096, 4096, 2048, ((64, 64, 64, True, True),) * 3),
+        (16, 4096, 2048, ((64, 64, 64, False, False),) * 3),
+        (4096, 4096, 2048, ((64, 64, 64, False, False),) * 3),
+    ]
+    if dtype == torch.float32:
+        configs = {16: [fp._FP32_DECODE_CONFIG], 4096: [fp._FP32_PREFILL_CONFIG]}
+    else:
+        configs = {16: list(fp._DECODE_CONFIGS), 4096: list(fp._PREFILL_CONFIGS)}
+    for rows, d_in, r, groups in shapes:
+        for config in configs[rows]:
+            def launch(config=config, rows=rows, d_in=d_in, r=r, groups=groups):
+                x = torch.empty(rows, d_in, dtype=dtype)
+                cores = [torch.empty(n, s, r, dtype=dtype) for n, s, _, _, _ in groups]
+                outs = [torch.empty(o, s, dtype=dtype) if has else None for _, s, o, has, _ in groups]
+                biases = [torch.empty(n * o, dtype=dtype) if bias else None for n, _, o, _, bias in groups]
+                ys = [torch.empty(rows, n * o, dtype=dtype) for n, _, o, _, _ in groups]
+                fp._launch(x, torch.empty(d_in, r, dtype=dtype), cores, outs, biases, ys, r, groups, config)
+            yield f"projection rows={rows} d_in={d_in} r={r}", config, launch
+
+
+def scores_cases(dtype):
+    """(label, config, launch) for the RoPE latent-scores kernel at Llama-3-8B and SmolLM2 decode shapes."""
+    shapes = {"llama-3-8b": (1, 8, 4, 128, 4096, 358), "smollm2": (1, 3, 3, 64, 1024, 67)}
+    configs = [ls._FP32_CONFIG] if dtype == torch.float32 else list(ls._CONFIGS)
+    for name, (b, kv, m, hd, total, r) in shapes.items():
+        for config in configs:
+            def launch(config=config, b=b, kv=kv, m=m, hd=hd, total=total, r=r):
+                ls._launch(torch.empty(b, kv, m, hd, dtype=dtype), torch.empty(b, total, r, dtype=dtype),
+                           torch.empty(kv * hd, r, dtype=dtype), torch.empty(total, hd, dtype=dtype),
+                           torch.empty(total, hd, dtype=dtype), torch.empty(b, kv, m, total), config)
+            yield f"latent scores {name}", config, launch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--kernels", nargs="+", choices=("projection", "scores"), default=["projection", "scores"])
+    p.add_argument("--dtypes", nargs="+", choices=("float16", "bfloat16", "float32"),
+                   default=["float16", "bfloat16", "float32"])
+    p.add_argument("--first", action="store_true", help="only the first case of each kernel and dtype (CI)")
+    args = p.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))),
+                 None)
+    if ptxas is None:
+        print(f"compile_check: no ptxas under {bindir}", file=sys.stderr)
+        return 3
+    limit = SHARED_LIMIT.get(args.arch)
+    print(f"triton {triton.__version__}, target sm_{args.arch}; columns: shared bytes, registers, spill bytes, compile s")
+    failures = 0
+    sources = {"projection": (projection_cases, fp, "_fused_factored_projection_kernel"),
+               "scores": (scores_cases, ls, "_latent_rope_scores_kernel")}
+    for kernel_name in args.kernels:
+        cases, module, attr = sources[kernel_name]
+        kernel = getattr(module, attr)
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            for index, (label, config, launch) in enumerate(cases(dtype)):
+                if args.first and index:
+                    break
+                try:
+                    shared, registers, spills, seconds = compile_call(kernel, captured_call(module, attr, launch),
+                                                                      target, ptxas)
+                    verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
+                    failures += verdict != "ok"
+                    print(f"{label} {dtype_name} {config}: {shared} {registers} {spills} {seconds:.1f}  {verdict}",
+                          flush=True)
+                except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
+                    failures += 1
+                    print(f"{label} {dtype_name} {config}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+    print(f"compile_check: {failures} failing config(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
