@@ -22,15 +22,17 @@
 #      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
 #      runs tmps.compress on CUDA). --kv-graphs: kv mode's latents do fit HF's StaticCache (the
 #      CPU smoke run checks that its greedy tokens equal the eager decode's), so its graphs are tried.
-#   f. (last, in the 40 s kept from e) pytest benchmarks/bench_attention.py --benchmark-only: one
+#   f. (in the 40 s kept from e) pytest benchmarks/bench_attention.py --benchmark-only: one
 #      attention block, dense vs weights/kv mode, torch vs kernel path, fp16 (bench_attention.json;
 #      skipped when pytest-benchmark is not installed)
+#   g. benchmarks/targets.py: issue #4's targets against kernels.json and e2e.json, worst case per
+#      target (targets.md); a missed target is reported, not counted as a failed step
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
 # step shortens the later ones instead of overrunning. Outputs: gpu_check.log, kernels.md,
-# latent_attention.md, e2e.md, e2e.json, bench_attention.json (6 files). Exit status 0 when every
-# step passed, 1 otherwise.
+# kernels.json, latent_attention.md, e2e.md, e2e.json, bench_attention.json, targets.md (8 files).
+# Exit status 0 when every step passed, 1 otherwise.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -376,8 +378,15 @@ bench_block() {
     --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=median,rounds --benchmark-sort=name \
     --benchmark-json "$OUT/bench_attention.json"
 }
-F_CAP=$(( START + TOTAL - $(date +%s) - 5 ))
-step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" 0 bench_block
+F_CAP=$(( START + TOTAL - $(date +%s) - 15 ))
+step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" 10 bench_block
+
+# ------------------------------------------------------------------------------------------ g
+targets_table() {  # a missed target is a result (exit 1), not a failed step
+  "$PY" benchmarks/targets.py --kernels "$OUT/kernels.json" --e2e "$OUT/e2e.json" --out "$OUT/targets.md"
+  [ $? -le 1 ]
+}
+step "g. issue #4 targets against the measurements" 10 0 targets_table
 
 # ------------------------------------------------------------------------------------------ summary
 {
@@ -385,6 +394,7 @@ step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" 0 bench_block
   [ -f "$OUT/kernels.md" ] && echo "kernels.md: $(grep -c '^| [0-9]' "$OUT/kernels.md") rows"
   [ -f "$OUT/latent_attention.md" ] && cat "$OUT/latent_attention.md"
   [ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
+  [ -f "$OUT/targets.md" ] && cat "$OUT/targets.md"
   echo
   echo "gpu_check summary ($(( $(date +%s) - START ))s of ${TOTAL}s), logs in $LOG:"
   for s in "${STATUS[@]}"; do echo "  $s"; done

@@ -26,6 +26,7 @@ time``, plus speedups ``provider_ms / triton_ms``.  The GPU's name heads the out
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -143,6 +144,12 @@ def config_str(cfg):
             f"w{cfg.num_warps} st{cfg.num_stages}")
 
 
+def record(hidden, layout, ratio, r, tokens, ms, tflops, gbps, roof, config) -> dict:
+    """One measured case as the JSON twin of the tables stores it (benchmarks/targets.py reads it)."""
+    return dict(hidden=hidden, layout=layout, ratio=ratio, r=r, tokens=tokens, ms=ms, triton_tflops=tflops,
+                triton_gbps=gbps, roofline_pct=roof, config=config)
+
+
 def run_cuda(args):
     import torch
     import triton
@@ -161,6 +168,7 @@ def run_cuda(args):
         f"Ceilings measured in this run: fp16 8192^3 matmul {peak_tflops:.1f} TFLOP/s, 1 GiB copy "
         f"{peak_gbps:.0f} GB/s. r = ratio * hidden, s = head_dim = {HEAD_DIM}, 3 groups of hidden/64 heads.",
     ]
+    records = []
     regimes = (("Decode", [t for t in args.tokens if t <= DECODE_MAX_TOKENS]),
                ("Prefill", [t for t in args.tokens if t > DECODE_MAX_TOKENS]))
     for regime, tokens_list in regimes:
@@ -192,9 +200,13 @@ def run_cuda(args):
                         cfg = fp._TUNED.get(fp._tune_key(case["x"].device, torch.float16, tokens, hidden, r, groups))
                         line = row(hidden, layout, case["r"], tokens, ms, tflops, gbps, roof, config_str(cfg))
                         lines.append(line)
+                        records.append(record(hidden, layout, ratio, case["r"], tokens, ms, tflops, gbps, roof,
+                                              config_str(cfg)))
                         print(line, flush=True)
                         del case
-    return lines
+    meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype="float16",
+                peak_tflops=peak_tflops, peak_gbps=peak_gbps)
+    return lines, dict(meta=meta, rows=records)
 
 
 def run_smoke(args):
@@ -232,13 +244,16 @@ def run_smoke(args):
         f"flops {flops}, fewest bytes {nbytes}; triton matches the reference.",
     ]
     print("\n".join(lines))
-    return lines
+    meta = dict(device="cpu (smoke: Triton interpreter, wall clock of one call)", torch=torch.__version__,
+                dtype="float32", peak_tflops=None, peak_gbps=None)
+    rows = [record(128, "weights", 0.25, case["r"], 3, ms, None, None, None, config_str(fp._INTERPRETER_CONFIG))]
+    return lines, dict(meta=meta, rows=rows)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
-        lines = run_smoke(args)
+        lines, data = run_smoke(args)
     else:
         import torch
 
@@ -246,12 +261,14 @@ def main(argv=None):
             print("kernel_microbench: no CUDA device; this benchmark needs a GPU "
                   "(run with --smoke for a CPU check of the script)", file=sys.stderr)
             return 2
-        lines = run_cuda(args)
+        lines, data = run_cuda(args)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {args.out} and its .json twin")
     return 0
 
 

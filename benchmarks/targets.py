@@ -1,0 +1,163 @@
+"""Issue #4's speed targets against what the benchmarks measured: one table, worst case per target.
+
+    python benchmarks/targets.py --kernels results/kernels.json --e2e results/e2e.json --out results/targets.md
+
+Reads the JSON twins that ``kernel_microbench.py --out`` and ``e2e.py --out`` write and checks:
+
+* kernel, decode (<= 16 tokens): ours >= 1.5x the unfused torch chain, >= 1.2x ``torch.compile`` of it;
+* kernel, prefill: never slower than either, >= 1.1x the unfused chain;
+* kernel at rank ratio 0.25 and hidden >= 2048: >= 2x dense cuBLAS QKV at decode, >= 1.5x at prefill;
+* kernel: >= 60 % of the roofline of its own work (flops and bytes against the ceilings measured in
+  the same run);
+* end to end, per compressed model (``kv``, ``weights``) and case: faster than dense, and >= 80 % of
+  the bound that the saved bytes (decode) or flops (prefill) allow.
+
+Each target reports how many cases it covers, the worst one and whether every case meets it; a
+target with no measured case says so instead of passing. Exit status 0 when every measured target
+is met, 1 otherwise, 2 when neither file exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+DECODE_MAX_TOKENS = 16
+E2E_PRODUCT_VARIANTS = ("kv", "weights")  # kv-rebuild and weights-torch are diagnostics, not the product
+
+
+@dataclass
+class Target:
+    name: str
+    criterion: str
+    threshold: float
+    cases: list  # (label, value)
+
+    @property
+    def worst(self):
+        return min(self.cases, key=lambda case: case[1]) if self.cases else None
+
+    @property
+    def met(self):
+        return None if not self.cases else self.worst[1] >= self.threshold
+
+
+def _ratio(ms: dict, baseline: str):
+    ours, base = ms.get("triton"), ms.get(baseline)
+    return None if not ours or not base else base / ours
+
+
+def kernel_targets(data: dict) -> list[Target]:
+    rows = data.get("rows", [])
+
+    def cases(select, value):
+        out = []
+        for row in rows:
+            v = value(row)
+            if select(row) and v is not None:
+                out.append((f"hidden {row['hidden']} {row['layout']} ratio {row['ratio']} tokens {row['tokens']}", v))
+        return out
+
+    def decode(row):
+        return row["tokens"] <= DECODE_MAX_TOKENS
+
+    def prefill(row):
+        return row["tokens"] > DECODE_MAX_TOKENS
+
+    def big_quarter(row):
+        return row["ratio"] == 0.25 and row["hidden"] >= 2048
+
+    return [
+        Target("kernel vs unfused chain, decode", ">= 1.5x", 1.5,
+               cases(decode, lambda r: _ratio(r["ms"], "torch_factored"))),
+        Target("kernel vs torch.compile, decode", ">= 1.2x", 1.2,
+               cases(decode, lambda r: _ratio(r["ms"], "torch_compile"))),
+        Target("kernel vs unfused chain, prefill", ">= 1.1x", 1.1,
+               cases(prefill, lambda r: _ratio(r["ms"], "torch_factored"))),
+        Target("kernel vs torch.compile, prefill", ">= 1.0x (never slower)", 1.0,
+               cases(prefill, lambda r: _ratio(r["ms"], "torch_compile"))),
+        Target("kernel vs dense cuBLAS QKV, ratio 0.25, hidden >= 2048, decode", ">= 2x", 2.0,
+               cases(lambda r: decode(r) and big_quarter(r), lambda r: _ratio(r["ms"], "torch_dense"))),
+        Target("kernel vs dense cuBLAS QKV, ratio 0.25, hidden >= 2048, prefill", ">= 1.5x", 1.5,
+               cases(lambda r: prefill(r) and big_quarter(r), lambda r: _ratio(r["ms"], "torch_dense"))),
+        Target("kernel, % of roofline", ">= 60 %", 60.0, cases(lambda r: True, lambda r: r.get("roofline_pct"))),
+    ]
+
+
+def e2e_targets(data: dict) -> list[Target]:
+    dense = {r["shape"]: r for r in data.get("results", []) if r["variant"] == "dense"}
+    speed, fraction = [], []
+    for r in data.get("results", []):
+        if r["variant"] not in E2E_PRODUCT_VARIANTS or r["shape"] not in dense:
+            continue
+        for kind, cells in r.get("cells", {}).items():
+            for key, value in cells.items():
+                base = dense[r["shape"]]["cells"].get(kind, {}).get(key)
+                if not isinstance(value, (int, float)) or not isinstance(base, (int, float)) or value <= 0:
+                    continue
+                s = base / value if kind == "prefill" else value / base  # prefill: ms; decode: tokens/s
+                label = f"{r['shape']} {r['variant']} {kind} {key}"
+                speed.append((label, s))
+                bound = r.get("bounds", {}).get(kind, {}).get(key)
+                if bound:
+                    fraction.append((label, 100 * s / bound))
+    return [
+        Target("end to end: compressed vs dense", "> 1.0x in every case", 1.0 + 1e-9, speed),
+        Target("end to end: % of the bound", ">= 80 %", 80.0, fraction),
+    ]
+
+
+def render(targets: list[Target], sources: dict) -> list[str]:
+    lines = ["# Issue #4 targets against the measurements", "",
+             "Sources: " + "; ".join(f"{name}: {desc}" for name, desc in sources.items()), "",
+             "| target | criterion | cases | worst case | worst value | met |", "|---|---|---|---|---|---|"]
+    for t in targets:
+        if not t.cases:
+            lines.append(f"| {t.name} | {t.criterion} | 0 | not measured | | n/a |")
+            continue
+        label, value = t.worst
+        unit = " %" if "%" in t.criterion else "x"
+        lines.append(f"| {t.name} | {t.criterion} | {len(t.cases)} | {label} | {value:.2f}{unit} | "
+                     f"{'yes' if t.met else '**no**'} |")
+    return lines
+
+
+def _load(path):
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default="results/kernels.json", help="kernel_microbench.py's JSON twin")
+    p.add_argument("--e2e", default="results/e2e.json", help="e2e.py's JSON twin")
+    p.add_argument("--out", help="also write the table here")
+    args = p.parse_args(argv)
+    kernels, e2e = _load(args.kernels), _load(args.e2e)
+    if kernels is None and e2e is None:
+        print(f"targets: neither {args.kernels} nor {args.e2e} exists; run the benchmarks first", file=sys.stderr)
+        return 2
+    targets, sources = [], {}
+    if kernels is not None:
+        targets += kernel_targets(kernels)
+        meta = kernels.get("meta", {})
+        sources["kernels"] = f"{args.kernels} ({meta.get('device', '?')}, {meta.get('dtype', '?')})"
+    if e2e is not None:
+        targets += e2e_targets(e2e)
+        env = e2e.get("env", {})
+        sources["e2e"] = f"{args.e2e} ({env.get('device', '?')}, {env.get('dtype', '?')})"
+    lines = render(targets, sources)
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0 if all(t.met is not False for t in targets) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
