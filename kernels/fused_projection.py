@@ -64,15 +64,7 @@ from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton ships for Linux only; the torch reference still works.
-    triton = None
-    tl = None
-
-# Without Triton the kernels stay plain (never called) functions so the module still imports.
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton
 
 __all__ = [
     "KernelConfig",
@@ -81,12 +73,8 @@ __all__ = [
     "triton_available",
 ]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GROUPS = 4
 _DECODE_MAX_M = 16
-# fp32 dots: "tf32x3" (three TF32 tensor-core products, error near fp32's) rather than "ieee", which
-# lowers to FMA loops that spilled and took minutes in ptxas; plain "tf32" would lose 13 mantissa bits.
-_FP32_DOT_PRECISION = "tf32x3"
 # Keep z in registers while its padded rank is at most _Z_REGS_MAX_R and the fp32 tile holds at
 # most _Z_REGS_MAX elements (32 KiB: 64 registers per thread at 4 warps).  The rank bound keeps
 # the whole-rank B and core tiles in shared memory: R_PAD = 512 needed 132 KiB at one stage
@@ -151,7 +139,7 @@ _PREFILL_CONFIGS = tuple(
     for bt in (64, 128)
     for cs in (1, 2, 4)
 )
-# fp32 is the accuracy path, not the fast one: dots run as 3xTF32 (_FP32_DOT_PRECISION) whose
+# fp32 is the accuracy path, not the fast one: dots run as 3xTF32 (FP32_DOT_PRECISION) whose
 # operand splitting doubles the registers, so fp32 gets one small config per regime, untuned.  The
 # fp16 prefill configs spilled up to 7 KiB in fp32 (sm_90 compile); these two compile without spills.
 _FP32_DECODE_CONFIG = KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=32, block_r=32, num_warps=4,
@@ -163,13 +151,9 @@ _INTERPRETER_CONFIG = KernelConfig(block_m=32, block_t=128, col_splits=1, block_
                                    num_stages=1)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _m_bucket(m: int) -> int:
     """Autotuning key for the token count: decode sizes share one bucket, then powers of two."""
-    return _DECODE_MAX_M if m <= _DECODE_MAX_M else min(_next_pow2(m), 1 << 16)
+    return _DECODE_MAX_M if m <= _DECODE_MAX_M else min(next_pow2(m), 1 << 16)
 
 
 @dataclass(frozen=True)
@@ -189,10 +173,10 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
     """groups: ((n_g, s_g, o_g, has_out_factor, has_bias), ...)."""
-    s_pad = tuple(max(16, _next_pow2(s)) for _, s, _, _, _ in groups)
-    o_pad = tuple(max(16, _next_pow2(o)) for _, _, o, _, _ in groups)
+    s_pad = tuple(max(16, next_pow2(s)) for _, s, _, _, _ in groups)
+    o_pad = tuple(max(16, next_pow2(o)) for _, _, o, _, _ in groups)
     heads_per_tile = tuple(
-        min(_next_pow2(n), max(1, config.block_t // sp)) for (n, _, _, _, _), sp in zip(groups, s_pad)
+        min(next_pow2(n), max(1, config.block_t // sp)) for (n, _, _, _, _), sp in zip(groups, s_pad)
     )
     tile_start = [0]
     for (n, _, _, _, _), hpt in zip(groups, heads_per_tile):
@@ -201,7 +185,7 @@ def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
     splits = num_tiles if config.col_splits == 0 else min(config.col_splits, num_tiles)
     tiles_per_program = triton.cdiv(num_tiles, splits)
     col_splits = triton.cdiv(num_tiles, tiles_per_program)  # no split is left without tiles
-    r_pad = max(16, _next_pow2(r))
+    r_pad = max(16, next_pow2(r))
     if config.z_in_regs is None:
         z_in_regs = r_pad <= _Z_REGS_MAX_R and config.block_m * r_pad <= _Z_REGS_MAX
     else:
@@ -213,7 +197,7 @@ def _prune_configs(configs, m: int, r: int, groups: tuple):
     """Drop row tiles far taller than M and configs whose plan duplicates an earlier one."""
     keep, seen = [], set()
     for config in configs:
-        if config.block_m > max(64, _next_pow2(m)):
+        if config.block_m > max(64, next_pow2(m)):
             continue
         plan = _make_plan(config, r, groups)
         signature = (config.block_m, config.block_k, config.num_warps, config.num_stages, plan)
@@ -228,18 +212,7 @@ def _prune_configs(configs, m: int, r: int, groups: tuple):
 # --------------------------------------------------------------------------------------------
 
 
-@_jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    # acc + a @ b.  DOT_UPCAST: Triton 3.9's interpreter multiplies bf16 operands as their uint16
-    # bit patterns, so under the interpreter bf16 operands go through fp32 (exact products, fp32
-    # accumulate: what the GPU's bf16 MMA computes).
-    if DOT_UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@_jit
+@jit
 def _z_tile(
     x_ptr, b_ptr,  # x rows of this program, in_factor B
     rows64, row_mask, r_offs, r_mask,  # (BLOCK_M,) int64 rows and mask, (WIDTH,) r columns and mask
@@ -257,11 +230,11 @@ def _z_tile(
                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b_tile = tl.load(b_ptr + k[:, None] * r + r_offs[None, :],
                          mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _dot(x_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot(x_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
     return acc
 
 
-@_jit
+@jit
 def _project_tile(
     z, z_base,  # z tile in registers (Z_IN_REGS) or the base of this program's scratch rows
     core_ptr, out_factor_ptr, bias_ptr, y_ptr,  # this group's tensors
@@ -286,7 +259,7 @@ def _project_tile(
         k = tl.arange(0, R_PAD)
         core_t = tl.load(core_ptr + core_row[None, :] * r + k[:, None],
                          mask=t_mask[None, :] & (k < r)[:, None], other=0.0)
-        t = _dot(z, core_t, tl.zeros((BLOCK_M, HEADS_PER_TILE * S_PAD), dtype=tl.float32), DOT_PRECISION,
+        t = dot(z, core_t, tl.zeros((BLOCK_M, HEADS_PER_TILE * S_PAD), dtype=tl.float32), DOT_PRECISION,
                  DOT_UPCAST)
     else:
         t = tl.zeros((BLOCK_M, HEADS_PER_TILE * S_PAD), dtype=tl.float32)
@@ -297,7 +270,7 @@ def _project_tile(
                               mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             core_t = tl.load(core_ptr + core_row[None, :] * r + k[:, None],
                              mask=t_mask[None, :] & k_mask[:, None], other=0.0)
-            t = _dot(z_chunk, core_t, t, DOT_PRECISION, DOT_UPCAST)
+            t = dot(z_chunk, core_t, t, DOT_PRECISION, DOT_UPCAST)
 
     # -- y = t @ out_factorᵀ per head: fold heads into rows for one (BLOCK_M * heads, S_PAD) GEMM
     if HAS_OUT_FACTOR:
@@ -306,7 +279,7 @@ def _project_tile(
         out_factor_t = tl.load(out_factor_ptr + o_offs[None, :] * S + s_offs[:, None],
                                mask=(s_offs < S)[:, None] & (o_offs < O)[None, :], other=0.0)
         t_rows = tl.reshape(t.to(dtype), (BLOCK_M * HEADS_PER_TILE, S_PAD))
-        y = _dot(t_rows, out_factor_t, tl.zeros((BLOCK_M * HEADS_PER_TILE, O_PAD), dtype=tl.float32),
+        y = dot(t_rows, out_factor_t, tl.zeros((BLOCK_M * HEADS_PER_TILE, O_PAD), dtype=tl.float32),
                  DOT_PRECISION, DOT_UPCAST)
         y = tl.reshape(y, (BLOCK_M, HEADS_PER_TILE * O_PAD))
         y_cols = tl.arange(0, HEADS_PER_TILE * O_PAD)
@@ -327,7 +300,7 @@ def _project_tile(
              mask=row_mask[:, None] & y_mask[None, :])
 
 
-@_jit
+@jit
 def _fused_factored_projection_kernel(
     # pointers; per-group tuples hold P entries (absent out factors / biases point at the core)
     x_ptr, in_factor_ptr, z_scratch_ptr,
@@ -345,8 +318,8 @@ def _fused_factored_projection_kernel(
     TILES_PER_PROGRAM: tl.constexpr, COL_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr,
     Z_IN_REGS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # _FP32_DOT_PRECISION for fp32, ignored for 16-bit
-    DOT_UPCAST: tl.constexpr,  # interpreter + bf16 only, see _dot
+    DOT_PRECISION: tl.constexpr,  # FP32_DOT_PRECISION for fp32, ignored for 16-bit
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16 only, see _common.dot
 ):
     # -- program -> (row tile, column split); splits of one row tile are adjacent so that their
     #    x tile and B stay hot in L2
@@ -446,7 +419,7 @@ def _validate(x, in_factor, cores, out_factors, biases):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     dtypes = {name: t.dtype for name, t in tensors}
-    if len(set(dtypes.values())) != 1 or x.dtype not in _SUPPORTED_DTYPES:
+    if len(set(dtypes.values())) != 1 or x.dtype not in SUPPORTED_DTYPES:
         listed = ", ".join(f"{name}={dt}" for name, dt in dtypes.items())
         raise TypeError(
             f"all tensors must share one dtype among float32, float16, bfloat16; got {listed}"
@@ -504,7 +477,7 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         NUM_GROUPS=len(groups),
         TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
-        Z_IN_REGS=plan.z_in_regs, DOT_PRECISION=_FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
+        Z_IN_REGS=plan.z_in_regs, DOT_PRECISION=FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
         DOT_UPCAST=x2d.dtype == torch.bfloat16 and _interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -535,7 +508,7 @@ def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> K
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _heuristic_config(m)
     candidates = _prune_configs(_DECODE_CONFIGS if m <= _DECODE_MAX_M else _PREFILL_CONFIGS, m, r, groups)
-    best = _autotune(
+    best = autotune(
         candidates,
         lambda config: _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config),
         lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"),
@@ -543,20 +516,6 @@ def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> K
     if best is None:
         raise RuntimeError(f"no fused projection config fits this GPU for d_in={d_in}, r={r}, groups={groups}")
     _TUNED[key] = best
-    return best
-
-
-def _autotune(candidates, run, bench) -> Optional[KernelConfig]:
-    """The candidate whose ``run(config)`` ``bench`` times fastest, skipping those that do not fit
-    the GPU (the compile raises OutOfResources, e.g. for shared memory); None if none fits."""
-    best, best_ms = None, float("inf")
-    for candidate in candidates:
-        try:
-            ms = bench(lambda: run(candidate))
-        except triton.runtime.errors.OutOfResources:
-            continue
-        if ms < best_ms:
-            best, best_ms = candidate, ms
     return best
 
 

@@ -41,9 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_projection import _FP32_DOT_PRECISION, _SUPPORTED_DTYPES, _dot, _next_pow2, triton, tl
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
 
@@ -73,7 +71,7 @@ _CONFIGS = tuple(
     for bt in (32, 64, 128)
     for br in (32, 64)
 )
-# fp32 is the accuracy path: its dots run as 3xTF32 (_FP32_DOT_PRECISION), whose operand splitting
+# fp32 is the accuracy path: its dots run as 3xTF32 (FP32_DOT_PRECISION), whose operand splitting
 # doubles the registers, so it gets one small config and no autotuning (as the projection kernel).
 _FP32_CONFIG = ScoresConfig(block_t=32, block_r=32, num_warps=4, num_stages=2)
 _INTERPRETER_CONFIG = ScoresConfig(block_t=32, block_r=32, num_warps=4, num_stages=1)
@@ -84,7 +82,7 @@ _INTERPRETER_CONFIG = ScoresConfig(block_t=32, block_r=32, num_warps=4, num_stag
 # --------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _latent_rope_scores_kernel(
     # pointers
     q_ptr, c_ptr, u_ptr, cos_ptr, sin_ptr, out_ptr,
@@ -122,8 +120,8 @@ def _latent_rope_scores_kernel(
         u_mask = r_mask[:, None] & j_mask[None, :]
         u1 = tl.load(u_rows1 + r_offs[:, None], mask=u_mask, other=0.0)  # (BLOCK_R, HALF_PAD)
         u2 = tl.load(u_rows2 + r_offs[:, None], mask=u_mask, other=0.0)
-        k1 = _dot(c, u1, k1, DOT_PRECISION, DOT_UPCAST)
-        k2 = _dot(c, u2, k2, DOT_PRECISION, DOT_UPCAST)
+        k1 = dot(c, u1, k1, DOT_PRECISION, DOT_UPCAST)
+        k2 = dot(c, u2, k2, DOT_PRECISION, DOT_UPCAST)
 
     # -- rotate by position: RoPE tables for the two halves --------------------------------------
     tj_mask = t_mask[:, None] & j_mask[None, :]
@@ -148,8 +146,8 @@ def _latent_rope_scores_kernel(
     q1 = tl.load(q_rows + j_offs[None, :], mask=q_mask, other=0.0)
     q2 = tl.load(q_rows + half + j_offs[None, :], mask=q_mask, other=0.0)
     scores = tl.zeros((M_PAD, BLOCK_T), dtype=tl.float32)
-    scores = _dot(q1, tl.trans(rot1), scores, DOT_PRECISION, DOT_UPCAST)
-    scores = _dot(q2, tl.trans(rot2), scores, DOT_PRECISION, DOT_UPCAST)
+    scores = dot(q1, tl.trans(rot1), scores, DOT_PRECISION, DOT_UPCAST)
+    scores = dot(q2, tl.trans(rot2), scores, DOT_PRECISION, DOT_UPCAST)
 
     out_rows = out_ptr + (pid_bg.to(tl.int64) * m + m_offs[:, None]) * total
     tl.store(out_rows + t_offs[None, :], scores, mask=m_mask[:, None] & t_mask[None, :])
@@ -176,7 +174,7 @@ def _validate(q, c_k, k_up, cos, sin):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.device != q.device:
             raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}; move all tensors to one device")
-    if q.dtype not in _SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in (c_k, k_up)):
+    if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in (c_k, k_up)):
         raise TypeError(f"q, c_k and k_up must share one dtype among float32, float16, bfloat16; "
                         f"got {q.dtype}, {c_k.dtype}, {k_up.dtype}")
     if q.dim() != 4 or c_k.dim() != 3 or k_up.dim() != 2:
@@ -211,9 +209,9 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
         c_k.stride(0), c_k.stride(1),
         k_up.stride(0),
         cos.stride(0), sin.stride(0),
-        M_PAD=max(16, _next_pow2(m)), HALF_PAD=max(16, _next_pow2(half)),
+        M_PAD=max(16, next_pow2(m)), HALF_PAD=max(16, next_pow2(half)),
         BLOCK_T=config.block_t, BLOCK_R=config.block_r,
-        DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and _interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -229,14 +227,12 @@ def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
     if q.dtype == torch.float32:
         return _FP32_CONFIG
     b, kv_heads, m, head_dim = q.shape
-    key = (q.device.index, q.dtype, m, head_dim, c_k.shape[2], min(_next_pow2(c_k.shape[1]), 1 << 16))
+    key = (q.device.index, q.dtype, m, head_dim, c_k.shape[2], min(next_pow2(c_k.shape[1]), 1 << 16))
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[2]
-    from .fused_projection import _autotune
-
-    best = _autotune(_CONFIGS, lambda config: _launch(q, c_k, k_up, cos, sin, out, config),
+    best = autotune(_CONFIGS, lambda config: _launch(q, c_k, k_up, cos, sin, out, config),
                      lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
     if best is None:
         raise RuntimeError(f"no latent-scores config fits this GPU for head_dim={head_dim}, r={c_k.shape[2]}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tmps.kernels import fused_projection as fp
+from tmps.kernels._common import autotune
 from tmps.kernels.fused_projection import (
     KernelConfig,
     fused_factored_projection,
@@ -285,8 +286,8 @@ def test_autotune_keeps_fastest_fitting_config():
             raise fp.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
         return times[config]
 
-    assert fp._autotune(fp._PREFILL_CONFIGS, run, lambda fn: fn()) is fp._PREFILL_CONFIGS[1]
-    assert fp._autotune([too_big], run, lambda fn: fn()) is None
+    assert autotune(fp._PREFILL_CONFIGS, run, lambda fn: fn()) is fp._PREFILL_CONFIGS[1]
+    assert autotune([too_big], run, lambda fn: fn()) is None
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 4096])

@@ -1,0 +1,52 @@
+"""What the Triton kernels share: the optional Triton import, dtypes, the dot helper, padding, autotuning.
+
+Nothing here launches anything; each kernel file keeps its own config space, launcher and reference.
+"""
+
+from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships for Linux only; the torch references still work.
+    triton = None
+    tl = None
+
+# Without Triton the kernels stay plain (never called) functions so the modules still import.
+jit = triton.jit if triton is not None else (lambda fn: fn)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# fp32 dots: "tf32x3" (three TF32 tensor-core products, error near fp32's) rather than "ieee", which
+# lowers to FMA loops that spilled and took minutes in ptxas; plain "tf32" would lose 13 mantissa bits.
+FP32_DOT_PRECISION = "tf32x3"
+
+
+@jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # acc + a @ b.  DOT_UPCAST: Triton 3.9's interpreter multiplies bf16 operands as their uint16
+    # bit patterns, so under the interpreter bf16 operands go through fp32 (exact products, fp32
+    # accumulate: what the GPU's bf16 MMA computes).
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def autotune(candidates, run, bench):
+    """The candidate whose ``run(config)`` ``bench`` times fastest, skipping those that do not fit
+    the GPU (the compile raises OutOfResources, e.g. for shared memory); None if none fits."""
+    best, best_ms = None, float("inf")
+    for candidate in candidates:
+        try:
+            ms = bench(lambda: run(candidate))
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = candidate, ms
+    return best
