@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bench_common import synced  # benchmarks/, on sys.path under pytest
 
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
@@ -106,16 +107,6 @@ def block_call(model, attention, batch: int, tokens: int, cache, start: int):
         positions = torch.arange(start, start + tokens, device=DEVICE).unsqueeze(0).expand(batch, -1)
         kwargs["position_embeddings"] = rotary(hidden, positions)
     return lambda: attention(hidden, attention_mask=None, **kwargs)
-
-
-def synced(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def variant_model(arch, variant):

@@ -19,6 +19,7 @@ if not CUDA and "triton" not in sys.modules:
     # is too late, the interpreted check below skips.
     os.environ["TRITON_INTERPRET"] = "1"
 
+from _bench_common import synced  # noqa: E402  (benchmarks/, on sys.path under pytest)
 from tmps.kernels import fused_projection as fp  # noqa: E402
 
 HEAD_DIM = 64
@@ -38,16 +39,6 @@ def make_inputs(hidden, tokens, ratio, device, dtype):
             [rand(n, HEAD_DIM, r, scale=r**-0.5) for _ in range(3)],
             [rand(HEAD_DIM, HEAD_DIM, scale=HEAD_DIM**-0.5) for _ in range(3)],
             [rand(n * HEAD_DIM, scale=0.1) for _ in range(3)])
-
-
-def synced(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @needs_cuda

@@ -31,6 +31,8 @@ import os
 import sys
 import time
 
+from _bench_common import write_lines  # benchmarks/ is sys.path[0] when run as a script
+
 HIDDEN = (768, 2048, 4096)
 TOKENS = (1, 16, 512, 4096, 16384)
 RATIOS = (0.5, 0.25, 0.125)
@@ -263,9 +265,7 @@ def main(argv=None):
             return 2
         lines, data = run_cuda(args)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_lines(args.out, lines)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(data, f, indent=1)
         print(f"wrote {args.out} and its .json twin")

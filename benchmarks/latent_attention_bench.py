@@ -34,6 +34,8 @@ import statistics
 import sys
 import time
 
+from _bench_common import write_lines  # benchmarks/ is sys.path[0] when run as a script
+
 K_SHARE = 0.35
 RATIO = 0.5
 # name: (heads, kv_heads, head_dim, rope)
@@ -233,9 +235,7 @@ def main(argv=None):
             return 2
     lines, failures = run(args)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_lines(args.out, lines)
         print(f"wrote {args.out}")
     return 1 if failures else 0
 
