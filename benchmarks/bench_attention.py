@@ -19,6 +19,7 @@ prefilled cache; the cache is cropped back after each timed step). Variants:
   scores run in the Triton kernel), ``kv-latent-torch`` the same with the torch chain.
 """
 
+import functools
 import importlib.util
 import inspect
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 from _bench_common import synced  # benchmarks/, on sys.path under pytest
+
+import tmps
 
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
@@ -47,7 +50,9 @@ VARIANTS = {
 CUDA_ONLY = {"weights-triton", "kv-latent-torch"}  # on CPU the kernel does not run / is the same as kv-latent
 
 
+@functools.lru_cache(maxsize=None)
 def _e2e():
+    """benchmarks/e2e.py as a module (for its random_factors), loaded once."""
     spec = importlib.util.spec_from_file_location("e2e_bench", Path(__file__).with_name("e2e.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -88,14 +93,6 @@ def attention_block(model):
     return layers[0].self_attn
 
 
-def configure(model, backend: str, kv_attention: str):
-    for module in model.modules():
-        if hasattr(module, "qkv"):
-            module.qkv.backend = backend
-        if hasattr(module, "kv_attention"):
-            module.kv_attention = kv_attention
-
-
 def block_call(model, attention, batch: int, tokens: int, cache, start: int):
     """A function running ``attention`` on ``(batch, tokens)`` hidden states at positions ``start…``."""
     cache_kw = "cache" if "cache" in inspect.signature(type(attention).forward).parameters else "past_key_values"
@@ -114,7 +111,8 @@ def variant_model(arch, variant):
         pytest.skip(f"{variant}: the Triton path needs CUDA (its interpreted runs are tested in tests/kernels)")
     mode, backend, kv_attention = VARIANTS[variant]
     model = one_layer_model(arch, mode)
-    configure(model, backend, kv_attention)
+    if mode != "dense":
+        tmps.set_paths(model, backend=backend, kv_attention=kv_attention)
     return model
 
 

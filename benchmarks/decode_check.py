@@ -28,12 +28,6 @@ from tmps.assets import load_smollm2, sotu_text_split, token_windows
 WARM_STEPS = 2
 
 
-def set_path(model, path: str) -> None:
-    for module in model.modules():
-        if hasattr(module, "kv_attention"):
-            module.kv_attention = path
-
-
 def greedy_decode(model, ids, steps):
     """(tokens/s over ``steps`` timed greedy steps, the tokens, the float32 logits of every step)."""
     with torch.no_grad():
@@ -92,9 +86,9 @@ def main(argv=None) -> int:
         for context in args.context:
             ids = evaluation[:batch, :context]
             dense_tps, _, _ = greedy_decode(dense, ids, args.steps)
-            set_path(model, "auto")
+            tmps.set_paths(model, kv_attention="auto")
             latent_tps, latent_tokens, _ = greedy_decode(model, ids, args.steps)
-            set_path(model, "rebuild")
+            tmps.set_paths(model, kv_attention="rebuild")
             rebuild_tps, rebuild_tokens, _ = greedy_decode(model, ids, args.steps)
             same = (latent_tokens == rebuild_tokens).float().mean().item()
             rows.append(dict(batch=batch, context=context, dense=dense_tps, latent=latent_tps, rebuild=rebuild_tps,
@@ -103,7 +97,7 @@ def main(argv=None) -> int:
 
     # Precision: the same forced tokens through float32 and half-precision copies, both paths.
     ids = evaluation[:2, :min(args.context)]
-    set_path(model, "rebuild")
+    tmps.set_paths(model, kv_attention="rebuild")
     _, tokens, _ = greedy_decode(model, ids, 6)
     precision = []
     reference = forced_logits(model, ids, tokens)
@@ -111,7 +105,7 @@ def main(argv=None) -> int:
         low = copy.deepcopy(model).to(dtype)
         errors = {}
         for path in ("auto", "rebuild"):
-            set_path(low, path)
+            tmps.set_paths(low, kv_attention=path)
             got = forced_logits(low, ids, tokens)
             errors[path] = (rel(got, reference), bool(torch.isfinite(got).all()))
         precision.append(dict(dtype=str(dtype).removeprefix("torch."), latent=errors["auto"], rebuild=errors["rebuild"]))

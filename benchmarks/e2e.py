@@ -301,16 +301,6 @@ def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
     return model, note
 
 
-def set_backend(model, backend: str, kv_attention: str = "auto") -> None:
-    from tmps.projection import FactoredProjection
-
-    for module in model.modules():
-        if isinstance(module, FactoredProjection):
-            module.backend = backend
-        if hasattr(module, "kv_attention"):
-            module.kv_attention = kv_attention
-
-
 def auto_choices() -> str:
     """What ``backend="auto"`` picked so far (kernel or torch chain), per token bucket."""
     from tmps import kernels_bridge
@@ -691,6 +681,8 @@ def environment(device, dtype):
 def run(args) -> list[dict]:
     import torch
 
+    import tmps
+
     started = time.perf_counter()
     deadline = None if args.budget_s is None else started + args.budget_s
     device = "cpu" if args.smoke else "cuda"
@@ -725,7 +717,8 @@ def run(args) -> list[dict]:
                     _empty_cache(device)
                     model, note = make_variant(cfg, mode, args, dtype, device, calib_history)
                     model_mode, model_note = mode, note
-                set_backend(model, backend, kv_attention)
+                if mode != "dense":
+                    tmps.set_paths(model, backend=backend, kv_attention=kv_attention)
             except Exception as exc:  # noqa: BLE001
                 record["factors"] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 traceback.print_exc()

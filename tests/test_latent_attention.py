@@ -138,9 +138,7 @@ def test_compressed_model_latent_equals_rebuild(arch, attn, chunk, monkeypatch):
     mask[0, :4] = 0
     results = {}
     for path in ("rebuild", "latent"):
-        for module in model.modules():
-            if hasattr(module, "kv_attention"):
-                module.kv_attention = path
+        tmps.set_paths(model, kv_attention=path)
         torch.manual_seed(1)
         results[path] = cached_steps(model, ids, mask, chunk)
     valid = mask.bool()
@@ -157,9 +155,7 @@ def test_auto_reads_latents_for_decode_and_rebuilds_for_prefill(arch, monkeypatc
     layers = model.config.num_hidden_layers
     assert calls == [1] * layers  # 15 query tokens x heads exceed d_kv (llama 16, opt 48); one token does not
     g_auto = model.generate(ids, max_new_tokens=5, do_sample=False)
-    for module in model.modules():
-        if hasattr(module, "kv_attention"):
-            module.kv_attention = "rebuild"
+    tmps.set_paths(model, kv_attention="rebuild")
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), g_auto)
 
 
@@ -168,9 +164,7 @@ def test_eager_returns_the_attention_probabilities():
     ids = torch.randint(1, VOCAB, (1, 7))
     out = {}
     for path in ("rebuild", "latent"):
-        for module in model.modules():
-            if hasattr(module, "kv_attention"):
-                module.kv_attention = path
+        tmps.set_paths(model, kv_attention=path)
         cache = DynamicCache()
         first = model(ids, past_key_values=cache, use_cache=True)
         out[path] = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True,
@@ -206,9 +200,24 @@ def test_static_cache_decodes_like_dense(arch, path):
     """A static cache holds more slots than are filled: RoPE must use the filled positions, not its size."""
     dense = {"llama": llama, "opt": opt}[arch]()
     model = tmps.compress(copy.deepcopy(dense), calib(), mode="kv", ratio=1.0, progress=False)
-    for module in model.modules():
-        if hasattr(module, "kv_attention"):
-            module.kv_attention = path
+    tmps.set_paths(model, kv_attention=path)
     ids = torch.randint(1, VOCAB, (2, 9))
     torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_set_paths_sets_every_layer_and_explains_bad_values():
+    model = kv_model("llama", "sdpa")
+    assert tmps.set_paths(model, backend="torch", kv_attention="rebuild") is model
+    attentions = [m for m in model.modules() if hasattr(m, "kv_attention")]
+    assert len(attentions) == model.config.num_hidden_layers
+    assert all(m.kv_attention == "rebuild" and m.qkv.backend == "torch" for m in attentions)
+    tmps.set_paths(model, kv_attention="latent")  # backend=None leaves the backend as it was
+    assert all(m.kv_attention == "latent" and m.qkv.backend == "torch" for m in attentions)
+    with pytest.raises(ValueError, match=r"kv_attention='fast': choose one of auto, latent, rebuild"):
+        tmps.set_paths(model, kv_attention="fast")
+    with pytest.raises(ValueError, match=r"backend='cuda': choose one of auto, torch, triton"):
+        tmps.set_paths(model, backend="cuda")
+    assert all(m.kv_attention == "latent" for m in attentions)  # a refused call changes nothing
+    with pytest.raises(ValueError, match="holds no compressed module: compress it first"):
+        tmps.set_paths(llama(), backend="torch")

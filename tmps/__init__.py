@@ -8,10 +8,11 @@
 from .compressor import compress, is_compressed
 from .config import CompressionConfig
 from .io import load, save
+from .paths import set_paths
 from .report import report, summary
 from .decompose import combined_mps_hooi_compression, hooi, tt_svd, tucker_mps
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "report", "summary", "save", "load", "is_compressed", "CompressionConfig", "hooi", "tt_svd", "tucker_mps",
+__all__ = ["compress", "report", "summary", "save", "load", "is_compressed", "set_paths", "CompressionConfig", "hooi", "tt_svd", "tucker_mps",
            "combined_mps_hooi_compression", "__version__"]

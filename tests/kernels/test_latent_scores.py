@@ -125,9 +125,7 @@ def test_compressed_llama_decodes_through_the_kernel(dtype, monkeypatch):
     ids = torch.randint(0, 64, (2, 12), device=DEVICE)  # 12 x 6 heads > d_kv = 64: the prefill rebuilds
     logits = {}
     for backend in ("torch", "triton"):
-        for module in model.modules():
-            if hasattr(module, "kv_attention"):
-                module.qkv.backend = backend
+        tmps.set_paths(model, backend=backend)
         cache = DynamicCache()
         first = model(ids, past_key_values=cache, use_cache=True)
         logits[backend] = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits.double()

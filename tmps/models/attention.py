@@ -14,12 +14,14 @@ so this is exact (at full rank it reproduces the dense model).
 
 When the queries are few (decode), kv mode skips the rebuild and attends over the latents directly
 (:mod:`tmps.models.latent_attention`): ``module.kv_attention`` is ``"auto"`` (latent when that costs
-fewer FLOPs, see :func:`prefers_latent`), ``"latent"`` or ``"rebuild"``.
+fewer FLOPs, see :func:`prefers_latent`), ``"latent"`` or ``"rebuild"`` (``tmps.set_paths`` sets it on
+every layer).
 """
 from __future__ import annotations
 
 import torch
 
+from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
 
 try:  # transformers 5.x
@@ -85,7 +87,7 @@ class CompressedAttentionMixin:
 
     def _reads_latents(self, num_heads: int, q_len: int, attention_mask) -> bool:
         """Whether this kv-mode step attends over the latent cache directly (see ``kv_attention``)."""
-        if self.kv_attention not in ("auto", "latent", "rebuild"):
+        if self.kv_attention not in KV_ATTENTION:  # set directly rather than through tmps.set_paths
             raise ValueError(f"kv_attention must be 'auto', 'latent' or 'rebuild', got {self.kv_attention!r}")
         if self.kv_attention == "rebuild":
             return False
