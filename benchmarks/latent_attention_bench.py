@@ -88,6 +88,8 @@ def make_case(shape, batch, context, dtype, device, torch):
 
 
 def providers(case, torch, latent_attention, kernel):
+    from tmps.models.rope import rotate
+
     F = torch.nn.functional
     q, scaling = case["q"], case["scaling"]
     b, heads, _, head_dim = q.shape
@@ -98,8 +100,7 @@ def providers(case, torch, latent_attention, kernel):
         k = (case["c_k"] @ case["k_up"].T).view(b, -1, kv_heads, head_dim).transpose(1, 2)
         v = (case["c_v"] @ case["v_up"].T).view(b, -1, kv_heads, head_dim).transpose(1, 2)
         if case["rope"] is not None:
-            cos, sin = case["rope"]
-            k = k * cos + torch.cat((-k[..., head_dim // 2:], k[..., :head_dim // 2]), -1) * sin
+            k = rotate(k, *case["rope"])
         return F.scaled_dot_product_attention(q, k, v, scale=scaling, **gqa).transpose(1, 2)
 
     args = (q, case["c_k"], case["c_v"], case["k_up"], case["v_up"], None, scaling)

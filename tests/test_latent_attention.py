@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import tmps
 from tmps.models import attention as attention_module
-from tmps.models.attention import rotate_half
+from tmps.models.rope import rotate_half
 from tmps.models.latent_attention import latent_attention, prefers_latent, rope_key_scores_torch
 
 from test_compress import VOCAB, calib, llama, opt

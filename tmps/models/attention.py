@@ -23,16 +23,12 @@ import torch
 
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
+from .rope import rotate
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError:  # pragma: no cover
     from transformers.integrations import ALL_ATTENTION_FUNCTIONS
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class CompressedAttentionMixin:
@@ -71,7 +67,7 @@ class CompressedAttentionMixin:
             if self.uses_rope:
                 cos, sin = kwargs.pop("position_embeddings")
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-                q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
         kwargs.pop("position_embeddings", None)
@@ -104,14 +100,11 @@ class CompressedAttentionMixin:
     def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache):
         rope = key_scores = None
         if self.uses_rope:
-            cos, sin = self._relative_rope_tables(c_k.shape[1], q)
-            q_len = q.shape[2]
-            slots = self._query_slots(cache, c_k.shape[1], q_len, q.device)
-            q = q * cos[slots] + rotate_half(q) * sin[slots]
+            q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache)
             rope = (cos, sin)
             from ..kernels_bridge import latent_rope_scores_for
 
-            rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q_len  # query rows per key head
+            rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
             key_scores = latent_rope_scores_for(q.device, self.qkv.backend, rows)
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
                                       rope=rope, key_scores=key_scores)
@@ -119,11 +112,13 @@ class CompressedAttentionMixin:
         out = out.reshape(*input_shape, -1).contiguous()
         return self.output_projection(out), weights
 
-    def _relative_rope_tables(self, total: int, like: torch.Tensor):
-        """cos, sin of shape (total, head_dim) for positions 0 … total-1, in ``like``'s dtype."""
-        positions = torch.arange(total, device=like.device).unsqueeze(0)
-        cos, sin = self.rotary_emb()(like, positions)
-        return cos[0].to(like.dtype), sin[0].to(like.dtype)
+    def _rotate_queries(self, q, total: int, cache):
+        """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
+        positions = torch.arange(total, device=q.device).unsqueeze(0)
+        cos, sin = self.rotary_emb()(q, positions)
+        cos, sin = cos[0].to(q.dtype), sin[0].to(q.dtype)
+        slots = self._query_slots(cache, total, q.shape[2], q.device)
+        return rotate(q, cos[slots], sin[slots]), cos, sin
 
     def _query_slots(self, cache, total: int, q_len: int, device):
         """Cache slots of this step's queries (their RoPE positions): the last ``q_len`` filled ones.
@@ -139,9 +134,5 @@ class CompressedAttentionMixin:
         return filled.to(device) - q_len + torch.arange(q_len, device=device)
 
     def _rope_by_relative_position(self, q, k, cache):
-        total, q_len = k.shape[2], q.shape[2]
-        cos, sin = self._relative_rope_tables(total, k)
-        k = k * cos + rotate_half(k) * sin
-        slots = self._query_slots(cache, total, q_len, q.device)
-        q = q * cos[slots] + rotate_half(q) * sin[slots]
-        return q, k
+        q, cos, sin = self._rotate_queries(q, k.shape[2], cache)
+        return q, rotate(k, cos, sin)

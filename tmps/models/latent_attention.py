@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .rope import rotate
+
 # Attention implementations whose masks this module reads: 4-D boolean (True = attend) from sdpa,
 # 4-D additive from eager, or None (no padding).  Others (flash, flex) take the rebuild path.
 LATENT_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -81,9 +83,7 @@ def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
     """
     b, kv_heads, _, head_dim = q_grouped.shape
     keys = (c_k @ k_up.T).view(b, c_k.shape[1], kv_heads, head_dim).transpose(1, 2)
-    half = head_dim // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    keys = keys * cos.to(keys.dtype) + rotated * sin.to(keys.dtype)
+    keys = rotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
     return q_grouped @ keys.transpose(-1, -2)
 
 
