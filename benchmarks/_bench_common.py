@@ -4,6 +4,7 @@ Nothing is imported at module level beyond the standard library: some scripts mu
 TRITON_INTERPRET before torch or Triton load.
 """
 import os
+import sys
 
 
 def synced(fn):
@@ -24,3 +25,14 @@ def write_lines(path: str, lines: list) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def cuda_missing(script: str) -> bool:
+    """True, after saying so on stderr, when torch sees no CUDA device (the caller then exits 2)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"{script}: no CUDA device; this benchmark needs a GPU (run with --smoke for a CPU check of the script)",
+          file=sys.stderr)
+    return True

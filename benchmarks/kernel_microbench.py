@@ -31,7 +31,7 @@ import os
 import sys
 import time
 
-from _bench_common import write_lines  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import cuda_missing, write_lines  # benchmarks/ is sys.path[0] when run as a script
 
 HIDDEN = (768, 2048, 4096)
 TOKENS = (1, 16, 512, 4096, 16384)
@@ -256,13 +256,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
         lines, data = run_smoke(args)
+    elif cuda_missing("kernel_microbench"):
+        return 2
     else:
-        import torch
-
-        if not torch.cuda.is_available():
-            print("kernel_microbench: no CUDA device; this benchmark needs a GPU "
-                  "(run with --smoke for a CPU check of the script)", file=sys.stderr)
-            return 2
         lines, data = run_cuda(args)
     if args.out:
         write_lines(args.out, lines)

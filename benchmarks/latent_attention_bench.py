@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 
-from _bench_common import write_lines  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import cuda_missing, write_lines  # benchmarks/ is sys.path[0] when run as a script
 
 K_SHARE = 0.35
 RATIO = 0.5
@@ -227,13 +227,8 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.smoke and args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("latent_attention_bench: no CUDA device; this benchmark needs a GPU "
-                  "(run with --smoke for a CPU check of the script)", file=sys.stderr)
-            return 2
+    if not args.smoke and args.device == "cuda" and cuda_missing("latent_attention_bench"):
+        return 2
     lines, failures = run(args)
     if args.out:
         write_lines(args.out, lines)
