@@ -34,6 +34,17 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+def interpreted() -> bool:
+    """Whether the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
+    return triton is not None and type(dot).__name__ == "InterpretedFunction"
+
+
+def triton_available(device) -> bool:
+    """True when the kernels can run on ``device``: Triton imports and the device is CUDA, or the
+    kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    return triton is not None and (torch.device(device).type == "cuda" or interpreted())
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -64,7 +64,8 @@ from typing import Optional
 
 import torch
 
-from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton, triton_available
+from ._common import interpreted as _interpreted
 
 __all__ = [
     "KernelConfig",
@@ -367,19 +368,6 @@ def _fused_factored_projection_kernel(
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-
-def _interpreted() -> bool:
-    """Whether the kernel was built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and type(_fused_factored_projection_kernel).__name__ == "InterpretedFunction"
-
-
-def triton_available(device) -> bool:
-    """True when the fused kernel can run on ``device``: Triton imports and the device is CUDA,
-    or the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before import)."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or _interpreted()
 
 
 def _check_tensor(name: str, tensor, shape: Optional[tuple], device):

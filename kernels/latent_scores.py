@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton, triton_available
+from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
 
@@ -156,16 +157,6 @@ def _latent_rope_scores_kernel(
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-
-def _interpreted() -> bool:
-    """Whether the kernel was built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and type(_latent_rope_scores_kernel).__name__ == "InterpretedFunction"
-
-
-def triton_available(device) -> bool:
-    """True when the kernel can run on ``device`` (CUDA with Triton, or the interpreter)."""
-    return triton is not None and (torch.device(device).type == "cuda" or _interpreted())
 
 
 def _validate(q, c_k, k_up, cos, sin):
