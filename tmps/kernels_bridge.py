@@ -5,7 +5,7 @@ import torch
 
 
 def triton_path_available(device: torch.device) -> bool:
-    """True when the fused kernel can run on ``device`` (CUDA with triton, or the interpreter when asked)."""
+    """True when the Triton kernels can run on ``device`` (CUDA with triton, or the interpreter when asked)."""
     try:
         from tmps.kernels.fused_projection import triton_available
     except Exception:  # triton missing or broken: the torch path serves
@@ -70,12 +70,10 @@ def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: in
     """
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return None
-    try:
-        from tmps.kernels.latent_scores import MAX_ROWS, latent_rope_scores, triton_available
-    except Exception:  # triton missing or broken: the torch chain serves
-        latent_rope_scores, triton_available, MAX_ROWS = None, lambda device: False, 0
-    if triton_available(device) and (backend == "triton" or rows <= MAX_ROWS):
-        return latent_rope_scores
-    if backend == "auto":
-        return None
-    raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
+    if not triton_path_available(device):
+        if backend == "auto":
+            return None
+        raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
+    from tmps.kernels.latent_scores import MAX_ROWS, latent_rope_scores
+
+    return latent_rope_scores if backend == "triton" or rows <= MAX_ROWS else None
