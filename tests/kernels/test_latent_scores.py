@@ -100,12 +100,13 @@ def test_allocates_its_output_when_none_is_given():
     (lambda a: a.update(k_up=a["k_up"][:-1]), ValueError, "shapes do not match"),
     (lambda a: a.update(cos=a["cos"][:-1]), ValueError, r"cos has shape"),
     (lambda a: a.update(q=a["q"].expand(1, 2, 200, 32)), ValueError, "serves decode"),
-    (lambda a: a.update(q=a["q"].numpy()), TypeError, "must be a torch.Tensor"),
-    (lambda a: a.update(out=torch.empty(1, 2, 1, 5, dtype=torch.float16)), ValueError, "out must be"),
+    (lambda a: a.update(q=a["q"].cpu().numpy()), TypeError, "must be a torch.Tensor"),
+    (lambda a: a.update(out=torch.empty(1, 2, 1, 5, dtype=torch.float16, device=DEVICE)), ValueError, "out must be"),
 ])
 def test_bad_arguments_are_explained(change, error, match):
-    args = dict(q=torch.randn(1, 2, 1, 32), c_k=torch.randn(1, 5, 8), k_up=torch.randn(64, 8),
-                cos=torch.randn(5, 32), sin=torch.randn(5, 32))
+    # On the kernel's device: CPU tensors on a GPU machine would fail the device check first.
+    args = {name: torch.randn(*shape, device=DEVICE) for name, shape in
+            dict(q=(1, 2, 1, 32), c_k=(1, 5, 8), k_up=(64, 8), cos=(5, 32), sin=(5, 32)).items()}
     change(args)
     with pytest.raises(error, match=match):
         latent_rope_scores(**args)
