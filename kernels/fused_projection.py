@@ -48,10 +48,16 @@ the reads).
 ``COL_SPLITS`` trades parallelism against recomputation: each split recomputes the ``z`` tile,
 i.e. re-reads ``x_tile`` and all of ``B``.  Decode (M <= 16) is memory-bound with a single row
 tile, so it wants many splits (one column tile per program at the extreme) to put every SM to work;
-the price is ``COL_SPLITS`` reads of B, mostly from L2 (a two-launch variant, z first, would read
-B once; with no cross-program sync one launch cannot share z).  Prefill is compute-bound with plenty of row
+the price is ``COL_SPLITS`` reads of B, mostly from L2.  Prefill is compute-bound with plenty of row
 tiles, so it wants 1-4 splits (z recomputed at most 4x, versus once per column tile for a naive
-tiling).  r and s are padded to powers of two (>= 16, the smallest ``tl.dot`` size) with masks;
+tiling).
+
+Two passes (``KernelConfig.z_pass``): at large ranks those re-reads dominate.  On an H200, hidden
+4096 at r = 2048 (B is 16 MiB), one program per column tile read B 48 times per decode step, and
+prefill with 4 splits did 1.7x the chain's flops.  So the tuner may also pick configs that first
+compute ``z = x @ B`` with one cuBLAS GEMM (B read once, z written once: M * r elements) and then
+run the tile programs on that z (the scratch path, reading z instead of recomputing it): two
+launches instead of one, t and the out factors still fused.  Each shape keeps whichever is faster.  r and s are padded to powers of two (>= 16, the smallest ``tl.dot`` size) with masks;
 M edges are masked; row offsets are int64, factor offsets int32 (the launcher checks each factor
 holds fewer than 2**31 elements).
 """
@@ -97,6 +103,8 @@ class KernelConfig:
     tile.  col_splits: programs sharing one row tile, each walking a contiguous run of column
     tiles and recomputing z; 0 means one program per column tile.  block_k: d_in chunk of
     ``x @ B``.  block_r: r chunk of the scratch path.  z_in_regs: None picks from ``_Z_REGS_MAX``.
+    z_pass: compute z with a separate GEMM first (torch.matmul, cuBLAS on the GPU) and let every
+    program read it instead of recomputing it; implies the scratch path.
     """
 
     block_m: int = 64
@@ -107,6 +115,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     z_in_regs: Optional[bool] = None
+    z_pass: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_t", "block_k", "block_r"):
@@ -119,6 +128,8 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_warps must be a power of two <= 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.z_pass and self.z_in_regs:
+            raise ValueError("KernelConfig.z_pass reads z from memory: it cannot be combined with z_in_regs=True")
 
 
 # Candidates, untuned: sizes follow Triton's matmul tutorial and the register budget above.
@@ -129,6 +140,11 @@ _DECODE_CONFIGS = tuple(
     KernelConfig(block_m=16, block_t=bt, col_splits=cs, block_k=128, block_r=64, num_warps=4, num_stages=3)
     for bt in (64, 128, 256)
     for cs in (0, 16)
+) + tuple(  # z first (reads B once), then one program per column tile: many programs, each one core slice
+    KernelConfig(block_m=16, block_t=bt, col_splits=0, block_k=128, block_r=br, num_warps=4, num_stages=3,
+                 z_pass=True)
+    for bt in (64, 128)
+    for br in (64, 128)
 )
 # Prefill: many row tiles; few splits keep the recomputation of z at 1-4x.  Tiles of 64 x 128 and
 # up get 8 warps: at 4 warps the fp16 sm_90 compile of 64 x 128 with an out factor used 255
@@ -139,6 +155,11 @@ _PREFILL_CONFIGS = tuple(
     for bm in (64, 128)
     for bt in (64, 128)
     for cs in (1, 2, 4)
+) + tuple(  # z by cuBLAS first: no recomputation, so every column tile gets its own program
+    KernelConfig(block_m=bm, block_t=bt, col_splits=0, block_k=64, block_r=64,
+                 num_warps=4 if bm * bt < 8192 else 8, num_stages=3, z_pass=True)
+    for bm in (64, 128)
+    for bt in (64, 128)
 )
 # fp32 is the accuracy path, not the fast one: dots run as 3xTF32 (FP32_DOT_PRECISION) whose
 # operand splitting doubles the registers, so fp32 gets one small config per regime, untuned.  The
@@ -187,7 +208,9 @@ def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
     tiles_per_program = triton.cdiv(num_tiles, splits)
     col_splits = triton.cdiv(num_tiles, tiles_per_program)  # no split is left without tiles
     r_pad = max(16, next_pow2(r))
-    if config.z_in_regs is None:
+    if config.z_pass:
+        z_in_regs = False
+    elif config.z_in_regs is None:
         z_in_regs = r_pad <= _Z_REGS_MAX_R and config.block_m * r_pad <= _Z_REGS_MAX
     else:
         z_in_regs = config.z_in_regs
@@ -201,7 +224,8 @@ def _prune_configs(configs, m: int, r: int, groups: tuple):
         if config.block_m > max(64, next_pow2(m)):
             continue
         plan = _make_plan(config, r, groups)
-        signature = (config.block_m, config.block_k, config.num_warps, config.num_stages, plan)
+        signature = (config.block_m, config.block_k, config.block_r, config.num_warps, config.num_stages,
+                     config.z_pass, plan)
         if signature not in seen:
             seen.add(signature)
             keep.append(config)
@@ -319,6 +343,7 @@ def _fused_factored_projection_kernel(
     TILES_PER_PROGRAM: tl.constexpr, COL_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr,
     Z_IN_REGS: tl.constexpr,
+    Z_GIVEN: tl.constexpr,  # z_scratch_ptr holds z = x @ B, (M, r), computed before the launch
     DOT_PRECISION: tl.constexpr,  # FP32_DOT_PRECISION for fp32, ignored for 16-bit
     DOT_UPCAST: tl.constexpr,  # interpreter + bf16 only, see _common.dot
 ):
@@ -332,14 +357,18 @@ def _fused_factored_projection_kernel(
     rows64 = rows.to(tl.int64)
     dtype = x_ptr.dtype.element_ty
 
-    # -- z tile = x_tile @ B, once per program
-    z_base = z_scratch_ptr + pid_split.to(tl.int64) * M * r
-    if Z_IN_REGS:
+    # -- z tile = x_tile @ B, once per program (or already in memory)
+    if Z_GIVEN:
+        z = 0.0  # unused: the tiles read z from memory
+        z_base = z_scratch_ptr
+    elif Z_IN_REGS:
+        z_base = z_scratch_ptr
         r_offs = tl.arange(0, R_PAD)
         z = _z_tile(x_ptr, in_factor_ptr, rows64, row_mask, r_offs, r_offs < r, d_in, r, stride_xm,
                     BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION, DOT_UPCAST).to(dtype)
     else:
         z = 0.0  # unused: the tiles read z back from scratch
+        z_base = z_scratch_ptr + pid_split.to(tl.int64) * M * r
         for r0 in range(0, r, BLOCK_R):
             r_offs = r0 + tl.arange(0, BLOCK_R)
             r_mask = r_offs < r
@@ -446,7 +475,9 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
     """Launch the kernel once with ``config``; every argument is already checked."""
     plan = _make_plan(config, r, groups)
     m, d_in = x2d.shape
-    if plan.z_in_regs:
+    if config.z_pass:
+        scratch = x2d @ in_factor  # (M, r), contiguous; the same GEMM as the unfused chain's first
+    elif plan.z_in_regs:
         scratch = x2d  # unused by the kernel
     else:
         scratch = torch.empty((plan.col_splits, m, r), device=x2d.device, dtype=x2d.dtype)
@@ -465,7 +496,7 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         NUM_GROUPS=len(groups),
         TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
-        Z_IN_REGS=plan.z_in_regs, DOT_PRECISION=FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
+        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass, DOT_PRECISION=FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
         DOT_UPCAST=x2d.dtype == torch.bfloat16 and _interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

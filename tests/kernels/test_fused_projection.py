@@ -155,6 +155,9 @@ CONFIGS = {
                                          num_stages=1),
     "z_in_scratch": KernelConfig(block_m=16, block_t=128, col_splits=2, block_k=16, block_r=16,
                                  num_stages=1, z_in_regs=False),
+    # z = x @ B by torch first, the tiles read it: 40 = 2.5 r chunks of 16, 37 rows = 3 row tiles
+    "z_pass": KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=16, block_r=16, num_stages=1,
+                           z_pass=True),
 }
 
 
@@ -164,6 +167,21 @@ CONFIGS = {
 def test_tiling_variants(config, layout):
     inputs = make_inputs((37,), 40, 40, 24, layout, torch.float32)
     check(inputs, torch.float32, out=nan_outputs(inputs, (37,)), config=CONFIGS[config])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 129])
+def test_z_pass_in_half_precision(m, dtype):
+    inputs = make_inputs((m,), 40, 96, 24, "opt", dtype)
+    config = KernelConfig(block_m=16 if m == 1 else 32, block_t=32, col_splits=0, block_k=32, block_r=32,
+                          num_stages=1, z_pass=True)
+    check(inputs, dtype, out=nan_outputs(inputs, (m,)), config=config)
+
+
+def test_z_pass_excludes_z_in_registers():
+    with pytest.raises(ValueError, match="z_pass"):
+        KernelConfig(z_pass=True, z_in_regs=True)
 
 
 @needs_kernel
