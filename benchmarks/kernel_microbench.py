@@ -18,6 +18,13 @@ Providers (fp16, timed with ``triton.testing.do_bench``, median of its repetitio
 * ``torch_compile``: ``torch.compile`` of that chain;
 * ``triton``: ``fused_factored_projection`` (autotuned; its first call per shape tunes).
 
+Two timings per provider and shape.  ``do_bench`` times each call from the host, launch overhead
+included: a decode-sized call is over in microseconds, so there the host's Python and launch
+path can be the whole number (on the H200 VM the kernel's eager call was 0.50 ms at 1 and at 16
+tokens alike).  The CUDA-graph timing captures ``reps`` calls, each after the same 256 MiB L2
+flush do_bench uses, into one graph, and subtracts a graph of the flushes alone: device time,
+what a decode step under CUDA graphs pays.  Both land in the tables and the JSON twin.
+
 The same run measures the ceilings: an fp16 8192^3 matmul (TFLOP/s) and a 1 GiB device copy
 (GB/s, read + write).  For Triton it reports achieved TFLOP/s (factorised flops
 ``2M(d_in r + sum_g n_g s_g r + sum_g n_g s_g o_g)``), GB/s over the fewest bytes (read x and the
@@ -52,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     p.add_argument("--no-compile", action="store_true", help="skip the torch_compile provider")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (device time) timing")
     return p.parse_args(argv)
 
 
@@ -105,6 +113,45 @@ def providers(case, compiled_chain, torch, fp):
     return fns
 
 
+def graph_ms(fn, torch, reps=20, rounds=7):
+    """Device time of one ``fn()`` in ms: CUDA-graph replays of (L2 flush, fn) minus flushes alone.
+
+    The flush is do_bench's (zeroing 256 MiB), so the weights come from HBM as in an eager
+    do_bench, but no host work is timed.  Median over ``rounds`` replays of ``reps`` calls.
+    """
+    flush = torch.empty(1 << 26, dtype=torch.int32, device="cuda")  # 256 MiB
+
+    def capture(body):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, allocator)
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                body()
+        return graph
+
+    def replay_ms(graph):
+        graph.replay()
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    both = capture(lambda: (flush.zero_(), fn()))
+    flushes = capture(flush.zero_)
+    ms = (replay_ms(both) - replay_ms(flushes)) / reps
+    del both, flushes
+    return max(ms, 1e-6)
+
+
 def ceilings(torch, triton):
     """(fp16 matmul TFLOP/s, copy GB/s) of this GPU."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
@@ -127,6 +174,14 @@ def fmt(value, spec=".3f"):
 
 HEADER = ("| hidden | layout | r | tokens | " + " | ".join(f"{p} ms" for p in PROVIDERS)
           + " | triton TFLOP/s | triton GB/s | % roofline | vs dense | vs factored | vs compile | config |")
+MAX_REL_ERR = 1e-2  # fp16 kernel vs fp16 chain, max |diff| / max |chain|: measured ~5e-4 at model sizes
+
+
+def rel_err_vs_chain(case, fp):
+    """Max over groups of max|triton - chain| / max|chain|: the timed kernel computes the right thing."""
+    args = (case["x"], case["in_factor"], case["cores"], case["out_factors"], case["biases"])
+    ys, refs = fp.fused_factored_projection(*args), fp.fused_factored_projection_ref(*args)
+    return max(((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() for y, ref in zip(ys, refs))
 
 
 def row(hidden, layout, r, tokens, ms, tflops, gbps, roof, config):
@@ -146,10 +201,25 @@ def config_str(cfg):
             f"w{cfg.num_warps} st{cfg.num_stages}")
 
 
-def record(hidden, layout, ratio, r, tokens, ms, tflops, gbps, roof, config) -> dict:
-    """One measured case as the JSON twin of the tables stores it (benchmarks/targets.py reads it)."""
-    return dict(hidden=hidden, layout=layout, ratio=ratio, r=r, tokens=tokens, ms=ms, triton_tflops=tflops,
-                triton_gbps=gbps, roofline_pct=roof, config=config)
+def record(hidden, layout, ratio, r, tokens, ms, tflops, gbps, roof, config, graph=None) -> dict:
+    """One measured case as the JSON twin of the tables stores it (benchmarks/targets.py reads it).
+
+    graph: None or (ms, tflops, gbps, roof) of the CUDA-graph timing, stored as ``ms_graph`` etc."""
+    out = dict(hidden=hidden, layout=layout, ratio=ratio, r=r, tokens=tokens, ms=ms, triton_tflops=tflops,
+               triton_gbps=gbps, roofline_pct=roof, config=config)
+    if graph is not None:
+        out.update(ms_graph=graph[0], triton_tflops_graph=graph[1], triton_gbps_graph=graph[2],
+                   roofline_pct_graph=graph[3])
+    return out
+
+
+def triton_rates(ms, flops, nbytes, peak_tflops, peak_gbps):
+    """(TFLOP/s, GB/s, % of roofline) of the Triton provider's time in ``ms`` (Nones without it)."""
+    t = ms.get("triton")
+    if t is None:
+        return None, None, None
+    roof_ms = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9)) * 1e3
+    return flops / (t * 1e-3) / 1e12, nbytes / (t * 1e-3) / 1e9, 100 * roof_ms / t
 
 
 def run_cuda(args):
@@ -170,44 +240,61 @@ def run_cuda(args):
         f"Ceilings measured in this run: fp16 8192^3 matmul {peak_tflops:.1f} TFLOP/s, 1 GiB copy "
         f"{peak_gbps:.0f} GB/s. r = ratio * hidden, s = head_dim = {HEAD_DIM}, 3 groups of hidden/64 heads.",
     ]
-    records = []
+    records, mismatches = [], []
     regimes = (("Decode", [t for t in args.tokens if t <= DECODE_MAX_TOKENS]),
                ("Prefill", [t for t in args.tokens if t > DECODE_MAX_TOKENS]))
     for regime, tokens_list in regimes:
         if not tokens_list:
             continue
-        lines += ["", f"## {regime} ({device_name})", "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+        eager_rows, graph_rows = [], []
         for hidden in args.hidden:
             for layout in args.layouts:
                 for ratio in args.ratios:
                     for tokens in tokens_list:
                         case = make_case(hidden, tokens, ratio, layout, torch.float16, DEVICE, torch)
-                        ms = {}
+                        ms, ms_graph = {}, {}
                         for name, fn in providers(case, compiled_chain, torch, fp).items():
                             try:
                                 fn()  # compile / autotune outside the timing
                                 torch.cuda.synchronize()
                                 ms[name] = triton.testing.do_bench(fn, return_mode="median")
+                                if not args.no_graph:
+                                    ms_graph[name] = graph_ms(fn, torch)
                             except torch.cuda.OutOfMemoryError:
-                                ms[name] = None
+                                ms.setdefault(name, None)
+                                ms_graph[name] = None
                                 torch.cuda.empty_cache()
                         flops, nbytes = work(case, 2)
-                        t = ms.get("triton")
-                        tflops = None if t is None else flops / (t * 1e-3) / 1e12
-                        gbps = None if t is None else nbytes / (t * 1e-3) / 1e9
-                        roof_ms = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9)) * 1e3
-                        roof = None if t is None else 100 * roof_ms / t
+                        rates = triton_rates(ms, flops, nbytes, peak_tflops, peak_gbps)
                         _, r, groups = fp._validate(case["x"], case["in_factor"], case["cores"],
                                                     case["out_factors"], case["biases"])
-                        cfg = fp._TUNED.get(fp._tune_key(case["x"].device, torch.float16, tokens, hidden, r, groups))
-                        line = row(hidden, layout, case["r"], tokens, ms, tflops, gbps, roof, config_str(cfg))
-                        lines.append(line)
-                        records.append(record(hidden, layout, ratio, case["r"], tokens, ms, tflops, gbps, roof,
-                                              config_str(cfg)))
+                        cfg = config_str(fp._TUNED.get(fp._tune_key(case["x"].device, torch.float16, tokens, hidden,
+                                                                    r, groups)))
+                        err = rel_err_vs_chain(case, fp)
+                        if not err <= MAX_REL_ERR:
+                            mismatches.append(f"hidden {hidden} {layout} r {r} tokens {tokens}: {err:.2e}")
+                            cfg += f" MISMATCH {err:.1e}"
+                        line = row(hidden, layout, case["r"], tokens, ms, *rates, cfg)
+                        eager_rows.append(line)
                         print(line, flush=True)
+                        graph = None
+                        if ms_graph:
+                            graph = (ms_graph,) + triton_rates(ms_graph, flops, nbytes, peak_tflops, peak_gbps)
+                            graph_rows.append(row(hidden, layout, case["r"], tokens, *graph, cfg))
+                            print(graph_rows[-1] + " (CUDA graph)", flush=True)
+                        records.append(record(hidden, layout, ratio, case["r"], tokens, ms, *rates, cfg, graph=graph))
+                        records[-1]["rel_err_vs_chain"] = err
                         del case
+        rule = "|" + "---|" * (HEADER.count("|") - 1)
+        lines += ["", f"## {regime} ({device_name}): do_bench, host launch included", "", HEADER, rule] + eager_rows
+        if graph_rows:
+            lines += ["", f"## {regime} ({device_name}): CUDA graph replay, device time", "", HEADER, rule]
+            lines += graph_rows
+    lines += ["", f"Every row's kernel output was checked against the unfused chain's (fp16): "
+              f"{len(mismatches)} of {len(records)} beyond max|diff|/max|chain| = {MAX_REL_ERR:g}."]
+    lines += [f"- MISMATCH {m}" for m in mismatches]
     meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype="float16",
-                peak_tflops=peak_tflops, peak_gbps=peak_gbps)
+                peak_tflops=peak_tflops, peak_gbps=peak_gbps, mismatches=mismatches)
     return lines, dict(meta=meta, rows=records)
 
 
@@ -265,6 +352,10 @@ def main(argv=None):
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(data, f, indent=1)
         print(f"wrote {args.out} and its .json twin")
+    if data["meta"].get("mismatches"):
+        print("kernel_microbench: the kernel disagreed with the chain:", *data["meta"]["mismatches"], sep="\n  ",
+              file=sys.stderr)
+        return 1
     return 0
 
 

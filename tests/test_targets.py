@@ -78,3 +78,18 @@ def test_unmeasured_targets_say_so_and_exit_codes(targets, tmp_path, capsys):
     path.write_text(json.dumps({"rows": [kernel_row(4096, 0.5, 1, triton=1.0, factored=1.0, dense=2.0)]}))
     assert targets.main(["--kernels", str(path), "--e2e", str(tmp_path / "missing.json")]) == 1
     assert "**no**" in capsys.readouterr().out
+
+
+def test_cuda_graph_timings_get_their_own_targets(targets):
+    eager = kernel_row(4096, 0.25, 1, triton=0.5, factored=0.3, dense=0.04)  # host-bound: the kernel loses
+    graphed = dict(eager, ms_graph={"torch_dense": 0.037, "torch_factored": 0.030, "triton": 0.015},
+                   roofline_pct_graph=65.0)
+    got = by_name(targets.kernel_targets({"rows": [graphed]}))
+    assert got["kernel vs unfused chain, decode"].met is False  # do_bench: 0.6x
+    device = got["kernel vs unfused chain, decode (CUDA graph)"]
+    assert device.worst[1] == pytest.approx(2.0) and device.met is True
+    assert got["kernel vs dense cuBLAS QKV, ratio 0.25, hidden >= 2048, decode (CUDA graph)"].worst[1] == \
+        pytest.approx(0.037 / 0.015)
+    assert got["kernel, % of roofline (CUDA graph)"].met is True
+    # rows without graph timings add no graph targets
+    assert not any("CUDA graph" in name for name in by_name(targets.kernel_targets({"rows": [eager]})))
