@@ -13,6 +13,9 @@ sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quali
 * ``weights``: ``mode="weights", ratio=0.5``: factored Q/K/V, ``backend="auto"``: per token bucket
   the fused Triton kernel or the torch chain, whichever timed faster (the notes say which);
 * ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``;
+* ``weights-triton``: the same with ``backend = "triton"``: the fused kernel at every size, whatever
+  ``auto``'s host-timed choice (auto times eager calls, launch overhead included; under CUDA graphs
+  only device time counts);
 * ``kv-rebuild``: the kv model with ``kv_attention = "rebuild"``: decode rebuilds full keys and
   values from the latents at every step instead of attending over the latents (what kv mode did
   before the latent path); its prefill is the kv variant's (prefill rebuilds in both), not re-timed.
@@ -72,7 +75,7 @@ SHAPES = {
 SMOKE_SHAPE = {"tiny": dict(hidden=64, layers=2, heads=4, ffn=256)}
 VOCAB = 50272
 MAX_POSITIONS = 2048
-VARIANTS = ("dense", "kv", "kv-rebuild", "weights", "weights-torch")
+VARIANTS = ("dense", "kv", "kv-rebuild", "weights", "weights-triton", "weights-torch")
 # variant -> (compression mode, FactoredProjection.backend, kv_attention); a variant that differs from
 # the previous one only in the switches reuses its model.
 VARIANT_SETTINGS = {
@@ -80,8 +83,10 @@ VARIANT_SETTINGS = {
     "kv": ("kv", "auto", "auto"),
     "kv-rebuild": ("kv", "auto", "rebuild"),
     "weights": ("weights", "auto", "auto"),
+    "weights-triton": ("weights", "triton", "auto"),
     "weights-torch": ("weights", "torch", "auto"),
 }
+GPU_ONLY_VARIANTS = ("weights-triton",)  # the compiled kernel: no CPU run outside Triton's interpreter
 RATIO = 0.5
 WARM_STEPS = 2
 MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
@@ -106,7 +111,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the markdown table here (and the raw numbers next to it as .json)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="default: all (--smoke: all but weights-triton, which needs a GPU)")
     p.add_argument("--prefill", nargs="+", type=_pair, default=[(1, 2048), (8, 512)], metavar="BxT")
     p.add_argument("--decode-batch", nargs="+", type=int, default=[1, 16])
     p.add_argument("--context", type=int, default=1024, help="decode context (prefilled tokens)")
@@ -121,6 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny OPT (hidden 64, 2 layers), tiny shapes: proves the code")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if not (args.smoke and v in GPU_ONLY_VARIANTS)]
     if args.smoke:
         args.shapes = list(SMOKE_SHAPE)
         args.prefill = [(1, 32), (2, 16)]

@@ -14,7 +14,8 @@
 #      TRITON_INTERPRET is unset); the fused kernel against its float64 reference at model sizes
 #      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts); tmps.compress at full rank on
 #      tiny Llama/OPT models, logits against dense, with the Triton path counted
-#   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio 0.5, no torch.compile);
+#   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
+#      no torch.compile), do_bench and CUDA-graph timings, each row checked against the chain;
 #      d2. benchmarks/latent_attention_bench.py: one kv decode step over the latent cache against
 #      the dense cache and the rebuild (OPT and Llama/SmolLM2 shapes, batch 1/16, context 1k/4k)
 #   e. benchmarks/e2e.py (OPT-1.3B and OPT-6.7B shapes) with whatever time is left. Random factors
@@ -27,6 +28,10 @@
 #      skipped when pytest-benchmark is not installed)
 #   g. benchmarks/targets.py: issue #4's targets against kernels.json and e2e.json, worst case per
 #      target (targets.md); a missed target is reported, not counted as a failed step
+#
+# Rerun a part: GPU_CHECK_SKIP="c d2 f" leaves those steps out (a letter skips all its steps) and
+# gives their reserved time to the rest; E2E_ARGS="--shapes opt-1.3b --variants dense weights" is
+# appended to e2e.py's arguments.
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
@@ -54,6 +59,21 @@ LINK_MADE=0
 SKIP=" ${GPU_CHECK_SKIP:-} "  # step letters to leave out, e.g. GPU_CHECK_SKIP="b d" for a rerun
 trap 'if [ "$LINK_MADE" = 1 ]; then rm -f "$ROOT/tmps/kernels"; fi' EXIT
 export PY ROOT OUT
+
+# The least time each step after c1 is left (s): a step's cap stops this much short of the budget
+# for every later step not in GPU_CHECK_SKIP, so a slow step shortens the later ones, and skipped
+# steps leave their share to the others.
+declare -A MIN_S=([c2]=50 [c3]=30 [d]=40 [d2]=30 [e]=110 [f]=30 [g]=10)
+ORDER=(c1 c2 c3 d d2 e f g)
+skipped() { [[ "$SKIP" == *" $1 "* || "$SKIP" == *" ${1:0:1} "* ]]; }
+reserve_after() {  # seconds kept for the steps after $1
+  local sum=0 seen=0 l
+  for l in "${ORDER[@]}"; do
+    if (( seen )) && ! skipped "$l"; then sum=$(( sum + ${MIN_S[$l]:-0} )); fi
+    [[ "$l" == "$1" ]] && seen=1
+  done
+  echo "$sum"
+}
 
 log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -152,7 +172,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTEST_ARGS=(-q -rfEs tests/kernels -p no:cacheprovider)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
 if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then PYTEST_ARGS+=(-o "addopts="); fi
-step "c1. pytest tests/kernels on CUDA" 120 300 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+step "c1. pytest tests/kernels on CUDA" 120 "$(reserve_after c1)" "$PY" -m pytest "${PYTEST_ARGS[@]}"
 
 kernel_check() {
   "$PY" - <<'EOF'
@@ -233,7 +253,7 @@ print(f"kernel check: {bad} failing case(s)")
 sys.exit(1 if bad else 0)
 EOF
 }
-step "c2. fused kernel vs float64 reference (model sizes)" 80 250 kernel_check
+step "c2. fused kernel vs float64 reference (model sizes)" 80 "$(reserve_after c2)" kernel_check
 
 model_check() {
   "$PY" - <<'EOF'
@@ -352,21 +372,21 @@ print(f"model check: {bad} failing case(s)")
 sys.exit(1 if bad else 0)
 EOF
 }
-step "c3. compressed models at full rank on CUDA" 60 220 model_check
+step "c3. compressed models at full rank on CUDA" 60 "$(reserve_after c3)" model_check
 
 # ------------------------------------------------------------------------------------------ d
-step "d. kernel microbenchmark (subset)" 90 180 \
+step "d. kernel microbenchmark (subset)" 150 "$(reserve_after d)" \
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --hidden 4096 --tokens 1 16 4096 \
-  --ratios 0.5 --layouts weights kv_latent --no-compile
+  --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights kv_latent --no-compile
 
-step "d2. latent attention microbenchmark (kv decode)" 60 150 \
+step "d2. latent attention microbenchmark (kv decode)" 60 "$(reserve_after d2)" \
   "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --context 1024 4096
 
 # ------------------------------------------------------------------------------------------ e
-E2E_CAP=$(( START + TOTAL - $(date +%s) - 45 ))
-step "e. end-to-end benchmark" "$E2E_CAP" 40 \
+E2E_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after e) - 5 ))
+step "e. end-to-end benchmark" "$E2E_CAP" "$(reserve_after e)" \
   "$PY" benchmarks/e2e.py --out "$OUT/e2e.md" --factors "${E2E_FACTORS:-random}" --calib-timeout 40 --kv-graphs \
-  --budget-s $(( E2E_CAP > 40 ? E2E_CAP - 25 : 15 ))
+  --budget-s $(( E2E_CAP > 40 ? E2E_CAP - 25 : 15 )) ${E2E_ARGS:-}
 
 # ------------------------------------------------------------------------------------------ f
 bench_block() {
@@ -378,8 +398,8 @@ bench_block() {
     --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=median,rounds --benchmark-sort=name \
     --benchmark-json "$OUT/bench_attention.json"
 }
-F_CAP=$(( START + TOTAL - $(date +%s) - 15 ))
-step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" 10 bench_block
+F_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after f) - 5 ))
+step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" "$(reserve_after f)" bench_block
 
 # ------------------------------------------------------------------------------------------ g
 targets_table() {  # a missed target is a result (exit 1), not a failed step
