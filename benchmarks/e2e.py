@@ -315,10 +315,10 @@ def auto_choices() -> str:
 
     by_bucket: dict = {}
     for key, choice in kernels_bridge._FASTER.items():
-        by_bucket.setdefault(key[2], set()).add(choice)
+        by_bucket.setdefault(key[2], set()).add(f"{choice.eager} eager, {choice.graphed} in CUDA graphs")
     if not by_bucket:
         return "nothing timed (no CUDA: the torch chain)"
-    return ", ".join(f"<= {bucket} rows: {'/'.join(sorted(c))}" for bucket, c in sorted(by_bucket.items()))
+    return "; ".join(f"<= {bucket} rows: {' / '.join(sorted(c))}" for bucket, c in sorted(by_bucket.items()))
 
 
 def _empty_cache(device):

@@ -113,43 +113,12 @@ def providers(case, compiled_chain, torch, fp):
     return fns
 
 
-def graph_ms(fn, torch, reps=20, rounds=7):
-    """Device time of one ``fn()`` in ms: CUDA-graph replays of (L2 flush, fn) minus flushes alone.
+def graph_ms(fn):
+    """Device time of one ``fn()`` in ms: CUDA-graph replays of (256 MiB L2 flush, fn) minus the
+    flushes alone (the flush is do_bench's, so the weights come from HBM as in an eager do_bench)."""
+    from tmps.kernels_bridge import device_ms
 
-    The flush is do_bench's (zeroing 256 MiB), so the weights come from HBM as in an eager
-    do_bench, but no host work is timed.  Median over ``rounds`` replays of ``reps`` calls.
-    """
-    flush = torch.empty(1 << 26, dtype=torch.int32, device="cuda")  # 256 MiB
-
-    def capture(body):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, allocator)
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                body()
-        return graph
-
-    def replay_ms(graph):
-        graph.replay()
-        times = []
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
-    both = capture(lambda: (flush.zero_(), fn()))
-    flushes = capture(flush.zero_)
-    ms = (replay_ms(both) - replay_ms(flushes)) / reps
-    del both, flushes
-    return max(ms, 1e-6)
+    return device_ms(fn, reps=20, rounds=7, flush_bytes=256 << 20)
 
 
 def ceilings(torch, triton):
@@ -259,7 +228,7 @@ def run_cuda(args):
                                 torch.cuda.synchronize()
                                 ms[name] = triton.testing.do_bench(fn, return_mode="median")
                                 if not args.no_graph:
-                                    ms_graph[name] = graph_ms(fn, torch)
+                                    ms_graph[name] = graph_ms(fn)
                             except torch.cuda.OutOfMemoryError:
                                 ms.setdefault(name, None)
                                 ms_graph[name] = None

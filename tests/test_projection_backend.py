@@ -21,23 +21,46 @@ def labelled(fn, path):
     return fn
 
 
-@pytest.mark.parametrize("kernel_ms,torch_ms,expected", [(1.0, 2.0, "triton"), (3.0, 2.0, "torch")])
-def test_faster_path_times_once_and_caches(kernel_ms, torch_ms, expected):
-    timed, ran = [], []
-    bench = lambda fn: timed.append(fn.path) or (kernel_ms if fn.path == "triton" else torch_ms)  # noqa: E731
+def fake_bench(times, log):
+    """A bench(fn) -> ms that logs which path it timed and returns ``times[path]``."""
+    return lambda fn: log.append(fn.path) or times[fn.path]
+
+
+@pytest.mark.parametrize("eager,graphed", [("triton", "triton"), ("torch", "triton"), ("torch", "torch")])
+def test_faster_path_times_once_and_caches(monkeypatch, eager, graphed):
+    timed, device_timed, ran = [], [], []
+    eager_ms = {"triton": 1.0, "torch": 2.0} if eager == "triton" else {"triton": 3.0, "torch": 2.0}
+    device_ms = {"triton": 0.02, "torch": 0.04} if graphed == "triton" else {"triton": 0.05, "torch": 0.04}
     run_kernel = labelled(lambda: ran.append("triton"), "triton")
     run_torch = labelled(lambda: ran.append("torch"), "torch")
-    assert bridge.faster_path("key", run_kernel, run_torch, bench) == expected
-    assert timed == ["triton", "torch"] and ran == ["triton", "torch"]  # each warmed up once, then timed
-    assert bridge.faster_path("key", run_kernel, run_torch, bench) == expected
-    assert len(timed) == 2, "a cached choice must not be timed again"
+    bench, device_bench = fake_bench(eager_ms, timed), fake_bench(device_ms, device_timed)
+    assert bridge.faster_path("key", run_kernel, run_torch, bench, device_bench) == eager
+    assert timed == device_timed == ["triton", "torch"] and ran == ["triton", "torch"]  # warmed up once
+    assert bridge._FASTER["key"] == bridge.PathChoice(eager, graphed)
+    assert bridge.faster_path("key", run_kernel, run_torch, bench, device_bench) == eager
+    assert len(timed) == len(device_timed) == 2, "a cached choice must not be timed again"
+    # inside a CUDA-graph capture the device-time choice serves
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert bridge.faster_path("key", run_kernel, run_torch, bench, device_bench) == graphed
+
+
+def test_device_timing_failure_falls_back_to_the_eager_choice():
+    def no_graphs(fn):
+        raise RuntimeError("CUDA graphs are not supported here")
+
+    run_kernel, run_torch = labelled(lambda: None, "triton"), labelled(lambda: None, "torch")
+    assert bridge.faster_path("key", run_kernel, run_torch, fake_bench({"triton": 3.0, "torch": 2.0}, []),
+                              no_graphs) == "torch"
+    assert bridge._FASTER["key"] == bridge.PathChoice("torch", "torch")
 
 
 def test_no_timing_during_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     timed = []
-    choice = bridge.faster_path("key", lambda: None, lambda: None, lambda fn: timed.append(1) or 1.0)
+    choice = bridge.faster_path("key", lambda: None, lambda: None, lambda fn: timed.append(1) or 1.0,
+                                lambda fn: timed.append(1) or 1.0)
     assert choice == "triton" and timed == [] and "key" not in bridge._FASTER
 
 
@@ -63,6 +86,7 @@ def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, 
         return kernel_ms if which == "triton" else torch_ms
 
     monkeypatch.setattr(bridge, "_median_ms", bench)
+    monkeypatch.setattr(bridge, "_device_ms", lambda fn: 1.0)  # not capturing here: the eager timing decides
     x = torch.randn(2, 7, 12)
     for _ in range(3):
         calls.clear()
@@ -82,6 +106,7 @@ def test_forced_backends_are_not_timed(monkeypatch):
     module = projection()
     monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
     monkeypatch.setattr(bridge, "_median_ms", lambda fn: pytest.fail("a forced backend was timed"))
+    monkeypatch.setattr(bridge, "_device_ms", lambda fn: pytest.fail("a forced backend was timed"))
     module.backend = "torch"
     module(torch.randn(3, 12))
     assert bridge._FASTER == {}

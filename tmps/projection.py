@@ -37,7 +37,8 @@ class FactoredProjection(nn.Module):
             self.register_buffer(f"out_factor_{g}", out)
             self.register_buffer(f"bias_{g}", bias)
         # "auto": on CUDA, the Triton kernel or the torch chain, whichever is faster for this shape
-        # (timed once per token bucket, see kernels_bridge.faster_path); the torch chain elsewhere.
+        # (timed once per token bucket, eagerly and in device time; calls inside a CUDA-graph capture
+        # take the device-time winner, see kernels_bridge.faster_path); the torch chain elsewhere.
         # "torch" / "triton" force a path.
         self.backend = "auto"
 
