@@ -167,7 +167,7 @@ def config_str(cfg):
     if cfg is None:
         return "n/a"
     return (f"m{cfg.block_m} t{cfg.block_t} cs{cfg.col_splits} k{cfg.block_k} r{cfg.block_r} "
-            f"w{cfg.num_warps} st{cfg.num_stages}")
+            f"w{cfg.num_warps} st{cfg.num_stages}" + (" z-pass" if cfg.z_pass else ""))
 
 
 def record(hidden, layout, ratio, r, tokens, ms, tflops, gbps, roof, config, graph=None) -> dict:
