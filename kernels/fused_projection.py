@@ -145,6 +145,12 @@ _DECODE_CONFIGS = tuple(
                  z_pass=True)
     for bt in (64, 128)
     for br in (64, 128)
+) + (  # more core bytes in flight per program: on the H200 the z-pass decode read its cores at ~1.7 TB/s,
+    # 192 one-head programs over 132 SMs; deeper pipelines / wider r chunks are the untried knobs
+    KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=128, block_r=128, num_warps=4, num_stages=5,
+                 z_pass=True),
+    KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=128, block_r=256, num_warps=8, num_stages=3,
+                 z_pass=True),
 )
 # Prefill: many row tiles; few splits keep the recomputation of z at 1-4x.  Tiles of 64 x 128 and
 # up get 8 warps: at 4 warps the fp16 sm_90 compile of 64 x 128 with an out factor used 255
