@@ -23,7 +23,9 @@
 #      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
 #      runs tmps.compress on CUDA). --kv-graphs: kv mode's latents do fit HF's StaticCache (the
 #      CPU smoke run checks that its greedy tokens equal the eager decode's), so its graphs are tried.
-#   f. (in the 40 s kept from e) pytest benchmarks/bench_attention.py --benchmark-only: one
+#   d3. (after e: it compiles, slowly) torch.compile of the unfused chain at 1 and 4096 tokens
+#      (weights layout), timed like d and merged into kernels.json / kernels.md for the targets
+#   f. (with what is left) pytest benchmarks/bench_attention.py --benchmark-only: one
 #      attention block, dense vs weights/kv mode, torch vs kernel path, fp16 (bench_attention.json;
 #      skipped when pytest-benchmark is not installed)
 #   g. benchmarks/targets.py: issue #4's targets against kernels.json and e2e.json, worst case per
@@ -63,8 +65,8 @@ export PY ROOT OUT
 # The least time each step after c1 is left (s): a step's cap stops this much short of the budget
 # for every later step not in GPU_CHECK_SKIP, so a slow step shortens the later ones, and skipped
 # steps leave their share to the others.
-declare -A MIN_S=([c2]=50 [c3]=30 [d]=40 [d2]=30 [e]=110 [f]=30 [g]=10)
-ORDER=(c1 c2 c3 d d2 e f g)
+declare -A MIN_S=([c2]=50 [c3]=30 [d]=40 [d2]=30 [e]=90 [d3]=45 [f]=30 [g]=10)
+ORDER=(c1 c2 c3 d d2 e d3 f g)
 skipped() { [[ "$SKIP" == *" $1 "* || "$SKIP" == *" ${1:0:1} "* ]]; }
 reserve_after() {  # seconds kept for the steps after $1
   local sum=0 seen=0 l
@@ -387,6 +389,12 @@ E2E_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after e) - 5 ))
 step "e. end-to-end benchmark" "$E2E_CAP" "$(reserve_after e)" \
   "$PY" benchmarks/e2e.py --out "$OUT/e2e.md" --factors "${E2E_FACTORS:-random}" --calib-timeout 40 --kv-graphs \
   --budget-s $(( E2E_CAP > 40 ? E2E_CAP - 25 : 15 )) ${E2E_ARGS:-}
+
+# ------------------------------------------------------------------------------------------ d3
+D3_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after d3) - 5 ))
+step "d3. torch.compile of the chain (merged into kernels.json)" "$D3_CAP" "$(reserve_after d3)" \
+  "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --merge --providers torch_compile \
+  --hidden 4096 --tokens 1 4096 --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights
 
 # ------------------------------------------------------------------------------------------ f
 bench_block() {

@@ -60,7 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     p.add_argument("--no-compile", action="store_true", help="skip the torch_compile provider")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (device time) timing")
-    return p.parse_args(argv)
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                   help="time only these (e.g. torch_compile alone, to merge into an earlier run)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold this run into --out's existing JSON (same cases gain these timings) and append "
+                        "its tables to the markdown, instead of overwriting both")
+    args = p.parse_args(argv)
+    if args.merge and not args.out:
+        p.error("--merge needs --out (the run to merge into)")
+    return args
 
 
 def make_case(hidden, tokens, ratio, layout, dtype, device, torch):
@@ -199,7 +207,8 @@ def run_cuda(args):
     from tmps.kernels import fused_projection as fp
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    compiled_chain = None if args.no_compile else torch.compile(fp.fused_factored_projection_ref)
+    wanted = [p for p in args.providers if not (args.no_compile and p == "torch_compile")]
+    compiled_chain = torch.compile(fp.fused_factored_projection_ref) if "torch_compile" in wanted else None
     device_name = torch.cuda.get_device_name()
     peak_tflops, peak_gbps = ceilings(torch, triton)
     lines = [
@@ -223,6 +232,8 @@ def run_cuda(args):
                         case = make_case(hidden, tokens, ratio, layout, torch.float16, DEVICE, torch)
                         ms, ms_graph = {}, {}
                         for name, fn in providers(case, compiled_chain, torch, fp).items():
+                            if name not in wanted:
+                                continue
                             try:
                                 fn()  # compile / autotune outside the timing
                                 torch.cuda.synchronize()
@@ -239,8 +250,8 @@ def run_cuda(args):
                                                     case["out_factors"], case["biases"])
                         cfg = config_str(fp._TUNED.get(fp._tune_key(case["x"].device, torch.float16, tokens, hidden,
                                                                     r, groups)))
-                        err = rel_err_vs_chain(case, fp)
-                        if not err <= MAX_REL_ERR:
+                        err = rel_err_vs_chain(case, fp) if "triton" in wanted else None
+                        if err is not None and not err <= MAX_REL_ERR:
                             mismatches.append(f"hidden {hidden} {layout} r {r} tokens {tokens}: {err:.2e}")
                             cfg += f" MISMATCH {err:.1e}"
                         line = row(hidden, layout, case["r"], tokens, ms, *rates, cfg)
@@ -263,7 +274,7 @@ def run_cuda(args):
               f"{len(mismatches)} of {len(records)} beyond max|diff|/max|chain| = {MAX_REL_ERR:g}."]
     lines += [f"- MISMATCH {m}" for m in mismatches]
     meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype="float16",
-                peak_tflops=peak_tflops, peak_gbps=peak_gbps, mismatches=mismatches)
+                peak_tflops=peak_tflops, peak_gbps=peak_gbps, mismatches=mismatches, providers=wanted)
     return lines, dict(meta=meta, rows=records)
 
 
@@ -308,6 +319,30 @@ def run_smoke(args):
     return lines, dict(meta=meta, rows=rows)
 
 
+def merge_runs(old: dict, new: dict) -> dict:
+    """``new``'s rows folded into ``old`` (returned): a case both measured keeps old's timings and gains
+    (or replaces) those new measured; a case only new measured is appended.  Cases match on
+    (hidden, layout, ratio, tokens); meta records which providers each merged run timed."""
+    def key(row):
+        return row["hidden"], row["layout"], row["ratio"], row["tokens"]
+
+    rows = {key(row): row for row in old.setdefault("rows", [])}
+    for row in new.get("rows", []):
+        mine = rows.get(key(row))
+        if mine is None:
+            old["rows"].append(row)
+            rows[key(row)] = row
+            continue
+        for field in ("ms", "ms_graph"):
+            measured = {p: v for p, v in row.get(field, {}).items() if v is not None}
+            if measured:
+                mine.setdefault(field, {}).update(measured)
+    meta, new_meta = old.setdefault("meta", {}), new.get("meta", {})
+    meta["merged_providers"] = meta.get("merged_providers", []) + [new_meta.get("providers")]
+    meta["mismatches"] = meta.get("mismatches", []) + new_meta.get("mismatches", [])
+    return old
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.smoke:
@@ -317,10 +352,16 @@ def main(argv=None):
     else:
         lines, data = run_cuda(args)
     if args.out:
+        json_path = os.path.splitext(args.out)[0] + ".json"
+        if args.merge and os.path.exists(json_path):
+            with open(json_path) as f:
+                data = merge_runs(json.load(f), data)
+            with open(args.out) as f:
+                lines = f.read().rstrip("\n").split("\n") + ["", f"## Merged run: {', '.join(args.providers)}"] + lines[1:]
         write_lines(args.out, lines)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        with open(json_path, "w") as f:
             json.dump(data, f, indent=1)
-        print(f"wrote {args.out} and its .json twin")
+        print(f"wrote {args.out} and its .json twin" + (" (merged)" if args.merge else ""))
     if data["meta"].get("mismatches"):
         print("kernel_microbench: the kernel disagreed with the chain:", *data["meta"]["mismatches"], sep="\n  ",
               file=sys.stderr)

@@ -1,0 +1,61 @@
+"""benchmarks/kernel_microbench.py on CPU: the --smoke run, merging a later run into an earlier one."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports _bench_common from its folder
+    try:
+        spec = importlib.util.spec_from_file_location("kernel_microbench", ROOT / "benchmarks" / "kernel_microbench.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_smoke_run_writes_its_table_and_json(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_microbench.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "triton matches the reference" in out.read_text()
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert len(rows) == 1 and set(rows[0]["ms"]) == {"torch_dense", "torch_factored", "triton"}
+
+
+def row(tokens, ms, ms_graph=None, layout="weights"):
+    out = dict(hidden=4096, layout=layout, ratio=0.25, r=1024, tokens=tokens, ms=ms)
+    if ms_graph is not None:
+        out["ms_graph"] = ms_graph
+    return out
+
+
+def test_merge_adds_the_later_runs_timings_to_the_same_cases(bench):
+    old = {"meta": {"device": "gpu", "mismatches": []},
+           "rows": [row(1, {"triton": 0.02, "torch_factored": 0.04}, {"triton": 0.01}), row(4096, {"triton": 0.3})]}
+    new = {"meta": {"providers": ["torch_compile"], "mismatches": []},
+           "rows": [row(1, {"torch_compile": 0.03, "triton": None}, {"torch_compile": 0.025}),
+                    row(16, {"torch_compile": 0.05})]}
+    merged = bench.merge_runs(old, new)
+    by_tokens = {r["tokens"]: r for r in merged["rows"]}
+    assert by_tokens[1]["ms"] == {"triton": 0.02, "torch_factored": 0.04, "torch_compile": 0.03}  # None kept out
+    assert by_tokens[1]["ms_graph"] == {"triton": 0.01, "torch_compile": 0.025}
+    assert by_tokens[4096]["ms"] == {"triton": 0.3}
+    assert by_tokens[16]["ms"] == {"torch_compile": 0.05}  # a case only the later run measured is appended
+    assert merged["meta"]["device"] == "gpu" and merged["meta"]["merged_providers"] == [["torch_compile"]]
+
+
+def test_merge_needs_out(bench, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--merge"])
+    assert exit_.value.code == 2 and "--merge needs --out" in capsys.readouterr().err
