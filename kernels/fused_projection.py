@@ -1,4 +1,4 @@
-"""Fused factor-core-factor projection: Q, K and V of a factorised attention in one launch.
+"""Fused factor-core-factor projection: Q, K and V of a factorised attention in one launch (or two).
 
 Math
 ----
@@ -13,7 +13,8 @@ core per head and an optional output factor shared by its heads::
 for P = 1..4 groups g (typically q, k, v).  The unfused chain writes ``z`` and every ``t_g`` to
 memory and launches 1 + 2P GEMMs plus the bias adds; here ``t_g`` never leaves the chip, ``z``
 stays in registers (or, for large ranks, in a program-private scratch slice that L1/L2 serve back
-at once), and the whole thing is one launch.
+at once), and the whole thing is one launch -- or two, where the tuner finds that computing ``z``
+first with cuBLAS pays (z-pass configs, below).
 
 Shapes and layout (all row-major / contiguous, one dtype: fp32, fp16 or bf16)
 ----------------------------------------------------------------------------
@@ -57,8 +58,9 @@ Two passes (``KernelConfig.z_pass``): at large ranks those re-reads dominate.  O
 prefill with 4 splits did 1.7x the chain's flops.  So the tuner may also pick configs that first
 compute ``z = x @ B`` with one cuBLAS GEMM (B read once, z written once: M * r elements) and then
 run the tile programs on that z (the scratch path, reading z instead of recomputing it): two
-launches instead of one, t and the out factors still fused.  Each shape keeps whichever is faster.  r and s are padded to powers of two (>= 16, the smallest ``tl.dot`` size) with masks;
-M edges are masked; row offsets are int64, factor offsets int32 (the launcher checks each factor
+launches instead of one, t and the out factors still fused.  Each shape keeps whichever is faster.
+
+r and s are padded to powers of two (>= 16, the smallest ``tl.dot`` size) with masks; M edges are masked; row offsets are int64, factor offsets int32 (the launcher checks each factor
 holds fewer than 2**31 elements).
 """
 
@@ -502,7 +504,8 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         NUM_GROUPS=len(groups),
         TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
-        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass, DOT_PRECISION=FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
+        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass,
+        DOT_PRECISION=FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
         DOT_UPCAST=x2d.dtype == torch.bfloat16 and _interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,6 +1,7 @@
 """The one place the library touches the Triton kernels, so that a machine without triton still imports tmps."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,7 @@ class PathChoice:
 _FASTER: dict = {}  # key -> PathChoice
 
 
-def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None) -> str:
+def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None, device=None) -> str:
     """``"triton"`` or ``"torch"``: whichever runs this projection faster, timed once per ``key``.
 
     ``backend="auto"`` asks this on CUDA so that it is never slower than the unfused torch chain where
@@ -58,7 +59,8 @@ def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None) -> st
     (``bench(fn) -> ms``, default ``triton.testing.do_bench``'s median) and in device time
     (``device_bench``, default :func:`device_ms`, CUDA graphs); a call made while a CUDA graph is
     being captured gets the device-time choice, any other call the eager one.  Nothing can be timed
-    during a capture: an untimed key then takes the kernel, without caching.
+    during a capture: an untimed key then takes the kernel, without caching.  ``device``: the CUDA
+    device the paths run on (the graphs are captured there; default the current one).
     """
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     choice = _FASTER.get(key)
@@ -72,7 +74,9 @@ def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None) -> st
         run_kernel(), run_torch()  # the kernel's own autotuning happens here, outside the timing
         eager = "triton" if bench(run_kernel) <= bench(run_torch) else "torch"
         try:
-            graphed = "triton" if device_bench(run_kernel) <= device_bench(run_torch) else "torch"
+            on_gpu = device is not None and torch.device(device).type == "cuda"
+            with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+                graphed = "triton" if device_bench(run_kernel) <= device_bench(run_torch) else "torch"
         except Exception:  # noqa: BLE001 -- no capture possible here: the eager timing decides both
             graphed = eager
     _FASTER[key] = PathChoice(eager, graphed)

@@ -88,7 +88,7 @@ class FactoredProjection(nn.Module):
         d_in = self.in_factor.shape[0]
         key = (x.device, x.dtype, bridge.token_bucket(x.numel() // d_in), tuple(self.in_factor.shape),
                tuple((tuple(c.shape), None if a is None else tuple(a.shape), b is not None) for c, a, b in self.groups))
-        return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x)) == "triton"
+        return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x), device=x.device) == "triton"
 
     def _triton(self, x: torch.Tensor) -> list[torch.Tensor]:
         from .kernels_bridge import fused_factored_projection
