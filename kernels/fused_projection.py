@@ -168,6 +168,10 @@ _PREFILL_CONFIGS = tuple(
                  num_warps=4 if bm * bt < 8192 else 8, num_stages=3, z_pass=True)
     for bm in (64, 128)
     for bt in (64, 128)
+) + (  # a deeper pipeline: at 3 stages the H200 ran the tile GEMM at ~490 TFLOP/s where cuBLAS ran
+    # the chain's at ~650 (kv layout, 4096 tokens).  (128 x 256 tiles spilled 220 bytes with out factors.)
+    KernelConfig(block_m=128, block_t=128, col_splits=0, block_k=64, block_r=64, num_warps=8, num_stages=4,
+                 z_pass=True),
 )
 # fp32 is the accuracy path, not the fast one: dots run as 3xTF32 (FP32_DOT_PRECISION) whose
 # operand splitting doubles the registers, so fp32 gets one small config per regime, untuned.  The
