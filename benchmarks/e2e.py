@@ -449,62 +449,73 @@ def decode_dynamic(model, batch, context, steps, device, seed):
     return batch * steps / seconds, torch.cat(tokens, dim=1).cpu()
 
 
-def decode_static(model, batch, context, steps, device, seed, graph: bool):
-    """(tokens/s, greedy tokens) with a StaticCache; the decode step is captured in a CUDA graph
-    when ``graph`` (else run eagerly: the CPU smoke test checks this path's tokens)."""
+def static_decoder(model, batch, context, total, device, seed):
+    """Prefill ``context`` random tokens into a ``StaticCache`` and return ``(step, tokens, cache)``:
+    ``step()`` decodes one greedy token with everything on the device (mask, positions, argmax, the
+    position counter), so it can be captured in a CUDA graph; ``tokens`` (batch, total) collects the
+    greedy tokens of the first ``total`` steps."""
     import torch
     from transformers import StaticCache
 
     dtype = next(model.parameters()).dtype
-    total = WARM_STEPS + steps
     length = -(-(context + total + 1) // 16) * 16  # mask rows 16-element aligned for sdpa's kernels
     neg = torch.finfo(dtype).min
     ids = _ids(batch, context, model.config.vocab_size, device, seed)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    kw = _cache_kw(model)
+    kpos = torch.arange(length, device=device)
+    qpos = torch.arange(context, device=device)
+    prefill_mask = torch.zeros(context, length, device=device, dtype=dtype)
+    prefill_mask.masked_fill_(kpos[None, :] > qpos[:, None], neg)
     with torch.no_grad():
-        cache = StaticCache(config=model.config, max_cache_len=length)
-        kw = _cache_kw(model)
-        kpos = torch.arange(length, device=device)
-        qpos = torch.arange(context, device=device)
-        prefill_mask = torch.zeros(context, length, device=device, dtype=dtype)
-        prefill_mask.masked_fill_(kpos[None, :] > qpos[:, None], neg)
         out = model(input_ids=ids, attention_mask=prefill_mask[None, None].expand(batch, 1, context, length),
                     position_ids=qpos[None].expand(batch, context), **{kw: cache}, use_cache=True,
                     logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)  # (batch, 1): the step's static input and output
-        del out, prefill_mask
-        counter = torch.full((), context, dtype=torch.long, device=device)  # position of nxt
-        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
-        zeros = torch.zeros(length, device=device, dtype=dtype)
+    nxt = out.logits[:, -1:].argmax(-1)  # (batch, 1): the step's static input and output
+    del out, prefill_mask
+    counter = torch.full((), context, dtype=torch.long, device=device)  # position of nxt
+    tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+    zeros = torch.zeros(length, device=device, dtype=dtype)
 
-        def step():
-            mask = zeros.masked_fill(kpos > counter, neg).view(1, 1, 1, length).expand(batch, 1, 1, length)
-            logits = model(input_ids=nxt, attention_mask=mask, position_ids=counter.view(1, 1).expand(batch, 1),
-                           **{kw: cache}, use_cache=True, logits_to_keep=1).logits
-            nxt.copy_(logits[:, -1:].argmax(-1))
-            tokens.index_copy_(1, (counter - context).view(1), nxt)
-            counter.add_(1)
+    @torch.no_grad()
+    def step():
+        mask = zeros.masked_fill(kpos > counter, neg).view(1, 1, 1, length).expand(batch, 1, 1, length)
+        logits = model(input_ids=nxt, attention_mask=mask, position_ids=counter.view(1, 1).expand(batch, 1),
+                       **{kw: cache}, use_cache=True, logits_to_keep=1).logits
+        nxt.copy_(logits[:, -1:].argmax(-1))
+        tokens.index_copy_(1, (counter - context).clamp(max=total - 1).view(1), nxt)
+        counter.add_(1)
 
-        if graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(WARM_STEPS):  # eager: tunes Triton, fills the allocator, advances the cache
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                step()  # recorded, not run
-            run = cuda_graph.replay
-        else:
-            for _ in range(WARM_STEPS):
+    return step, tokens, cache
+
+
+def decode_static(model, batch, context, steps, device, seed, graph: bool):
+    """(tokens/s, greedy tokens) with a StaticCache; the decode step is captured in a CUDA graph
+    when ``graph`` (else run eagerly: the CPU smoke test checks this path's tokens)."""
+    import torch
+
+    step, tokens, cache = static_decoder(model, batch, context, WARM_STEPS + steps, device, seed)
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARM_STEPS):  # eager: tunes Triton, fills the allocator, advances the cache
                 step()
-            run = step
-        clock = _Clock(device)
-        clock.start()
-        for _ in range(steps):
-            run()
-        seconds = clock.stop()
-        result = batch * steps / seconds, tokens.cpu()
+        torch.cuda.current_stream().wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            step()  # recorded, not run
+        run = cuda_graph.replay
+    else:
+        for _ in range(WARM_STEPS):
+            step()
+        run = step
+    clock = _Clock(device)
+    clock.start()
+    for _ in range(steps):
+        run()
+    seconds = clock.stop()
+    result = batch * steps / seconds, tokens.cpu()
     if graph:
         del cuda_graph
     del cache

@@ -25,8 +25,11 @@
 #      CPU smoke run checks that its greedy tokens equal the eager decode's), so its graphs are tried.
 #   d3. (after e: it compiles, slowly) torch.compile of the unfused chain at 1 and 4096 tokens
 #      (weights layout), timed like d and merged into kernels.json / kernels.md for the targets
+#   p. benchmarks/profile_step.py: the kernels of one static-cache decode step (dense, kv, weights;
+#      OPT-1.3B shape, batch 16, context 1024) and of a 1x2048 prefill, device time per kernel
+#      (profile.md); PROFILE_ARGS is appended to its arguments
 #   f. (with what is left) pytest benchmarks/bench_attention.py --benchmark-only: one
-#      attention block, dense vs weights/kv mode, torch vs kernel path, fp16 (bench_attention.json;
+#      attention block, dense vs weights/kv mode, torch vs kernel path, fp16 (its table in the log;
 #      skipped when pytest-benchmark is not installed)
 #   g. benchmarks/targets.py: issue #4's targets against kernels.json and e2e.json, worst case per
 #      target (targets.md); a missed target is reported, not counted as a failed step
@@ -38,7 +41,8 @@
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
 # step shortens the later ones instead of overrunning. Outputs: gpu_check.log, kernels.md,
-# kernels.json, latent_attention.md, e2e.md, e2e.json, bench_attention.json, targets.md (8 files).
+# kernels.json, latent_attention.md, e2e.md, e2e.json, profile.md, targets.md (8 files: the device
+# tool returns at most 8).
 # Exit status 0 when every step passed, 1 otherwise.
 
 set -u
@@ -65,8 +69,8 @@ export PY ROOT OUT
 # The least time each step after c1 is left (s): a step's cap stops this much short of the budget
 # for every later step not in GPU_CHECK_SKIP, so a slow step shortens the later ones, and skipped
 # steps leave their share to the others.
-declare -A MIN_S=([c2]=50 [c3]=30 [d]=40 [d2]=30 [e]=90 [d3]=45 [f]=30 [g]=10)
-ORDER=(c1 c2 c3 d d2 e d3 f g)
+declare -A MIN_S=([c2]=50 [c3]=30 [d]=40 [d2]=30 [e]=90 [d3]=45 [p]=40 [f]=30 [g]=10)
+ORDER=(c1 c2 c3 d d2 e d3 p f g)
 skipped() { [[ "$SKIP" == *" $1 "* || "$SKIP" == *" ${1:0:1} "* ]]; }
 reserve_after() {  # seconds kept for the steps after $1
   local sum=0 seen=0 l
@@ -396,6 +400,11 @@ step "d3. torch.compile of the chain (merged into kernels.json)" "$D3_CAP" "$(re
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --merge --providers torch_compile \
   --hidden 4096 --tokens 1 4096 --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights
 
+# ------------------------------------------------------------------------------------------ p
+P_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after p) - 5 ))
+step "p. where a decode step's time goes (torch.profiler)" "$P_CAP" "$(reserve_after p)" \
+  "$PY" benchmarks/profile_step.py --out "$OUT/profile.md" --prefill 1x2048 ${PROFILE_ARGS:-}
+
 # ------------------------------------------------------------------------------------------ f
 bench_block() {
   if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then
@@ -403,8 +412,7 @@ bench_block() {
     return 0
   fi
   "$PY" -m pytest benchmarks/bench_attention.py --benchmark-only -q -p no:cacheprovider \
-    --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=median,rounds --benchmark-sort=name \
-    --benchmark-json "$OUT/bench_attention.json"
+    --benchmark-max-time=0.1 --benchmark-min-rounds=3 --benchmark-columns=median,rounds --benchmark-sort=name
 }
 F_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after f) - 5 ))
 step "f. attention-block benchmark (pytest-benchmark)" "$F_CAP" "$(reserve_after f)" bench_block
