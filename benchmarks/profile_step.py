@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=12, help="kernels listed per variant")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="FactoredProjection / latent-score path (tmps.set_paths)")
+    p.add_argument("--align-ranks", type=int, default=1, metavar="N",
+                   help="round the random factors' ranks to a multiple of N (e2e.py's option)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny OPT, 2 steps: proves the script")
     args = p.parse_args(argv)
     for name in ("batch", "context", "steps", "top"):
@@ -110,7 +112,9 @@ def run(args) -> list[str]:
     name = "tiny OPT (smoke, CPU)" if args.smoke else f"{args.shape} shape"
     lines = [f"# Where the time goes: {name}, batch {args.batch}, context {args.context}", "",
              f"{torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
-             f"{str(dtype)[6:]}; random weights, ratio {e2e.RATIO}; backend {args.backend}. "
+             f"{str(dtype)[6:]}; random weights, ratio {e2e.RATIO}"
+             f"{f', ranks rounded to multiples of {args.align_ranks}' if args.align_ranks > 1 else ''}; "
+             f"backend {args.backend}. "
              f"Static-cache decode step (the one e2e.py captures in a CUDA graph), run eagerly "
              f"{args.steps} times under torch.profiler after 2 warm-up steps.", ""]
     summary = ["## Summary", "", f"| variant | launches per step | {unit} |", "|---|---|---|"]
@@ -118,7 +122,7 @@ def run(args) -> list[str]:
     for variant in args.variants:
         model = e2e.build_model(cfg, dtype, device, seed=0)
         if variant != "dense":
-            e2e.random_factors(model, variant, e2e.RATIO)
+            e2e.random_factors(model, variant, e2e.RATIO, align=args.align_ranks)
             tmps.set_paths(model, backend=args.backend)
         step, _, cache = e2e.static_decoder(model, args.batch, args.context, 2 + args.steps, device, seed=0)
         for _ in range(2):  # Triton autotuning, backend="auto" timing, allocator warm-up

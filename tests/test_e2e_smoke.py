@@ -85,3 +85,15 @@ def test_bounds_follow_the_compressed_shapes(e2e, mode):
     else:
         assert cost["kv_kept"] == 1.0
         assert e2e.prefill_flops(cost, 2, 16, False) < e2e.prefill_flops(dense, 2, 16, True)
+
+
+def test_aligned_ranks(e2e):
+    assert [e2e.aligned(r, 8, 2048) for r in (717, 1331, 3, 2047)] == [720, 1328, 8, 2048]
+    assert e2e.aligned(717, 1, 2048) == 717 and e2e.aligned(2045, 8, 2044) == 2044
+    cfg = e2e.opt_config(e2e.SMOKE_SHAPE["tiny"], smoke=True)
+    for mode in ("kv", "weights"):
+        model = e2e.build_model(cfg, torch.float32, "cpu", seed=0)
+        e2e.random_factors(model, mode, 0.5, align=8)
+        ranks = [r for layer in model.tmps_info["layers"] for v in layer["ranks"].values()
+                 for r in (v if isinstance(v, list) else [v])]
+        assert ranks and all(r % 8 == 0 for r in ranks), (mode, ranks)
