@@ -434,32 +434,39 @@ def prefill_ms(model, batch, seq, device, seed) -> float:
         return bench_ms(fn, device)
 
 
-def decode_dynamic(model, batch, context, steps, device, seed):
-    """(tokens/s, greedy tokens (batch, WARM_STEPS + steps)) with a DynamicCache and eager steps."""
+def dynamic_decoder(model, batch, context, device, seed):
+    """Prefill ``context`` random tokens into a ``DynamicCache`` and return ``(step, cache)``:
+    ``step()`` decodes one greedy token eagerly and returns it, (batch, 1)."""
     import torch
     from transformers import DynamicCache
 
     ids = _ids(batch, context, model.config.vocab_size, device, seed)
+    cache = DynamicCache()
+    kw = _cache_kw(model)
     with torch.no_grad():
-        cache = DynamicCache()
-        kw = _cache_kw(model)
         out = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
-        tokens = []
+    state = {"next": out.logits[:, -1:].argmax(-1)}
+    del out
 
-        def step(nxt):
-            logits = model(input_ids=nxt, **{kw: cache}, use_cache=True, logits_to_keep=1).logits
-            return logits[:, -1:].argmax(-1)
+    @torch.no_grad()
+    def step():
+        logits = model(input_ids=state["next"], **{kw: cache}, use_cache=True, logits_to_keep=1).logits
+        state["next"] = logits[:, -1:].argmax(-1)
+        return state["next"]
 
-        for _ in range(WARM_STEPS):
-            nxt = step(nxt)
-            tokens.append(nxt)
-        clock = _Clock(device)
-        clock.start()
-        for _ in range(steps):
-            nxt = step(nxt)
-            tokens.append(nxt)
-        seconds = clock.stop()
+    return step, cache
+
+
+def decode_dynamic(model, batch, context, steps, device, seed):
+    """(tokens/s, greedy tokens (batch, WARM_STEPS + steps)) with a DynamicCache and eager steps."""
+    import torch
+
+    step, cache = dynamic_decoder(model, batch, context, device, seed)
+    tokens = [step() for _ in range(WARM_STEPS)]
+    clock = _Clock(device)
+    clock.start()
+    tokens += [step() for _ in range(steps)]
+    seconds = clock.stop()
     del cache
     return batch * steps / seconds, torch.cat(tokens, dim=1).cpu()
 

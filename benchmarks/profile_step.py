@@ -10,11 +10,17 @@ steps: per kernel, launches and device microseconds per step, summed over its ca
 kernels is the device time a CUDA-graph replay of the step needs at least (a replay adds only the
 gaps between kernels).  ``--prefill BxT`` adds one forward of that many tokens.  On the CPU
 (``--smoke``) the rows are aten operators and their self CPU time.
+
+The summary also gives each step's eager wall time (host and device together, no profiler), and on
+CUDA a second table per variant lists the host side: the operators with the most self CPU time.
+``--cache dynamic`` profiles e2e.py's eager ``DynamicCache`` step instead (on the H200 its dense
+decode ran at 18 tokens/s against the compressed variants' 54-66, a gap no byte count explains).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from _bench_common import cuda_missing, write_lines  # benchmarks/ is sys.path[0] when run as a script
 
@@ -34,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="profiled decode steps (after 2 warm-up steps)")
     p.add_argument("--prefill", type=e2e._pair, default=None, metavar="BxT", help="also profile one prefill")
     p.add_argument("--top", type=int, default=12, help="kernels listed per variant")
+    p.add_argument("--cache", choices=("static", "dynamic"), default="static",
+                   help="static: the step e2e.py captures in a CUDA graph; dynamic: its eager DynamicCache step")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="FactoredProjection / latent-score path (tmps.set_paths)")
     p.add_argument("--align-ranks", type=int, default=1, metavar="N",
@@ -57,18 +65,35 @@ def _device_us(event, cuda: bool) -> float:
     return 0.0
 
 
-def kernel_rows(prof, cuda: bool, repeats: int) -> list[tuple[str, float, float]]:
-    """(name, launches per repeat, microseconds per repeat) of every kernel (CPU: operator), slowest first."""
+def kernel_rows(prof, cuda: bool, repeats: int, host: bool = False) -> list[tuple[str, float, float]]:
+    """(name, launches per repeat, microseconds per repeat) of every kernel (CPU: operator), slowest first.
+
+    host: on CUDA, the CPU-side operators and their self CPU time instead of the kernels."""
     import torch
 
     rows = []
     for event in prof.key_averages():
-        if cuda and getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+        on_device = getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if cuda and on_device == host:
             continue
-        us = _device_us(event, cuda)
+        us = _device_us(event, cuda and not host)
         if us > 0:
             rows.append((event.key, event.count / repeats, us / repeats))
     return sorted(rows, key=lambda row: -row[2])
+
+
+def wall_ms(fn, repeats: int, cuda: bool) -> float:
+    """Milliseconds per call of ``fn`` run ``repeats`` times eagerly, host and device together."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 def profiled(fn, repeats: int, cuda: bool):
@@ -115,21 +140,32 @@ def run(args) -> list[str]:
              f"{str(dtype)[6:]}; random weights, ratio {e2e.RATIO}"
              f"{f', ranks rounded to multiples of {args.align_ranks}' if args.align_ranks > 1 else ''}; "
              f"backend {args.backend}. "
-             f"Static-cache decode step (the one e2e.py captures in a CUDA graph), run eagerly "
-             f"{args.steps} times under torch.profiler after 2 warm-up steps.", ""]
-    summary = ["## Summary", "", f"| variant | launches per step | {unit} |", "|---|---|---|"]
+             + ("Static-cache decode step (the one e2e.py captures in a CUDA graph)" if args.cache == "static"
+                else "DynamicCache decode step (e2e.py's eager decode)")
+             + f", run eagerly {args.steps} times under torch.profiler after 2 warm-up steps.", ""]
+    summary = ["## Summary", "", f"| variant | launches per step | {unit} | eager wall ms per step |",
+               "|---|---|---|---|"]
     sections = []
     for variant in args.variants:
         model = e2e.build_model(cfg, dtype, device, seed=0)
         if variant != "dense":
             e2e.random_factors(model, variant, e2e.RATIO, align=args.align_ranks)
             tmps.set_paths(model, backend=args.backend)
-        step, _, cache = e2e.static_decoder(model, args.batch, args.context, 2 + args.steps, device, seed=0)
+        if args.cache == "static":
+            step, _, cache = e2e.static_decoder(model, args.batch, args.context, 2 + 2 * args.steps, device, seed=0)
+        else:
+            step, cache = e2e.dynamic_decoder(model, args.batch, args.context, device, seed=0)
         for _ in range(2):  # Triton autotuning, backend="auto" timing, allocator warm-up
             step()
-        rows = kernel_rows(profiled(step, args.steps, cuda), cuda, args.steps)
-        summary.append(f"| {variant} | {sum(n for _, n, _ in rows):.0f} | {sum(us for _, _, us in rows):,.1f} |")
+        wall = wall_ms(step, args.steps, cuda)
+        prof = profiled(step, args.steps, cuda)
+        rows = kernel_rows(prof, cuda, args.steps)
+        summary.append(f"| {variant} | {sum(n for _, n, _ in rows):.0f} | {sum(us for _, _, us in rows):,.1f} | "
+                       f"{wall:.2f} |")
         sections += table(f"{variant}: one decode step", rows, args.top, unit)
+        if cuda:
+            sections += table(f"{variant}: one decode step, host side", kernel_rows(prof, cuda, args.steps, host=True),
+                              args.top, "CPU µs per step")
         del step, cache
         if args.prefill is not None:
             b, t = args.prefill
