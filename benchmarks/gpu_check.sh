@@ -36,7 +36,14 @@
 #
 # Rerun a part: GPU_CHECK_SKIP="c d2 f" leaves those steps out (a letter skips all its steps) and
 # gives their reserved time to the rest; E2E_ARGS="--shapes opt-1.3b --variants dense weights" is
-# appended to e2e.py's arguments.
+# appended to e2e.py's arguments, PROFILE_ARGS to profile_step.py's.
+#
+# A 15-minute device lease fits two calls (each start costs about a minute). The one after the
+# first H200 runs, to see where kv decode loses and whether aligned ranks fix it:
+#   1. bash benchmarks/gpu_check.sh                          (timeout_s 540; the later steps shrink)
+#   2. GPU_CHECK_SKIP="c d d2 f" GPU_CHECK_SECONDS=240 \
+#      E2E_ARGS="--shapes opt-1.3b --variants dense kv weights-triton --align-ranks 8" \
+#      PROFILE_ARGS="--variants dense kv --align-ranks 8" bash benchmarks/gpu_check.sh
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
