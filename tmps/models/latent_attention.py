@@ -51,25 +51,26 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
         computing the RoPE key scores (the fused Triton kernel); the torch chain when None.
 
     Returns ``(out, probs)``: out ``(b, q_len, heads, head_dim)`` (the layout HF's attention
-    functions return), probs ``(b, heads, q_len, T)`` in float32 (float64 for float64 inputs).
+    functions return), probs ``(b, heads, q_len, T)`` in the latents' dtype (the softmax itself runs
+    in float32 at least, as HF's eager attention's does, and rounds once).
     """
     b, heads, q_len, head_dim = q.shape
     total = c_k.shape[1]
     kv_heads = k_up.shape[0] // head_dim
     group = heads // kv_heads
     # Query head h = g·group + j belongs to key/value head g (HF's repeat_kv order).
-    q_grouped = (q * scaling if scaling != 1.0 else q).reshape(b, kv_heads, group * q_len, head_dim)  # OPT: 1.0
     if rope is None:
+        q_grouped = q.reshape(b, kv_heads, group * q_len, head_dim)
         q_latent = torch.einsum("bgmd,gdr->bgmr", q_grouped, k_up.view(kv_heads, head_dim, -1))
-        scores = q_latent.reshape(b, heads * q_len, -1) @ c_k.transpose(1, 2)
-    elif key_scores is not None:
-        scores = key_scores(q_grouped, c_k, k_up, *rope)
+        # the scale rides on the GEMM (cuBLAS's alpha) instead of a separate multiply of q
+        scores = torch.baddbmm(c_k.new_empty(()).expand(b, heads * q_len, total), q_latent.reshape(b, heads * q_len, -1),
+                               c_k.transpose(1, 2), beta=0, alpha=scaling)
     else:
-        scores = rope_key_scores_torch(q_grouped, c_k, k_up, *rope)
+        q_grouped = (q * scaling if scaling != 1.0 else q).reshape(b, kv_heads, group * q_len, head_dim)
+        scores = (key_scores or rope_key_scores_torch)(q_grouped, c_k, k_up, *rope)
     scores = _masked(scores.reshape(b, heads, q_len, total), attention_mask, total)
-    # fp32 at least, as HF's eager attention; the upcast is fused into the softmax.
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    out_latent = probs.to(c_v.dtype).reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)
+    probs = _softmax(scores, c_v.dtype)
+    out_latent = probs.reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)
     out = torch.einsum("bgmr,gdr->bgmd", out_latent.view(b, kv_heads, group * q_len, -1),
                        v_up.view(kv_heads, head_dim, -1))
     return out.reshape(b, heads, q_len, head_dim).transpose(1, 2), probs
@@ -87,6 +88,17 @@ def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
     return q_grouped @ keys.transpose(-1, -2)
 
 
+def _softmax(scores, dtype):
+    """Softmax over the last dim in float32 at least (as HF's eager attention), returned in ``dtype``.
+
+    torch's half / bfloat16 softmax accumulates in float32 and rounds its output once: the same
+    numbers as an fp32 softmax followed by a cast, in one kernel instead of two.
+    """
+    if scores.dtype == dtype and dtype in (torch.float16, torch.bfloat16):
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(dtype)
+
+
 def _masked(scores, attention_mask, total):
     """Apply HF's 4-D mask (boolean or additive); None means what it means to HF's sdpa path.
 
@@ -99,7 +111,8 @@ def _masked(scores, attention_mask, total):
         mask = attention_mask[..., :total]
         if mask.dtype == torch.bool:
             # The dtype's minimum, not -inf: a fully masked (padding) row stays finite, as in eager.
-            return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            # where(), not masked_fill(~mask): one kernel, no inverted mask.
+            return torch.where(mask, scores, torch.finfo(scores.dtype).min)
         return scores + mask.to(scores.dtype)
     if q_len == 1:
         return scores
