@@ -104,11 +104,18 @@ class FactoredProjection(nn.Module):
 
 
 def factored_projection_torch(x, in_factor, groups) -> list[torch.Tensor]:
-    """The unfused chain: one matmul for ``z``, then per group a matmul by the stacked cores and one by the out factor."""
+    """The unfused chain: one matmul for ``z``, then per group a matmul by the stacked cores and one by the out factor.
+
+    A group without an out factor adds its bias inside the GEMM (``addmm``: one kernel, not two).
+    """
     z = x @ in_factor if in_factor is not None else x
     outputs = []
     for core, out, bias in groups:
         n, s, r = core.shape
+        if out is None and bias is not None:
+            y = torch.addmm(bias, z.reshape(-1, r), core.reshape(n * s, r).T)
+            outputs.append(y.view(*z.shape[:-1], n * s))
+            continue
         t = z @ core.reshape(n * s, r).T
         if out is not None:
             t = (t.reshape(*t.shape[:-1], n, s) @ out.T).reshape(*t.shape[:-1], n * out.shape[0])
