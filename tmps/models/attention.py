@@ -46,17 +46,19 @@ class CompressedAttentionMixin:
     def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         q, k, v = self.qkv(hidden_states)
-        scaling = self.scaling
-        if self.query_prescale:
-            q, scaling = q * self.scaling, 1.0
         q = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        scaling = self.scaling
 
         if self.mode == "kv":
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
             if self._reads_latents(q.shape[1], q.shape[2], attention_mask):
+                # the whole scale (OPT's query prescale too) rides on the latent score GEMM
                 return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape, cache)
+        if self.query_prescale:  # as the dense model: q scaled in its dtype, attention at scale 1
+            q, scaling = q * self.scaling, 1.0
+        if self.mode == "kv":
             k = (k.squeeze(1) @ self.k_up.T).view(k.shape[0], k.shape[2], -1, self.head_dim).transpose(1, 2)
             v = (v.squeeze(1) @ self.v_up.T).view(v.shape[0], v.shape[2], -1, self.head_dim).transpose(1, 2)
             if self.uses_rope:
