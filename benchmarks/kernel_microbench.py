@@ -239,7 +239,11 @@ def run_cuda(args):
                                 torch.cuda.synchronize()
                                 ms[name] = triton.testing.do_bench(fn, return_mode="median")
                                 if not args.no_graph:
-                                    ms_graph[name] = graph_ms(fn)
+                                    try:
+                                        ms_graph[name] = graph_ms(fn)
+                                    except RuntimeError as exc:  # e.g. a compiled chain that does not capture
+                                        ms_graph[name] = None
+                                        print(f"  {name}: no CUDA-graph timing: {exc}"[:300], flush=True)
                             except torch.cuda.OutOfMemoryError:
                                 ms.setdefault(name, None)
                                 ms_graph[name] = None
