@@ -86,7 +86,7 @@ def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, 
         return kernel_ms if which == "triton" else torch_ms
 
     monkeypatch.setattr(bridge, "_median_ms", bench)
-    monkeypatch.setattr(bridge, "_device_ms", lambda fn: 1.0)  # not capturing here: the eager timing decides
+    monkeypatch.setattr(bridge, "device_ms", lambda fn: 1.0)  # not capturing here: the eager timing decides
     x = torch.randn(2, 7, 12)
     for _ in range(3):
         calls.clear()
@@ -106,7 +106,7 @@ def test_forced_backends_are_not_timed(monkeypatch):
     module = projection()
     monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
     monkeypatch.setattr(bridge, "_median_ms", lambda fn: pytest.fail("a forced backend was timed"))
-    monkeypatch.setattr(bridge, "_device_ms", lambda fn: pytest.fail("a forced backend was timed"))
+    monkeypatch.setattr(bridge, "device_ms", lambda fn: pytest.fail("a forced backend was timed"))
     module.backend = "torch"
     module(torch.randn(3, 12))
     assert bridge._FASTER == {}

@@ -69,7 +69,7 @@ def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None, devic
     if capturing:
         return "triton"
     bench = bench or _median_ms
-    device_bench = device_bench or _device_ms
+    device_bench = device_bench or device_ms
     with torch.no_grad():
         run_kernel(), run_torch()  # the kernel's own autotuning happens here, outside the timing
         eager = "triton" if bench(run_kernel) <= bench(run_torch) else "torch"
@@ -87,10 +87,6 @@ def _median_ms(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-
-
-def _device_ms(fn) -> float:
-    return device_ms(fn)
 
 
 def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> float:
@@ -141,11 +137,9 @@ def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: in
     head fit it), "torch" or "triton" (the kernel, or a RuntimeError saying why it cannot run) -- the
     same switch as ``FactoredProjection.backend``.
     """
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch" or (backend == "auto" and not kernel_preferred_on(device)):
         return None
     if not triton_path_available(device):
-        if backend == "auto":
-            return None
         raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     from tmps.kernels.latent_scores import MAX_ROWS, latent_rope_scores
 
