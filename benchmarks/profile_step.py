@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from _bench_common import cuda_missing, write_lines  # benchmarks/ is sys.path[0] when run as a script
 
@@ -83,17 +82,12 @@ def kernel_rows(prof, cuda: bool, repeats: int, host: bool = False) -> list[tupl
 
 
 def wall_ms(fn, repeats: int, cuda: bool) -> float:
-    """Milliseconds per call of ``fn`` run ``repeats`` times eagerly, host and device together."""
-    import torch
-
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    """Milliseconds per call of ``fn`` run ``repeats`` times eagerly, host and device together (e2e's clock)."""
+    clock = e2e._Clock("cuda" if cuda else "cpu")
+    clock.start()
     for _ in range(repeats):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / repeats
+    return clock.stop() * 1e3 / repeats
 
 
 def profiled(fn, repeats: int, cuda: bool):
