@@ -14,8 +14,7 @@ sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quali
   the fused Triton kernel or the torch chain, whichever timed faster (the notes say which);
 * ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``;
 * ``weights-triton``: the same with ``backend = "triton"``: the fused kernel at every size, whatever
-  ``auto``'s host-timed choice (auto times eager calls, launch overhead included; under CUDA graphs
-  only device time counts);
+  ``auto`` chose (auto picks per token bucket, eagerly and, inside CUDA-graph capture, by device time);
 * ``kv-rebuild``: the kv model with ``kv_attention = "rebuild"``: decode rebuilds full keys and
   values from the latents at every step instead of attending over the latents (what kv mode did
   before the latent path); its prefill is the kv variant's (prefill rebuilds in both), not re-timed.

@@ -221,3 +221,40 @@ def test_set_paths_sets_every_layer_and_explains_bad_values():
     assert all(m.kv_attention == "latent" for m in attentions)  # a refused call changes nothing
     with pytest.raises(ValueError, match="holds no compressed module: compress it first"):
         tmps.set_paths(llama(), backend="torch")
+
+
+# Ops that launch no device kernel: views, allocations, the CPU scalar a where() fills with.
+_NO_KERNEL = ("view", "expand", "permute", "transpose", "slice", "alias", "t.default", "select", "unsqueeze",
+              "squeeze", "detach", "as_strided", "new_empty", "empty", "scalar_tensor")
+
+
+def test_no_rope_decode_launches_at_most_six_ops():
+    """Under CUDA graphs a decode step pays per kernel: scores (baddbmm, scale as alpha), mask (where),
+    one softmax, and the two absorbed up-projections (einsum -> bmm) plus the value product."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, c_k, c_v, k_up, v_up = random_case(2, 8, 8, 1, 40, 16, 24, 40, dtype=torch.float16)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    with Record() as record:
+        latent_attention(q, c_k, c_v, k_up, v_up, mask, 0.25)
+    launched = [op for op in record.ops if not any(name in op for name in _NO_KERNEL)]
+    assert len(launched) <= 6, launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_softmax_equals_float_softmax_then_cast(dtype):
+    """What lets the latent path drop the upcast and the cast back: same numbers, one kernel."""
+    from tmps.models.latent_attention import _softmax
+
+    scores = (torch.randn(64, 8, 1, 1000) * 4).to(dtype)
+    want = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    torch.testing.assert_close(_softmax(scores, dtype), want, rtol=0, atol=0)
