@@ -112,7 +112,10 @@ def projection_cases(dtype):
                 outs = [torch.empty(o, s, dtype=dtype) if has else None for _, s, o, has, _ in groups]
                 biases = [torch.empty(n * o, dtype=dtype) if bias else None for n, _, o, _, bias in groups]
                 ys = [torch.empty(rows, n * o, dtype=dtype) for n, _, o, _, _ in groups]
-                fp._launch(x, torch.empty(d_in, r, dtype=dtype), cores, outs, biases, ys, r, groups, config)
+                # z given empty: a z-pass config's own z = x @ B would be a (rows x d_in x r) fp16 GEMM
+                # on the CPU, minutes per config at prefill sizes, for a launch that is only captured
+                fp._launch(x, torch.empty(d_in, r, dtype=dtype), cores, outs, biases, ys, r, groups, config,
+                           z=torch.empty(rows, r, dtype=dtype) if config.z_pass else None)
             yield f"projection rows={rows} d_in={d_in} r={r}", config, launch
 
 
