@@ -39,6 +39,8 @@ def main(argv=None):
                    help="tmps.compress's fisher_tokens: calibration tokens of the Fisher pass")
     p.add_argument("--q-ratio", type=float, default=1.0,
                    help="kv mode, tucker family: fraction of Q's head_dim kept (tmps.compress's q_ratio)")
+    p.add_argument("--rank-multiple", type=int, default=8,
+                   help="tmps.compress's rank_multiple (tucker family): ranks in steps of N; 1 turns it off")
     p.add_argument("--metric", default="auto", choices=["auto", "fisher", "analytic"],
                    help="tmps.compress's metric (auto: fisher for the tucker family, the baselines' own rules)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -73,7 +75,8 @@ def main(argv=None):
                 start = time.time()
                 q_ratio = args.q_ratio if mode == "kv" and method in FISHER_METHODS else 1.0
                 tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, metric=args.metric,
-                              q_ratio=q_ratio, fisher_tokens=args.fisher_tokens, progress=False)
+                              q_ratio=q_ratio, fisher_tokens=args.fisher_tokens, rank_multiple=args.rank_multiple,
+                              progress=False)
                 seconds = time.time() - start
                 ppl = perplexity(candidate, evaluation, progress=False)
                 s = tmps.summary(candidate.tmps_info)
@@ -82,6 +85,7 @@ def main(argv=None):
                 label = f"{method}/analytic" if metric == "analytic" and method in FISHER_METHODS else method
                 label += f" q{q_ratio:g}" if q_ratio < 1.0 else ""
                 label += f" F{args.fisher_tokens}" if metric == "fisher" and args.fisher_tokens != 8192 else ""
+                label += f" m{args.rank_multiple}" if method in FISHER_METHODS and args.rank_multiple != 8 else ""
                 row = {"mode": mode, "method": label, "metric": metric,
                        "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
                        "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],

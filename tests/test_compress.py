@@ -117,7 +117,8 @@ def test_kv_cache_holds_reduced_width(arch):
 
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 def test_parameter_counts_match_report(mode):
-    model = compressed(llama(), mode=mode, ratio=0.5)
+    # rank_multiple=1: at these widths (K/V 16, input 48) steps of 8 could not land near 0.5
+    model = compressed(llama(), mode=mode, ratio=0.5, rank_multiple=1)
     for layer, info in zip(model.model.layers, model.tmps_info["layers"]):
         attn = layer.self_attn
         counted = sum(b.numel() for b in attn.qkv.buffers())
@@ -138,11 +139,79 @@ def test_ratio_orders_error_and_size():
     ref = dense(ids).logits
     errors, kept = [], []
     for ratio in (0.25, 0.5, 0.9):
-        m = compressed(dense, mode="kv", ratio=ratio)
+        m = compressed(dense, mode="kv", ratio=ratio, rank_multiple=1)  # 16-wide K/V: steps of 1
         errors.append(rel(m(ids).logits, ref))
         kept.append(tmps.summary(m.tmps_info)["kv_cache_kept"])
     assert kept[0] < kept[1] < kept[2]
     assert errors[0] > errors[2]
+
+
+def wide_llama():
+    """K/V 64 wide, input 64: room for ranks in steps of 8."""
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def planned_ranks(model) -> list[int]:
+    ranks = []
+    for layer in model.tmps_info["layers"]:
+        r = layer["ranks"]
+        ranks += [r["k"], r["v"]] if "k" in r else [r["r_in"]]
+    return ranks
+
+
+@pytest.mark.parametrize("mode, rule", [
+    ("kv", {"ratio": 0.3}),                                           # Fisher, greedy over K, V and layers
+    ("kv", {"ratio": 0.3, "metric": "analytic"}),                     # k_share split, energy threshold
+    ("kv", {"ratio": 0.3, "metric": "analytic", "allocation": "uniform"}),
+    ("kv", {"error_budget": 0.1}),                                    # energy rule: rounded up
+    ("weights", {"ratio": 0.3}),
+    ("weights", {"ratio": 0.3, "metric": "analytic"}),
+    ("weights", {"ratio": 0.3, "allocation": "uniform"}),
+])
+def test_planned_ranks_are_multiples_of_rank_multiple(mode, rule):
+    dense, data = wide_llama(), calib()
+    aligned = compressed(dense, mode=mode, calibration=data, **rule)  # default rank_multiple=8
+    free = compressed(dense, mode=mode, calibration=data, rank_multiple=1, **rule)
+    ranks, unaligned = planned_ranks(aligned), planned_ranks(free)
+    assert all(r % 8 == 0 and r > 0 for r in ranks), ranks
+    assert any(r % 8 for r in unaligned), f"the case does not exercise the rounding: {unaligned}"
+    # the budget rules stay within budget; their rounding costs less than one step per basis
+    if "ratio" in rule:
+        key = "kv_cache_kept" if mode == "kv" else "qkv_parameters_kept"
+        kept = tmps.summary(aligned.tmps_info)[key]
+        assert kept <= rule["ratio"] + 1e-9
+        assert sum(ranks) > sum(unaligned) - 8 * len(ranks)
+    else:  # an error budget keeps at least what the rule keeps
+        assert all(a >= u for a, u in zip(ranks, unaligned))
+    # the stored factors have those widths: latent rows of 8k numbers, 16-byte aligned in fp16
+    attn = aligned.model.layers[0].self_attn
+    if mode == "kv":
+        assert attn.k_up.shape[1] % 8 == 0 and attn.v_up.shape[1] % 8 == 0
+    else:
+        assert attn.qkv.in_factor.shape[1] % 8 == 0
+
+
+def test_rank_multiple_leaves_explicit_ranks_and_baselines_alone():
+    dense, data = wide_llama(), calib()
+    explicit = compressed(dense, mode="kv", hooi_ranks=[13, 21], calibration=data)
+    assert all(layer["ranks"] == {"k": 13, "v": 21} for layer in explicit.tmps_info["layers"])
+    for mode, method in (("weights", "svd"), ("kv", "svd"), ("kv", "eigen")):
+        ranks = [[layer["ranks"] for layer in compressed(dense, mode=mode, method=method, ratio=0.3,
+                                                          calibration=data, rank_multiple=multiple).tmps_info["layers"]]
+                 for multiple in (8, 1)]
+        assert ranks[0] == ranks[1], (mode, method)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "8"])
+def test_bad_rank_multiple_is_refused_before_touching_the_model(bad):
+    model = llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="rank_multiple"):
+        tmps.compress(model, calib(), rank_multiple=bad, progress=False)
+    assert not tmps.is_compressed(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_mps_eps_and_error_budget_change_ranks():

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 import tmps
 from tmps.models.base import architecture_of
 from tmps.sensitivity import prefix_costs, projection_fisher
-from tmps.solvers import allocate_by_cost, non_increasing, psd_sqrt
+from tmps.solvers import aligned_rank, allocate_by_cost, non_increasing, psd_sqrt
 
 VOCAB = 96
 
@@ -33,6 +33,33 @@ def test_allocate_by_cost_keeps_the_largest_gains_as_prefixes():
     # A later direction worth more than an earlier one drags the earlier one in with it.
     # worth 4 per rank as a pair, it beats the second list's 3; unpooled, the 0 would come last.
     assert allocate_by_cost([torch.tensor([9.0, 0.0, 8.0]), torch.tensor([5.0, 3.0])], budget=4) == [3, 1]
+
+
+def test_allocation_in_steps_keeps_aligned_prefixes_within_budget():
+    gen = torch.Generator().manual_seed(1)
+    gains = [torch.rand(n, generator=gen, dtype=torch.float64) * scale for n, scale in ((64, 1.0), (20, 3.0), (5, 9.0))]
+    for budget in (21, 37, 50, 88, 89):  # 21: the minimum
+        ranks = allocate_by_cost(gains, budget=budget, multiple=8)
+        assert all(r % 8 == 0 or r == g.numel() for r, g in zip(ranks, gains)), ranks
+        assert sum(ranks) <= budget
+        # what is left is smaller than any basis' next step
+        steps = [min(8, g.numel() - r) for r, g in zip(ranks, gains) if r < g.numel()]
+        assert not steps or budget - sum(ranks) < max(steps)
+    # a 5-wide basis is kept whole (its full width is a valid rank); the minimum is one step
+    assert allocate_by_cost(gains, budget=0, multiple=8) == [8, 8, 5]
+    # chunks are taken by mean gain: the second basis' first 16 beat the first's tail
+    steep = [torch.tensor([5.0] * 8 + [0.1] * 8, dtype=torch.float64), torch.tensor([1.0] * 16, dtype=torch.float64)]
+    assert allocate_by_cost(steep, budget=24, multiple=8) == [8, 16]
+    with pytest.raises(ValueError, match="multiple"):
+        allocate_by_cost(gains, budget=10, multiple=0)
+
+
+def test_aligned_rank_rounds_within_the_width():
+    # OPT-1.3B's uniform kv ranks: down for a size budget, up for an energy rule
+    assert [aligned_rank(r, 8, 2048) for r in (717, 1331, 3, 2047)] == [712, 1328, 8, 2040]
+    assert [aligned_rank(r, 8, 2048, up=True) for r in (717, 1331, 3, 2047)] == [720, 1336, 8, 2048]
+    assert aligned_rank(2045, 8, 2044, up=True) == 2044  # the full width is always allowed
+    assert aligned_rank(5, 8, 5) == 5 and aligned_rank(717, 1, 2048) == 717 and aligned_rank(0, 1, 9) == 1
 
 
 def test_prefix_costs_equal_the_trace_formula():

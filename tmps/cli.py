@@ -311,7 +311,8 @@ def _config_from_args(args):
 
     return CompressionConfig(mode=args.mode, method=args.method, ratio=args.ratio, mps_eps=args.mps_eps,
                              hooi_ranks=args.hooi_ranks, error_budget=args.error_budget,
-                             allocation=args.allocation, metric=args.metric, q_ratio=args.q_ratio)
+                             allocation=args.allocation, metric=args.metric, q_ratio=args.q_ratio,
+                             rank_multiple=args.rank_multiple)
 
 
 def _calibration(args, model, tokenizer, seq_len: int, tokens: int):
@@ -349,7 +350,7 @@ def cmd_compress(args) -> int:
     tmps.compress(model, calibration, mode=config.mode, method=config.method, ratio=config.ratio,
                   mps_eps=config.mps_eps, hooi_ranks=config.hooi_ranks, error_budget=config.error_budget,
                   allocation=config.allocation, metric=config.metric, q_ratio=config.q_ratio,
-                  batch_size=args.batch_size, calibration_samples=n,
+                  rank_multiple=config.rank_multiple, batch_size=args.batch_size, calibration_samples=n,
                   calibration_seq_len=args.calib_seq_len, seed=args.seed, progress=_progress(args))
     seconds = time.perf_counter() - t0
     print(tmps.report(model))
@@ -875,6 +876,9 @@ def _rank_rule(parser) -> None:
                              "fewer Q/K/V parameters, KV cache unaffected); 1.0 keeps Q dense")
     parser.add_argument("--metric", choices=METRICS, default="auto",
                         help=METRIC_HELP)
+    parser.add_argument("--rank-multiple", type=_positive_int, default=8, metavar="N",
+                        help="planned ranks are multiples of N (or a full width): 8 keeps fp16 rows of the "
+                             "latent cache and the factors 16-byte aligned for the GPU kernels; 1 turns it off")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from .solvers import (
     LayerSummary,
     allocate_by_cost,
     allocate_by_threshold,
+    aligned_rank,
     ranks_by_energy,
 )
 
@@ -59,7 +60,7 @@ def _check_weights(model: nn.Module) -> None:
 def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
              ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
              error_budget: float | None = None, allocation: str = "greedy", metric: str = "auto",
-             q_ratio: float = 1.0, k_share: float = 0.35, fisher_tokens: int = 8192,
+             q_ratio: float = 1.0, k_share: float = 0.35, rank_multiple: int = 8, fisher_tokens: int = 8192,
              batch_size: int = 8,
              calibration_samples: int = 16, calibration_seq_len: int = 128, seed: int = 0,
              progress: bool = True, damping: float = 1e-6) -> nn.Module:
@@ -70,7 +71,8 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     model : OPT or Llama-family ``*ForCausalLM`` / ``*Model``.
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
-    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, q_ratio, k_share : see
+    mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, q_ratio, k_share,
+        rank_multiple : see
         :class:`CompressionConfig` (``metric="auto"`` is resolved here and recorded in ``tmps_info``).
     fisher_tokens : with ``metric="fisher"``, the calibration tokens (the first ones) of the
         forward/backward pass that measures the loss sensitivity; the decompositions themselves
@@ -83,7 +85,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     """
     config = CompressionConfig(mode=mode, method=method, ratio=ratio, mps_eps=mps_eps, hooi_ranks=hooi_ranks,
                                error_budget=error_budget, allocation=allocation, metric=metric, q_ratio=q_ratio, k_share=k_share,
-                               damping=damping)
+                               rank_multiple=rank_multiple, damping=damping)
     arch = architecture_of(model)
     if is_compressed(model):
         raise ValueError("this model is already compressed by tmps; compress the dense model again "
@@ -173,8 +175,13 @@ def _solver(arch, attention, config, moment, fisher=None) -> LayerSolver:
 
 
 def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
-    """Per-layer ranks from the rank rule; kv: {'k': [...], 'v': [...]}, weights: {'r_in', ...}."""
+    """Per-layer ranks from the rank rule; kv: {'k': [...], 'v': [...]}, weights: {'r_in', ...}.
+
+    The tucker family's planned ranks are multiples of ``config.rank_multiple`` (or a full width);
+    explicit ``hooi_ranks`` and the baselines' published rules are kept as they are.
+    """
     plans = []
+    multiple = _rank_multiple(config)
     fisher = summaries[0].kv_gains is not None or summaries[0].input_costs is not None
     if config.mode == "kv":
         if fisher and config.ratio is not None and config.allocation == "greedy":
@@ -206,9 +213,10 @@ def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> lis
                             raise ValueError(f"hooi_ranks[{j}]={config.hooi_ranks[j]} exceeds the {name.upper()} "
                                              f"width {total}; use a rank <= {total}")
                         plan[name] = _split_rank(config.hooi_ranks[j], [lam.numel() for lam in sp[name]])
-                    else:
+                    else:  # at least the energy asked for: round up
                         eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
-                        plan[name] = [ranks_by_energy(lam, eps) for lam in sp[name]]
+                        plan[name] = [aligned_rank(ranks_by_energy(lam, eps), multiple, lam.numel(), up=True)
+                                      for lam in sp[name]]
                 plans.append(plan)
         return plans
 
@@ -251,11 +259,12 @@ def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> lis
         dense = [s.shape.hidden_size * out for s, out in zip(summaries, heads_out)]
         if fisher and config.allocation == "greedy":
             gains = [s.input_costs for s in summaries]
-            r_in = allocate_by_cost(gains, config.ratio * sum(dense), costs)
+            r_in = allocate_by_cost(gains, config.ratio * sum(dense), costs, multiple=multiple)
         elif config.allocation == "greedy":
-            r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense))
+            r_in = allocate_by_threshold(spectra, costs, config.ratio * sum(dense), multiple=multiple)
         else:
-            r_in = [max(1, math.floor(config.ratio * dn / c)) for dn, c in zip(dense, costs)]
+            r_in = [aligned_rank(math.floor(config.ratio * dn / c), multiple, lam.numel())
+                    for dn, c, lam in zip(dense, costs, spectra)]
         return [{"r_in": min(r, lam.numel())} for r, lam in zip(r_in, spectra)]
     eps = config.mps_eps if config.mps_eps is not None else 1.0 - config.error_budget
     return [{"r_in": ranks_by_energy(lam, eps), "mps_eps": eps} for lam in spectra]
@@ -267,12 +276,13 @@ def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]
     budget = config.ratio * (sum(widths["k"]) + sum(widths["v"]))
     v_budget = min((1 - config.k_share) * budget, sum(widths["v"]))
     k_budget = min(budget - v_budget, sum(widths["k"]))
-    ranks = {}
+    ranks, multiple = {}, _rank_multiple(config)
     for name, share in (("k", k_budget), ("v", v_budget)):
         if config.allocation == "greedy":
-            ranks[name] = allocate_by_threshold([sp[name][0] for sp in spectra], [1] * len(spectra), share)
+            ranks[name] = allocate_by_threshold([sp[name][0] for sp in spectra], [1] * len(spectra), share,
+                                                multiple=multiple)
         else:
-            ranks[name] = [max(1, min(w, round(share * w / sum(widths[name])))) for w in widths[name]]
+            ranks[name] = [aligned_rank(round(share * w / sum(widths[name])), multiple, w) for w in widths[name]]
     return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks["k"], ranks["v"])]
 
 
@@ -287,8 +297,13 @@ def _plan_kv_fisher(config: CompressionConfig, summaries: list[LayerSummary]) ->
         for name in ("k", "v"):
             gains.append(summary.kv_gains[name])
             widths += summary.kv_gains[name].numel()
-    ranks = allocate_by_cost(gains, config.ratio * widths)
+    ranks = allocate_by_cost(gains, config.ratio * widths, multiple=_rank_multiple(config))
     return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks[0::2], ranks[1::2])]
+
+
+def _rank_multiple(config: CompressionConfig) -> int:
+    """The step of the planned ranks: ``rank_multiple`` for the tucker family, 1 for the baselines' own rules."""
+    return config.rank_multiple if config.method in FISHER_METHODS else 1
 
 
 def _split_rank(total: int, widths: list[int]) -> list[int]:

@@ -43,6 +43,13 @@ class CompressionConfig:
         K tolerates compression far better than V: on SmolLM2-135M at half the cache (16×512
         calibration, 4×1024 evaluation tokens) an energy-greedy split over K and V together gave
         ppl ×1.68 of dense; K shares 0.20 / 0.25 / 0.35 gave ×1.41 (uniform) / ×1.37 / ×1.34.
+    rank_multiple : the ranks that ``ratio``, ``mps_eps`` (kv mode) and ``error_budget`` plan for the
+        tucker family are multiples of this (or a full width): size budgets round down, energy rules
+        round up. Default 8: a row of ``r`` fp16/bf16 numbers (a latent in the KV cache, a row of a
+        factor) is then a multiple of 16 bytes, which cuBLAS's fastest half-precision kernels and
+        Hopper's bulk tensor copies need; uniform ranks of 717 / 1331 are not. 1 turns it off.
+        Explicit ``hooi_ranks``, the ranks TT-SVD picks itself (weights mode with ``mps_eps``) and
+        the baselines' published rules are kept as they are.
     """
 
     mode: str = "kv"
@@ -55,6 +62,7 @@ class CompressionConfig:
     metric: str = "auto"
     q_ratio: float = 1.0
     k_share: float = 0.35
+    rank_multiple: int = 8
     damping: float = 1e-6
 
     def __post_init__(self):
@@ -76,6 +84,9 @@ class CompressionConfig:
                 raise ValueError(f"{name}={value!r} is outside (0, 1]; it is the fraction kept, e.g. 0.5")
         if isinstance(self.k_share, bool) or not isinstance(self.k_share, (int, float)) or not 0.0 < self.k_share < 1.0:
             raise ValueError(f"k_share={self.k_share!r} must be in (0, 1): the share of the KV budget given to K")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ValueError(f"rank_multiple={self.rank_multiple!r} must be a positive integer: 8 keeps fp16 rows "
+                             "16-byte aligned, 1 turns the rounding off")
         if self.error_budget is not None:
             if isinstance(self.error_budget, bool) or not isinstance(self.error_budget, (int, float)) \
                     or not 0.0 <= float(self.error_budget) < 1.0:

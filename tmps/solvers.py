@@ -422,28 +422,15 @@ class LayerSolver:
 
 
 def allocate_by_threshold(spectra: list[torch.Tensor], costs: list[int], budget: float,
-                          minimum: int = 1) -> list[int]:
+                          minimum: int = 1, multiple: int = 1) -> list[int]:
     """Ranks that keep the largest normalised eigenvalues ``λ_i / Σλ`` across all spectra within ``budget``.
 
     Equalises the marginal relative error across layers (a global threshold on normalised
-    energy), at ``costs[j]`` per rank unit of spectrum j. Every spectrum keeps at least ``minimum``.
+    energy), at ``costs[j]`` per rank unit of spectrum j. Every spectrum keeps at least ``minimum``;
+    ranks grow in steps of ``multiple`` (see :func:`grow_prefixes`).
     """
-    scores, owners = [], []
-    ranks = [minimum] * len(spectra)
-    spent = sum(c * minimum for c in costs)
-    for j, lam in enumerate(spectra):
-        normalised = lam / lam.sum().clamp_min(1e-300)
-        scores.append(normalised[minimum:] / costs[j])
-        owners.append(torch.full((lam.numel() - minimum,), j))
-    if scores:
-        order = torch.argsort(torch.cat(scores), descending=True, stable=True)
-        owner = torch.cat(owners)[order]
-        for j in owner.tolist():
-            if spent + costs[j] > budget + 1e-9:
-                continue
-            ranks[j] += 1
-            spent += costs[j]
-    return ranks
+    values = [lam / lam.sum().clamp_min(1e-300) for lam in spectra]
+    return grow_prefixes(values, [float(c) for c in costs], budget, minimum, multiple)
 
 
 def non_increasing(gains: torch.Tensor) -> torch.Tensor:
@@ -463,25 +450,75 @@ def non_increasing(gains: torch.Tensor) -> torch.Tensor:
 
 
 def allocate_by_cost(gains: list[torch.Tensor], budget: float, unit_costs: list[float] | None = None,
-                     minimum: int = 1) -> list[int]:
+                     minimum: int = 1, multiple: int = 1) -> list[int]:
     """Prefix lengths that keep the largest gains (in common units) across all lists within ``budget``.
 
     ``gains[j][i]`` is what keeping direction ``i`` of basis ``j`` saves (e.g. loss from
     :func:`tmps.sensitivity.prefix_costs`); each rank unit of basis ``j`` costs ``unit_costs[j]``
-    (default 1) of the budget. Every basis keeps ``minimum``. Gains are made non-increasing per basis
-    first (:func:`non_increasing`), so that a global threshold on gain per cost picks prefixes.
+    (default 1) of the budget. Every basis keeps ``minimum``; ranks grow in steps of ``multiple``.
+    Gains are made non-increasing per basis first (:func:`non_increasing`), so that a global
+    threshold on gain per cost picks prefixes.
     """
     unit_costs = unit_costs or [1.0] * len(gains)
-    ranks = [min(minimum, g.numel()) for g in gains]
-    spent = sum(r * c for r, c in zip(ranks, unit_costs))
-    scores = [non_increasing(g.double())[r:] / c for g, r, c in zip(gains, ranks, unit_costs)]
-    owners = torch.cat([torch.full((sc.numel(),), j) for j, sc in enumerate(scores)]) if scores else torch.zeros(0)
-    order = torch.argsort(torch.cat(scores), descending=True, stable=True) if scores else []
-    for j in owners[order].tolist():
-        if spent + unit_costs[j] > budget + 1e-9:
-            continue
-        ranks[j] += 1
-        spent += unit_costs[j]
+    return grow_prefixes([non_increasing(g.double()) for g in gains], unit_costs, budget, minimum, multiple)
+
+
+def aligned_rank(rank: int, multiple: int, width: int, up: bool = False) -> int:
+    """``rank`` rounded to a multiple of ``multiple`` (down, or ``up``), at least one multiple, at most ``width``.
+
+    The full ``width`` is always allowed (it need not be a multiple). Rounding up serves the
+    error-budget rules (keep at least what the rule asks for), rounding down the size budgets.
+    """
+    if multiple <= 1:
+        return max(1, min(rank, width))
+    steps = -(-rank // multiple) if up else rank // multiple
+    return min(width, max(multiple, steps * multiple))
+
+
+def grow_prefixes(values: list[torch.Tensor], unit_costs: list[float], budget: float, minimum: int = 1,
+                  multiple: int = 1) -> list[int]:
+    """Greedy prefix lengths of several non-increasing ``values`` lists within ``budget``, in chunks.
+
+    List ``j`` starts at ``min(width_j, minimum rounded up to multiple)`` and grows by chunks of
+    ``multiple`` directions (its last chunk may be shorter: the full width is always a valid rank).
+    A chunk is worth its mean value per unit cost ``unit_costs[j]``; chunks are taken best first
+    while they fit, and a list whose next chunk does not fit stops there (so ranks stay prefixes
+    whose lengths are multiples of ``multiple`` or the full width). With ``multiple=1`` this is the
+    plain greedy over single directions.
+
+    Why chunks: a latent row of ``r`` fp16 numbers is 16-byte aligned only when ``r`` is a multiple
+    of 8, which cuBLAS's fastest half-precision kernels and Hopper's bulk (TMA) copies need.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r} must be a positive integer, e.g. 8")
+    start = [min(v.numel(), max(1, -(-minimum // multiple) * multiple)) for v in values]
+    spent = sum(r * c for r, c in zip(start, unit_costs))
+    scores, owners, sizes = [], [], []
+    for j, (v, r0, c) in enumerate(zip(values, start, unit_costs)):
+        bounds = list(range(r0, v.numel(), multiple)) + [v.numel()]
+        tail = v[r0:]
+        if multiple == 1 or r0 == v.numel():  # one direction a chunk: its own value
+            chunk_means = tail
+        else:
+            chunk_means = torch.stack([tail[a - r0:b - r0].mean() for a, b in zip(bounds, bounds[1:])])
+            # means of a non-increasing list do not increase, up to rounding: keep them so exactly,
+            # so that a list's chunks are taken in order (ties go to the earlier chunk)
+            chunk_means = torch.cummin(chunk_means, 0).values
+        scores.append(chunk_means / c)
+        owners.extend([j] * chunk_means.numel())
+        sizes.extend(b - a for a, b in zip(bounds, bounds[1:]))
+    ranks, closed = list(start), set()
+    if owners:
+        for i in torch.argsort(torch.cat(scores), descending=True, stable=True).tolist():
+            j = owners[i]
+            if j in closed:
+                continue
+            cost = sizes[i] * unit_costs[j]
+            if spent + cost > budget + 1e-9:
+                closed.add(j)
+                continue
+            ranks[j] += sizes[i]
+            spent += cost
     return ranks
 
 
