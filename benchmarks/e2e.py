@@ -123,8 +123,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="stop measuring (skip cells) after this many seconds")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA graph decode")
     p.add_argument("--kv-graphs", action="store_true", help="also try CUDA graphs (static cache) in kv mode")
-    p.add_argument("--align-ranks", type=int, default=1, metavar="N",
-                   help="random factors: round every rank to a multiple of N (8: 16-byte rows in fp16)")
+    p.add_argument("--align-ranks", type=int, default=8, metavar="N",
+                   help="random factors: ranks rounded down to a multiple of N, as tmps.compress's default "
+                        "rank_multiple=8 does (16-byte rows in fp16); 1 keeps the raw uniform ranks (717 / 1331)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny OPT (hidden 64, 2 layers), tiny shapes: proves the code")
     args = p.parse_args(argv)
@@ -194,27 +195,22 @@ def _alarm(seconds: float):
     return cancel
 
 
-def aligned(rank: int, multiple: int, limit: int) -> int:
-    """``rank`` rounded to the nearest multiple of ``multiple`` (at least one multiple), at most ``limit``."""
-    if multiple <= 1:
-        return rank
-    return min(limit, max(multiple, round(rank / multiple) * multiple))
-
-
-def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align: int = 1) -> None:
+def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align: int = 8) -> None:
     """Replace every attention in place by compressed attention with random factors of uniform ranks.
 
     The ranks are those of ``allocation="uniform"`` at ``ratio``: kv mode keeps ``ratio`` of the K/V
     width per layer, V gets ``1 - k_share`` of it (at most its full width); weights mode gets the input
     rank ``r = ratio · d · out / (d + out)`` with ``out`` the stacked Q/K/V width. The modules, their
     shapes and code path are those of ``tmps.compress``; only the numbers differ (timing only).
-    ``align`` > 1 rounds every rank to a multiple of it: uniform ranks at OPT-1.3B's shape are 717 /
-    1331 (kv), rows of 1434 / 2662 bytes that are not 16-byte aligned, which cuBLAS's fastest fp16
-    kernels (and Hopper's TMA) need; ``--align-ranks 8`` measures what that costs.
+    ``align`` rounds every rank down to a multiple of it, as ``tmps.compress``'s ``rank_multiple``
+    does (default 8 both): uniform ranks at OPT-1.3B's shape are 717 / 1331 (kv), rows of 1434 /
+    2662 bytes that are not 16-byte aligned, which cuBLAS's fastest fp16 kernels (and Hopper's TMA)
+    need; aligned they are 712 / 1328. ``--align-ranks 1`` measures the unaligned ranks.
     """
     import torch
 
     from tmps.compressor import assemble_attention, layer_info
+    from tmps.solvers import aligned_rank
     from tmps.models.base import architecture_of
     from tmps.projection import FactoredProjection
 
@@ -236,7 +232,7 @@ def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align:
             budget = ratio * 2 * shape.kv_width
             r_v = max(1, min(shape.kv_width, round((1 - k_share) * budget)))
             r_k = max(1, min(shape.kv_width, round(budget) - r_v))
-            r_k, r_v = aligned(r_k, align, shape.kv_width), aligned(r_v, align, shape.kv_width)
+            r_k, r_v = aligned_rank(r_k, align, shape.kv_width), aligned_rank(r_v, align, shape.kv_width)
             q_core = q.weight.detach().reshape(shape.num_heads, shape.head_dim, d)
             cores = [q_core, rand(1, r_k, d), rand(1, r_v, d)]
             biases = ([q.bias.detach(), 0.02 * rand(r_k), 0.02 * rand(r_v)] if q.bias is not None else [None] * 3)
@@ -245,7 +241,7 @@ def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align:
             plan = {"k": [r_k], "v": [r_v]}
         elif mode == "weights":
             out = shape.q_width + 2 * shape.kv_width
-            r = aligned(max(1, math.floor(ratio * d * out / (d + out))), align, d)
+            r = aligned_rank(math.floor(ratio * d * out / (d + out)), align, d)
             cores = [rand(shape.num_heads, shape.head_dim, r), rand(shape.num_kv_heads, shape.head_dim, r),
                      rand(shape.num_kv_heads, shape.head_dim, r)]
             biases = [p.bias.detach() if p.bias is not None else None for p in (q, k, v)]
@@ -318,8 +314,7 @@ def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
     t0 = time.perf_counter()
     random_factors(model, mode, RATIO, align=args.align_ranks)
     note.update(factors="random", compress_s=round(time.perf_counter() - t0, 1))
-    if args.align_ranks > 1:
-        note["align_ranks"] = args.align_ranks
+    note["align_ranks"] = args.align_ranks
     return model, note
 
 

@@ -17,7 +17,8 @@
 #   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
 #      no torch.compile), do_bench and CUDA-graph timings, each row checked against the chain;
 #      d2. benchmarks/latent_attention_bench.py: one kv decode step over the latent cache against
-#      the dense cache and the rebuild (OPT and Llama/SmolLM2 shapes, batch 1/16, context 1k/4k)
+#      the dense cache and the rebuild (OPT-1.3B and Llama-3-8B shapes, batch 1/16, context 1k,
+#      ranks unaligned and rounded to multiples of 8)
 #   e. benchmarks/e2e.py (OPT-1.3B and OPT-6.7B shapes) with whatever time is left. Random factors
 #      of uniform ranks by default (E2E_FACTORS=auto calibrates with tmps.compress first, 40 s per
 #      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
@@ -38,12 +39,15 @@
 # gives their reserved time to the rest; E2E_ARGS="--shapes opt-1.3b --variants dense weights" is
 # appended to e2e.py's arguments, PROFILE_ARGS to profile_step.py's.
 #
-# A 15-minute device lease fits two calls (each start costs about a minute). The one after the
-# first H200 runs, to see where kv decode loses and whether aligned ranks fix it:
+# A 15-minute device lease fits two calls (each start costs about a minute). The next one, to see
+# where kv decode loses and whether aligned ranks fix it (tmps.compress rounds its ranks to
+# multiples of 8 by default now, and e2e / profile_step / d2 mirror that; run2 was unaligned):
 #   1. bash benchmarks/gpu_check.sh                          (timeout_s 540; the later steps shrink)
-#   2. GPU_CHECK_SKIP="c d d2 f" GPU_CHECK_SECONDS=240 \
-#      E2E_ARGS="--shapes opt-1.3b --variants dense kv weights-triton --align-ranks 8" \
-#      PROFILE_ARGS="--variants dense kv --align-ranks 8" bash benchmarks/gpu_check.sh
+#      d2 times the latent decode step at unaligned and aligned ranks side by side (--align-ranks 1 8)
+#   2. GPU_CHECK_SKIP="c d d2 d3 f" GPU_CHECK_SECONDS=240 \
+#      E2E_ARGS="--shapes opt-1.3b --variants dense kv weights-triton --align-ranks 1" \
+#      PROFILE_ARGS="--variants dense kv --align-ranks 1" bash benchmarks/gpu_check.sh
+#      (the same e2e and profile at the raw uniform ranks 717 / 1331, to set beside call 1's)
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
@@ -393,7 +397,8 @@ step "d. kernel microbenchmark (subset)" 150 "$(reserve_after d)" \
   --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights kv_latent --no-compile
 
 step "d2. latent attention microbenchmark (kv decode)" 60 "$(reserve_after d2)" \
-  "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --context 1024 4096
+  "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --shapes opt-1.3b llama-3-8b \
+  --context 1024 --align-ranks 1 8
 
 # ------------------------------------------------------------------------------------------ e
 E2E_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after e) - 5 ))

@@ -6,7 +6,9 @@
 
 One attention layer at decode (one new query token per sequence), fp16, batch 1 and 16, contexts
 1024 and 4096, at kv ratio 0.5 split between K and V as tmps' uniform allocation does
-(``k_share`` 0.35: ``r_k = 0.35 · d_kv``, ``r_v = 0.65 · d_kv``). Shapes of real models' attention:
+(``k_share`` 0.35: ``r_k = 0.35 · d_kv``, ``r_v = 0.65 · d_kv``), rounded down to multiples of 8 as
+``tmps.compress``'s ``rank_multiple`` does (``--align-ranks 1 8`` times the raw ranks beside them: at
+OPT-1.3B's shape 717 / 1331, rows of 1434 / 2662 bytes, against 712 / 1328). Shapes of real models' attention:
 
 * ``opt-1.3b``, ``opt-6.7b``: 32 heads of 64 / 128, no RoPE: both up-projections absorbed;
 * ``llama-3-8b``: 32 query / 8 key-value heads of 128, RoPE; ``smollm2-135m``: 9 / 3 heads of 64, RoPE:
@@ -58,19 +60,23 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--align-ranks", type=int, nargs="+", default=[8], metavar="N",
+                   help="ranks rounded down to multiples of N (tmps.compress's rank_multiple); several: a row each")
     return p.parse_args(argv)
 
 
-def latent_ranks(kv_width):
+def latent_ranks(kv_width, align=8):
+    from tmps.solvers import aligned_rank
+
     total = round(2 * RATIO * kv_width)
     r_k = round(K_SHARE * total)
-    return r_k, total - r_k
+    return aligned_rank(r_k, align, kv_width), aligned_rank(total - r_k, align, kv_width)
 
 
-def make_case(shape, batch, context, dtype, device, torch):
+def make_case(shape, batch, context, dtype, device, torch, align=8):
     heads, kv_heads, head_dim, rope = shape
     kv_width = kv_heads * head_dim
-    r_k, r_v = latent_ranks(kv_width)
+    r_k, r_v = latent_ranks(kv_width, align)
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*size, scale=1.0):
@@ -199,8 +205,8 @@ def run(args):
     failures = 0
     for name, shape in shapes.items():
         for batch in batches:
-            for context in contexts:
-                case = make_case(shape, batch, context, dtype, device, torch)
+            for context, align in ((c, a) for c in contexts for a in args.align_ranks):
+                case = make_case(shape, batch, context, dtype, device, torch, align)
                 with torch.no_grad():
                     fns = providers(case, torch, latent_attention, kernel)
                     ms = {}

@@ -43,8 +43,8 @@ def parse_args(argv=None):
                    help="static: the step e2e.py captures in a CUDA graph; dynamic: its eager DynamicCache step")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="FactoredProjection / latent-score path (tmps.set_paths)")
-    p.add_argument("--align-ranks", type=int, default=1, metavar="N",
-                   help="round the random factors' ranks to a multiple of N (e2e.py's option)")
+    p.add_argument("--align-ranks", type=int, default=8, metavar="N",
+                   help="random factors' ranks rounded down to a multiple of N (e2e.py's option; 1: unaligned)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny OPT, 2 steps: proves the script")
     args = p.parse_args(argv)
     for name in ("batch", "context", "steps", "top"):
