@@ -117,6 +117,20 @@ def projection_cases(dtype):
                 fp._launch(x, torch.empty(d_in, r, dtype=dtype), cores, outs, biases, ys, r, groups, config,
                            z=torch.empty(rows, r, dtype=dtype) if config.z_pass else None)
             yield f"projection rows={rows} d_in={d_in} r={r}", config, launch
+    # kv mode as tmps.compress builds it (no in factor, z = x): OPT-1.3B's dense Q and its K / V
+    # latents at half the cache, ranks rounded to multiples of 8; z-pass configs only
+    groups = ((32, 64, 64, False, True), (1, 712, 712, False, True), (1, 1328, 1328, False, True))
+    for rows in (16, 4096):
+        candidates = [fp._Z_GIVEN[c] for c in configs[rows]] if dtype == torch.float32 else \
+            [c for c in configs[rows] if c.z_pass]
+        for config in candidates:
+            def launch(config=config, rows=rows):
+                x = torch.empty(rows, 2048, dtype=dtype)
+                cores = [torch.empty(n, s, 2048, dtype=dtype) for n, s, _, _, _ in groups]
+                biases = [torch.empty(n * o, dtype=dtype) for n, _, o, _, _ in groups]
+                ys = [torch.empty(rows, n * o, dtype=dtype) for n, _, o, _, _ in groups]
+                fp._launch(x, None, cores, [None] * 3, biases, ys, 2048, groups, config)
+            yield f"projection-no-in-factor rows={rows} d_in=2048 kv=712+1328", config, launch
 
 
 def scores_cases(dtype):
@@ -138,7 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", nargs="+", choices=("projection", "scores"), default=["projection", "scores"])
     p.add_argument("--dtypes", nargs="+", choices=("float16", "bfloat16", "float32"),
                    default=["float16", "bfloat16", "float32"])
-    p.add_argument("--first", action="store_true", help="only the first case of each kernel and dtype (CI)")
+    p.add_argument("--first", action="store_true",
+                   help="only the first case of each kernel (with and without an in factor) and dtype (CI)")
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -157,9 +172,12 @@ def main(argv=None) -> int:
         kernel = getattr(module, attr)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            for index, (label, config, launch) in enumerate(cases(dtype)):
-                if args.first and index:
-                    break
+            families = set()
+            for label, config, launch in cases(dtype):
+                family = label.split()[0]
+                if args.first and family in families:
+                    continue
+                families.add(family)
                 try:
                     shared, registers, spills, seconds = compile_call(kernel, captured_call(module, attr, launch),
                                                                       target, ptxas)

@@ -359,18 +359,18 @@ for arch, dtype, tol in CASES:
             err = rel(got, want)
             lines = [f"logits rel err {err:.2e} (tol {tol:g}), fused kernel calls {used}"]
             ok = err < tol
-            if mode == "weights":  # Q/K/V of every layer through the fused kernel
-                ok &= used == model.config.num_hidden_layers
-                for m in model.modules():
-                    if isinstance(m, FactoredProjection):
-                        m.backend = "torch"
-                with torch.no_grad():
-                    err_torch = rel(got, model(ids).logits)
-                lines.append(f"triton vs torch path rel {err_torch:.2e}")
-                ok &= err_torch < tol
-                for m in model.modules():
-                    if isinstance(m, FactoredProjection):
-                        m.backend = "triton"
+            # Q/K/V of every layer through the fused kernel (kv mode too: no in factor, z = x)
+            ok &= used == model.config.num_hidden_layers
+            for m in model.modules():
+                if isinstance(m, FactoredProjection):
+                    m.backend = "torch"
+            with torch.no_grad():
+                err_torch = rel(got, model(ids).logits)
+            lines.append(f"triton vs torch path rel {err_torch:.2e}")
+            ok &= err_torch < tol
+            for m in model.modules():
+                if isinstance(m, FactoredProjection):
+                    m.backend = "triton"
             if want_steps is not None:
                 calls["scores"] = 0
                 with torch.no_grad():

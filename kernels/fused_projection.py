@@ -10,16 +10,19 @@ core per head and an optional output factor shared by its heads::
     y_g[m, h, :]   = t_g[m, h] @ out_factor_gᵀ      (M, n_g, o_g) (t_g itself when out_factor_g is None)
     y_g            = y_g.reshape(M, n_g * o_g) + bias_g
 
-for P = 1..4 groups g (typically q, k, v).  The unfused chain writes ``z`` and every ``t_g`` to
-memory and launches 1 + 2P GEMMs plus the bias adds; here ``t_g`` never leaves the chip, ``z``
-stays in registers (or, for large ranks, in a program-private scratch slice that L1/L2 serve back
-at once), and the whole thing is one launch -- or two, where the tuner finds that computing ``z``
-first with cuBLAS pays (z-pass configs, below).
+for P = 1..4 groups g (typically q, k, v).  ``in_factor`` may be absent (``B = I``, ``z = x``): kv
+mode's projection, a dense per-head Q beside the K and V latent projections ``(1, r_k, d_in)``,
+``(1, r_v, d_in)``, is then three GEMMs sharing one input, run as one launch over all their output
+columns instead of three (z-pass configs, reading x as z).  The unfused chain writes ``z`` and
+every ``t_g`` to memory and launches 1 + 2P GEMMs plus the bias adds; here ``t_g`` never leaves the
+chip, ``z`` stays in registers (or, for large ranks, in a program-private scratch slice that L1/L2
+serve back at once), and the whole thing is one launch -- or two, where the tuner finds that
+computing ``z`` first with cuBLAS pays (z-pass configs, below).
 
 Shapes and layout (all row-major / contiguous, one dtype: fp32, fp16 or bf16)
 ----------------------------------------------------------------------------
     x            (..., d_in)       leading dims flattened to M rows; row stride free, unit column stride
-    in_factor    (d_in, r)         ``B``
+    in_factor    (d_in, r) | None  ``B``; None: ``r = d_in``, ``z = x`` (read as a contiguous matrix)
     cores[g]     (n_g, s_g, r)     read as an (n_g * s_g, r) matrix
     out_factors  (o_g, s_g) | None
     biases       (n_g * o_g,) | None
@@ -30,9 +33,12 @@ Tiling
 ------
 The output columns of all groups are cut into *column tiles*: ``HEADS_PER_TILE[g]`` whole heads
 of one group, sized so that the tile's latent width ``HEADS_PER_TILE[g] * S_PAD[g]`` is about
-``BLOCK_T``.  A 1-D grid runs ``cdiv(M, BLOCK_M) * COL_SPLITS`` programs; program
-``(row tile, split)`` owns ``BLOCK_M`` rows and a contiguous run of column tiles (possibly spanning
-groups), and
+``BLOCK_T``.  A group without an out factor has independent output columns, so its tiles are
+``BLOCK_T`` consecutive columns of the flattened ``(n_g * s_g)`` outputs (*flat* tiles, passed to
+the kernel as virtual heads of width ``BLOCK_T`` with a mask at ``COLS[g] = n_g * s_g``): a latent
+group of one 712-wide head is 12 tiles of 64 instead of one padded 1024-wide tile.  A 1-D grid
+runs ``cdiv(M, BLOCK_M) * COL_SPLITS`` programs; program ``(row tile, split)`` owns ``BLOCK_M``
+rows and a contiguous run of column tiles (possibly spanning groups), and
 
 1. computes its ``z`` tile = x_tile @ B once (loop over d_in in BLOCK_K chunks, fp32 accumulate,
    rounded to the input dtype like the unfused chain),
@@ -66,6 +72,7 @@ holds fewer than 2**31 elements).
 
 from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -147,6 +154,11 @@ _DECODE_CONFIGS = tuple(
                  z_pass=True)
     for bt in (64, 128)
     for br in (64, 128)
+) + tuple(  # flat tiles (no out factor) of 16 / 32 columns: kv mode's d_in x 4096 outputs over ~130-260
+    # programs instead of ~65 (the out-factor groups' plans do not change below a head: pruned as duplicates)
+    KernelConfig(block_m=16, block_t=bt, col_splits=0, block_k=128, block_r=128, num_warps=4, num_stages=4,
+                 z_pass=True)
+    for bt in (16, 32)
 ) + (  # more core bytes in flight per program: on the H200 the z-pass decode read its cores at ~1.7 TB/s,
     # 192 one-head programs over 132 SMs; deeper pipelines / wider r chunks are the untried knobs
     KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=128, block_r=128, num_warps=4, num_stages=5,
@@ -183,6 +195,9 @@ _FP32_PREFILL_CONFIG = KernelConfig(block_m=32, block_t=64, col_splits=1, block_
 # The CPU interpreter runs programs one after another in Python: fewest, largest programs.
 _INTERPRETER_CONFIG = KernelConfig(block_m=32, block_t=128, col_splits=1, block_k=64, block_r=32, num_warps=4,
                                    num_stages=1)
+# Without an in factor z is x itself: only z-pass configs apply (the others would compute x @ B).
+_Z_GIVEN = {config: dataclasses.replace(config, z_pass=True, z_in_regs=None)
+            for config in (_INTERPRETER_CONFIG, _FP32_DECODE_CONFIG, _FP32_PREFILL_CONFIG)}
 
 
 def _m_bucket(m: int) -> int:
@@ -194,6 +209,10 @@ def _m_bucket(m: int) -> int:
 class _Plan:
     """Everything the launch derives from (config, shapes): the constexpr metadata and the grid."""
 
+    heads: tuple  # per group, as the kernel sees it: flat groups as virtual heads of BLOCK_T columns
+    s: tuple
+    o: tuple
+    cols: tuple  # n_g * s_g, the real output columns (the mask of a flat group's last tile)
     s_pad: tuple
     o_pad: tuple
     heads_per_tile: tuple
@@ -207,13 +226,19 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
     """groups: ((n_g, s_g, o_g, has_out_factor, has_bias), ...)."""
-    s_pad = tuple(max(16, next_pow2(s)) for _, s, _, _, _ in groups)
-    o_pad = tuple(max(16, next_pow2(o)) for _, _, o, _, _ in groups)
-    heads_per_tile = tuple(
-        min(next_pow2(n), max(1, config.block_t // sp)) for (n, _, _, _, _), sp in zip(groups, s_pad)
-    )
+    heads, s_eff, o_eff, cols, s_pad, o_pad, heads_per_tile = [], [], [], [], [], [], []
+    for n, s, o, has_out, _ in groups:
+        if has_out:  # whole heads: the out factor mixes a head's s features
+            sp = max(16, next_pow2(s))
+            group = (n, s, o, sp, max(16, next_pow2(o)), min(next_pow2(n), max(1, config.block_t // sp)))
+        else:  # flat: BLOCK_T consecutive output columns, one virtual head each
+            width = min(config.block_t, max(16, next_pow2(n * s)))
+            group = (triton.cdiv(n * s, width), width, width, width, width, 1)
+        for values, value in zip((heads, s_eff, o_eff, s_pad, o_pad, heads_per_tile), group):
+            values.append(value)
+        cols.append(n * s)
     tile_start = [0]
-    for (n, _, _, _, _), hpt in zip(groups, heads_per_tile):
+    for n, hpt in zip(heads, heads_per_tile):
         tile_start.append(tile_start[-1] + triton.cdiv(n, hpt))
     num_tiles = tile_start[-1]
     splits = num_tiles if config.col_splits == 0 else min(config.col_splits, num_tiles)
@@ -226,7 +251,8 @@ def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
         z_in_regs = r_pad <= _Z_REGS_MAX_R and config.block_m * r_pad <= _Z_REGS_MAX
     else:
         z_in_regs = config.z_in_regs
-    return _Plan(s_pad, o_pad, heads_per_tile, tuple(tile_start), tiles_per_program, col_splits, r_pad, z_in_regs)
+    return _Plan(tuple(heads), tuple(s_eff), tuple(o_eff), tuple(cols), tuple(s_pad), tuple(o_pad),
+                 tuple(heads_per_tile), tuple(tile_start), tiles_per_program, col_splits, r_pad, z_in_regs)
 
 
 def _prune_configs(configs, m: int, r: int, groups: tuple):
@@ -276,8 +302,8 @@ def _project_tile(
     z, z_base,  # z tile in registers (Z_IN_REGS) or the base of this program's scratch rows
     core_ptr, out_factor_ptr, bias_ptr, y_ptr,  # this group's tensors
     rows64, row_mask, head0, r, stride_ym,
-    # group metadata
-    HEADS: tl.constexpr, S: tl.constexpr, O: tl.constexpr, S_PAD: tl.constexpr, O_PAD: tl.constexpr,
+    # group metadata (COLS: the group's real output columns; a flat group's last tile stops there)
+    HEADS: tl.constexpr, S: tl.constexpr, O: tl.constexpr, COLS: tl.constexpr, S_PAD: tl.constexpr, O_PAD: tl.constexpr,
     HEADS_PER_TILE: tl.constexpr, HAS_OUT_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr, Z_IN_REGS: tl.constexpr,
@@ -288,8 +314,8 @@ def _project_tile(
     t_cols = tl.arange(0, HEADS_PER_TILE * S_PAD)
     t_head = head0 + t_cols // S_PAD
     t_feat = t_cols % S_PAD
-    t_mask = (t_head < HEADS) & (t_feat < S)
     core_row = t_head * S + t_feat  # row of core viewed as (HEADS * S, r)
+    t_mask = (t_head < HEADS) & (t_feat < S) & (core_row < COLS)
 
     # -- t = z @ core_tileᵀ : (BLOCK_M, HEADS_PER_TILE * S_PAD), fp32
     if Z_IN_REGS:
@@ -347,7 +373,7 @@ def _fused_factored_projection_kernel(
     # strides (unit column strides everywhere)
     stride_xm, y_row_strides,
     # per-group metadata, tuples of P constexprs
-    HEADS: tl.constexpr, S: tl.constexpr, O: tl.constexpr,
+    HEADS: tl.constexpr, S: tl.constexpr, O: tl.constexpr, COLS: tl.constexpr,
     S_PAD: tl.constexpr, O_PAD: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
     TILE_START: tl.constexpr,  # P + 1 prefix sums of the column tiles per group
     HAS_OUT_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_GROUPS: tl.constexpr,
@@ -401,7 +427,7 @@ def _fused_factored_projection_kernel(
             _project_tile(
                 z, z_base, core_ptrs[g], out_factor_ptrs[g], bias_ptrs[g], y_ptrs[g],
                 rows64, row_mask, (tile - TILE_START[g]) * HEADS_PER_TILE[g], r, y_row_strides[g],
-                HEADS[g], S[g], O[g], S_PAD[g], O_PAD[g], HEADS_PER_TILE[g], HAS_OUT_FACTOR[g], HAS_BIAS[g],
+                HEADS[g], S[g], O[g], COLS[g], S_PAD[g], O_PAD[g], HEADS_PER_TILE[g], HAS_OUT_FACTOR[g], HAS_BIAS[g],
                 BLOCK_M, BLOCK_R, R_PAD, Z_IN_REGS, DOT_PRECISION, DOT_UPCAST,
             )
 
@@ -441,7 +467,8 @@ def _validate(x, in_factor, cores, out_factors, biases):
             f"and {len(biases)} (use None for an absent out factor or bias)"
         )
 
-    tensors = [("x", x), ("in_factor", in_factor)] + [(f"cores[{g}]", c) for g, c in enumerate(cores)]
+    tensors = [("x", x)] + ([("in_factor", in_factor)] if in_factor is not None else [])
+    tensors += [(f"cores[{g}]", c) for g, c in enumerate(cores)]
     tensors += [(f"out_factors[{g}]", a) for g, a in enumerate(out_factors) if a is not None]
     tensors += [(f"biases[{g}]", b) for g, b in enumerate(biases) if b is not None]
     for name, tensor in tensors:
@@ -455,12 +482,13 @@ def _validate(x, in_factor, cores, out_factors, biases):
         )
 
     d_in = x.shape[-1]
-    if in_factor.dim() != 2 or in_factor.shape[0] != d_in:
+    if in_factor is not None and (in_factor.dim() != 2 or in_factor.shape[0] != d_in):
         raise ValueError(f"in_factor has shape {tuple(in_factor.shape)}, expected (d_in={d_in}, r)")
-    r = in_factor.shape[1]
+    r = in_factor.shape[1] if in_factor is not None else d_in  # no in factor: z = x
     if d_in == 0 or r == 0:
         raise ValueError(f"d_in and r must be positive, got d_in={d_in}, r={r}")
-    _check_tensor("in_factor", in_factor, None, x.device)
+    if in_factor is not None:
+        _check_tensor("in_factor", in_factor, None, x.device)
 
     groups = []
     for g in range(num_groups):
@@ -491,7 +519,11 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
     """
     plan = _make_plan(config, r, groups)
     m, d_in = x2d.shape
-    if config.z_pass:
+    if in_factor is None:  # z = x: the launcher made x2d contiguous
+        if not config.z_pass:
+            raise ValueError(f"in_factor=None reads x as z: it needs a z-pass config, got {config}")
+        scratch = x2d
+    elif config.z_pass:
         scratch = x2d @ in_factor if z is None else z  # the same GEMM as the unfused chain's first
     elif plan.z_in_regs:
         scratch = x2d  # unused by the kernel
@@ -499,14 +531,14 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         scratch = torch.empty((plan.col_splits, m, r), device=x2d.device, dtype=x2d.dtype)
     grid = (triton.cdiv(m, config.block_m) * plan.col_splits,)
     _fused_factored_projection_kernel[grid](
-        x2d, in_factor, scratch,
+        x2d, in_factor if in_factor is not None else x2d, scratch,
         tuple(cores),
         tuple(a if a is not None else c for a, c in zip(out_factors, cores)),
         tuple(b if b is not None else c for b, c in zip(biases, cores)),
         tuple(ys),
         m, d_in, r,
         x2d.stride(0), tuple(y.stride(0) for y in ys),
-        HEADS=tuple(g[0] for g in groups), S=tuple(g[1] for g in groups), O=tuple(g[2] for g in groups),
+        HEADS=plan.heads, S=plan.s, O=plan.o, COLS=plan.cols,
         S_PAD=plan.s_pad, O_PAD=plan.o_pad, HEADS_PER_TILE=plan.heads_per_tile, TILE_START=plan.tile_start,
         HAS_OUT_FACTOR=tuple(g[3] for g in groups), HAS_BIAS=tuple(g[4] for g in groups),
         NUM_GROUPS=len(groups),
@@ -522,28 +554,39 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
 _TUNED: dict = {}
 
 
-def _heuristic_config(m: int) -> KernelConfig:
-    return _DECODE_CONFIGS[2] if m <= _DECODE_MAX_M else _PREFILL_CONFIGS[3]
+def _heuristic_config(m: int, z_given: bool) -> KernelConfig:
+    """The untimed pick (inside a CUDA-graph capture): 256-column decode tiles, 64 x 128 prefill tiles;
+    without an in factor the first z-pass candidate of the regime."""
+    pool = _DECODE_CONFIGS if m <= _DECODE_MAX_M else _PREFILL_CONFIGS
+    if z_given:
+        return next(config for config in pool if config.z_pass)
+    return pool[2] if m <= _DECODE_MAX_M else pool[3]
 
 
-def _tune_key(device, dtype, m, d_in, r, groups):
-    return (torch.device(device).index, dtype, _m_bucket(m), d_in, r, groups)
+def _tune_key(device, dtype, m, d_in, r, groups, z_given=False):
+    return (torch.device(device).index, dtype, _m_bucket(m), d_in, r, groups, z_given)
 
 
 def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> KernelConfig:
     """Autotune once per (device, dtype, M bucket, d_in, r, groups) and cache the winner."""
     m, d_in = x2d.shape
+    z_given = in_factor is None
+
+    def usable(config):
+        return _Z_GIVEN.get(config, config) if z_given else config
+
     if x2d.device.type != "cuda" or _interpreted():
-        return _INTERPRETER_CONFIG
+        return usable(_INTERPRETER_CONFIG)
     if x2d.dtype == torch.float32:
-        return _FP32_DECODE_CONFIG if m <= _DECODE_MAX_M else _FP32_PREFILL_CONFIG
-    key = _tune_key(x2d.device, x2d.dtype, m, d_in, r, groups)
+        return usable(_FP32_DECODE_CONFIG if m <= _DECODE_MAX_M else _FP32_PREFILL_CONFIG)
+    key = _tune_key(x2d.device, x2d.dtype, m, d_in, r, groups, z_given)
     config = _TUNED.get(key)
     if config is not None:
         return config
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
-        return _heuristic_config(m)
-    candidates = _prune_configs(_DECODE_CONFIGS if m <= _DECODE_MAX_M else _PREFILL_CONFIGS, m, r, groups)
+        return _heuristic_config(m, z_given)
+    candidates = [c for c in (_DECODE_CONFIGS if m <= _DECODE_MAX_M else _PREFILL_CONFIGS) if c.z_pass or not z_given]
+    candidates = _prune_configs(candidates, m, r, groups)
     best = autotune(
         candidates,
         lambda config: _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config),
@@ -561,7 +604,7 @@ def fused_factored_projection(x, in_factor, cores, out_factors, biases, out=None
     Parameters
     ----------
     x : Tensor of shape ``(..., d_in)``
-    in_factor : Tensor of shape ``(d_in, r)``, shared by all groups
+    in_factor : Tensor of shape ``(d_in, r)``, shared by all groups, or None (``z = x``, ``r = d_in``)
     cores : list of P (1 to 4) Tensors, ``cores[g]`` of shape ``(n_g, s_g, r)``, one core per head
     out_factors : list of P entries, each a Tensor of shape ``(o_g, s_g)`` shared by the group's
         heads, or None (the head output is the latent itself, o_g = s_g)
@@ -588,9 +631,9 @@ def fused_factored_projection(x, in_factor, cores, out_factors, biases, out=None
     for size in lead:
         m *= size
     x2d = x.reshape(m, d_in)
-    if x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
-    in_factor = in_factor.contiguous()
+    if x2d.stride(1) != 1 or (in_factor is None and m > 1 and x2d.stride(0) != d_in):
+        x2d = x2d.contiguous()  # without an in factor the kernel reads x as the (M, r) matrix z
+    in_factor = in_factor.contiguous() if in_factor is not None else None
     cores = [c.contiguous() for c in cores]
     out_factors = [a.contiguous() if a is not None else None for a in out_factors]
     biases = [b.contiguous() if b is not None else None for b in biases]
@@ -648,7 +691,7 @@ def fused_factored_projection_ref(x, in_factor, cores, out_factors, biases):
             f"and {len(biases)}"
         )
     lead = x.shape[:-1]
-    z = x @ in_factor  # (..., r)
+    z = x @ in_factor if in_factor is not None else x  # (..., r)
     outputs = []
     for core, out_factor, bias in zip(cores, out_factors, biases):
         n, s, r = core.shape

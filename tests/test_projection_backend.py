@@ -110,3 +110,19 @@ def test_forced_backends_are_not_timed(monkeypatch):
     module.backend = "torch"
     module(torch.randn(3, 12))
     assert bridge._FASTER == {}
+
+
+def test_auto_considers_the_kernel_for_kv_layouts_but_not_whole_projection_out_factors(monkeypatch):
+    """kv mode's projection (no in factor) is timed like any other; the svd baseline's (d_p, r) out
+    factors are larger than the kernel's per-head tiles, so "auto" keeps the chain without timing."""
+    monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
+    asked = []
+    monkeypatch.setattr(bridge, "faster_path", lambda key, *a, **k: asked.append(key) or "torch")
+    kv = FactoredProjection(None, [torch.randn(3, 4, 12), torch.randn(1, 5, 12)], [None, None], [None, None])
+    svd = FactoredProjection(None, [torch.randn(1, 6, 12)], [torch.randn(300, 6)], [None])
+    assert kv.kernel_fits() and not svd.kernel_fits()
+    x = torch.randn(2, 12)
+    kv(x)
+    assert len(asked) == 1 and asked[0][3] is None  # keyed without an in factor shape
+    svd(x)
+    assert len(asked) == 1

@@ -93,3 +93,11 @@ def test_cuda_graph_timings_get_their_own_targets(targets):
     assert got["kernel, % of roofline (CUDA graph)"].met is True
     # rows without graph timings add no graph targets
     assert not any("CUDA graph" in name for name in by_name(targets.kernel_targets({"rows": [eager]})))
+
+
+def test_plain_gemm_rows_stay_out_of_the_kernel_targets(targets):
+    fused = kernel_row(4096, 0.25, 1, triton=1.0, factored=2.0, dense=3.0)
+    plain = dict(kernel_row(4096, 0.25, 1, triton=1.0, factored=1.1, dense=1.2), layout="kv_model")
+    got = by_name(targets.kernel_targets({"rows": [fused, plain]}))
+    chain = got["kernel vs unfused chain, decode"]
+    assert chain.cases == [("hidden 4096 weights ratio 0.25 tokens 1", 2.0)] and chain.met

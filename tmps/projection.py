@@ -74,8 +74,14 @@ class FactoredProjection(nn.Module):
                 total += 2 * core.shape[0] * out.numel()
         return total
 
+    def kernel_fits(self) -> bool:
+        """Whether the fused kernel's tiles suit these factors: it keeps one head's out factor ``(o, s)``
+        on chip, so out factors must be head-sized (both sides at most 256). The svd baseline's
+        whole-projection out factors ``(d_p, r)`` are not (``backend="auto"`` keeps the torch chain)."""
+        return all(out is None or max(out.shape) <= 256 for _, out, _ in self.groups)
+
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch" or self.in_factor is None:
+        if self.backend == "torch":
             return False
         from . import kernels_bridge as bridge
 
@@ -83,10 +89,11 @@ class FactoredProjection(nn.Module):
             if not bridge.triton_path_available(x.device):
                 raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
             return True
-        if not bridge.kernel_preferred_on(x.device):
+        if not bridge.kernel_preferred_on(x.device) or not self.kernel_fits():
             return False
-        d_in = self.in_factor.shape[0]
-        key = (x.device, x.dtype, bridge.token_bucket(x.numel() // d_in), tuple(self.in_factor.shape),
+        d_in = x.shape[-1]
+        key = (x.device, x.dtype, bridge.token_bucket(x.numel() // d_in),
+               None if self.in_factor is None else tuple(self.in_factor.shape),
                tuple((tuple(c.shape), None if a is None else tuple(a.shape), b is not None) for c, a, b in self.groups))
         return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x), device=x.device) == "triton"
 

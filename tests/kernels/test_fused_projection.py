@@ -36,6 +36,9 @@ LAYOUTS = {
     "s_eq_head_dim": dict(groups=[(2, 64, 64), (1, 64, 64)], bias=[True, False]),
     # one group
     "single": dict(groups=[(3, "s", None)], bias=[True]),
+    # kv mode as tmps.compress builds it (no in factor): dense per-head Q, K and V latents of one
+    # wide "head" each; OPT's biases on all three
+    "kv_model": dict(groups=[(6, 32, None), (1, 24, None), (1, 40, None)], bias=[True, True, True]),
 }
 
 
@@ -44,11 +47,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-def make_inputs(m_shape, d_in, r, s, layout, dtype):
-    """Random inputs scaled so that every stage is O(1); rounded to ``dtype`` once."""
+def make_inputs(m_shape, d_in, r, s, layout, dtype, with_in_factor=True):
+    """Random inputs scaled so that every stage is O(1); rounded to ``dtype`` once.
+
+    ``with_in_factor=False``: no in factor (``z = x``), the cores act on ``d_in`` (``r`` is ignored)."""
     spec = LAYOUTS[layout]
     x = torch.randn(*m_shape, d_in, dtype=torch.float64)
-    in_factor = torch.randn(d_in, r, dtype=torch.float64) / d_in**0.5
+    in_factor = torch.randn(d_in, r, dtype=torch.float64) / d_in**0.5 if with_in_factor else None
+    r = r if with_in_factor else d_in
     cores, out_factors, biases = [], [], []
     for (n, s_g, o), has_bias in zip(spec["groups"], spec["bias"]):
         s_g = s if s_g == "s" else s_g
@@ -182,6 +188,48 @@ def test_z_pass_in_half_precision(m, dtype):
 def test_z_pass_excludes_z_in_registers():
     with pytest.raises(ValueError, match="z_pass"):
         KernelConfig(z_pass=True, z_in_regs=True)
+
+
+# Without an in factor (kv mode's layout) the kernel reads x as z: z-pass configs only, flat tiles
+# over each latent group's columns.  d_in = 40: 2.5 r chunks of 16; block_t 16: the 24 / 40-wide
+# latents end inside a tile; col_splits 3 cuts through groups.
+NO_IN_FACTOR_CONFIGS = {
+    "flat_16": KernelConfig(block_m=16, block_t=16, col_splits=0, block_k=16, block_r=16, num_stages=1, z_pass=True),
+    "flat_64": KernelConfig(block_m=16, block_t=64, col_splits=0, block_k=16, block_r=32, num_stages=1, z_pass=True),
+    "splits": KernelConfig(block_m=32, block_t=32, col_splits=3, block_k=16, block_r=16, num_stages=1, z_pass=True),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("m", [1, 7, 129])
+def test_no_in_factor_matches_reference(m, dtype):
+    inputs = make_inputs((m,), 40, None, 24, "kv_model", dtype, with_in_factor=False)
+    assert inputs[1] is None
+    check(inputs, dtype, out=nan_outputs(inputs, (m,)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["kv_model", "kv_latent", "llama_gqa"])
+@pytest.mark.parametrize("config", list(NO_IN_FACTOR_CONFIGS))
+def test_no_in_factor_tilings(config, layout):
+    inputs = make_inputs((37,), 40, None, 24, layout, torch.float32, with_in_factor=False)
+    check(inputs, torch.float32, out=nan_outputs(inputs, (37,)), config=NO_IN_FACTOR_CONFIGS[config])
+
+
+@needs_kernel
+def test_no_in_factor_reads_strided_rows():
+    x, _, cores, outs, biases = make_inputs((5,), 40, None, 24, "kv_model", torch.float16, with_in_factor=False)
+    wide = torch.full((5, 48), float("nan"), device=DEVICE, dtype=torch.float16)
+    wide[:, :40] = x  # rows 48 apart: the kernel must not read x's storage as a (5, 40) matrix
+    check((wide[:, :40], None, cores, outs, biases), torch.float16)
+
+
+@needs_kernel
+def test_no_in_factor_refuses_a_config_that_computes_z():
+    inputs = make_inputs((3,), 40, None, 24, "kv_model", torch.float32, with_in_factor=False)
+    with pytest.raises(ValueError, match="z-pass"):
+        fused_factored_projection(*inputs, config=CONFIGS["one_tile_per_program"])
 
 
 @needs_kernel
@@ -318,5 +366,49 @@ def test_pruned_configs_cover_every_group_once(m):
         plan = fp._make_plan(config, 96, groups)
         tiles = plan.tile_start[-1]
         assert plan.col_splits * plan.tiles_per_program >= tiles > (plan.col_splits - 1) * plan.tiles_per_program
-        for (n, _, _, _, _), hpt, lo, hi in zip(groups, plan.heads_per_tile, plan.tile_start, plan.tile_start[1:]):
+        for n, hpt, lo, hi in zip(plan.heads, plan.heads_per_tile, plan.tile_start, plan.tile_start[1:]):
             assert (hi - lo) * hpt >= n > (hi - lo - 1) * hpt  # every head in exactly one tile
+        # a flat group (no out factor): virtual heads of the tile width cover its columns once
+        heads, width, cols = plan.heads[2], plan.s[2], plan.cols[2]
+        assert plan.heads_per_tile[2] == 1 and heads * width >= cols == 120 > (heads - 1) * width
+
+
+# --------------------------------------------------------------------------------------------
+# In a compressed model
+# --------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_kv_mode_projection_runs_through_the_kernel(arch, monkeypatch):
+    """kv mode's Q / K-latent / V-latent projection (no in factor) is one kernel launch per layer;
+    at full rank the compressed model still reproduces the dense logits."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    import tmps
+    from tmps import kernels_bridge as bridge
+    from tmps.projection import FactoredProjection
+
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=32)
+        dense = OPTForCausalLM(cfg).eval()
+    else:
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        dense = LlamaForCausalLM(cfg).eval()
+    model = tmps.compress(copy.deepcopy(dense), torch.randint(0, 64, (4, 16)), mode="kv", ratio=1.0, progress=False)
+    projections = [m for m in model.modules() if isinstance(m, FactoredProjection)]
+    assert len(projections) == cfg.num_hidden_layers and all(p.in_factor is None for p in projections)
+    model, dense = model.to(DEVICE), dense.to(DEVICE)
+    calls = []
+    kernel = bridge.fused_factored_projection
+    monkeypatch.setattr(bridge, "fused_factored_projection", lambda *a: calls.append(1) or kernel(*a))
+    tmps.set_paths(model, backend="triton")
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        got, want = model(ids).logits, dense(ids).logits
+    assert len(calls) == cfg.num_hidden_layers
+    assert_close_to_ref(got, want.double().cpu(), 1e-4, name="logits")
