@@ -116,6 +116,15 @@ def test_compress_writes_a_loadable_model_with_tokenizer(workdir, compressed):
     assert torch.isfinite(logits).all()
 
 
+def test_compress_passes_rank_multiple_through(workdir, compressed, capsys):
+    out = workdir / "kv50-m1"
+    rc, _, err = run_main(["compress", workdir / "llama", "--out", out, "--ratio", "0.5", "--rank-multiple", "1",
+                           "--calib", workdir / "train.txt", *SEQ, "--quiet"], capsys)
+    assert rc == 0, err
+    assert tmps.load(out).tmps_info["config"]["rank_multiple"] == 1
+    assert tmps.load(compressed[0]).tmps_info["config"]["rank_multiple"] == 8  # the default
+
+
 def test_compress_weights_mode_samples_calibration_from_the_model(workdir, capsys):
     out = workdir / "w-sampled"
     rc, stdout, err = run_main(["compress", workdir / "llama", "--out", out, "--mode", "weights", "--method", "svd",
@@ -217,6 +226,7 @@ def test_plot_frontier_draws_rows(tmp_path):
     (["compress", "{root}/llama", "--out", "{root}/x", "--ratio", "0.5", "--mps-eps", "0.9"], ["one rank rule"]),
     (["compress", "{root}/llama", "--out", "{root}/x", "--method", "eigen", "--mode", "weights"], ["mode='kv'"]),
     (["compress", "{root}/llama", "--out", "{root}/x", "--device", "cuda:7"], ["--device cuda:7"]),
+    (["compress", "{root}/llama", "--out", "{root}/x", "--rank-multiple", "0"], ["--rank-multiple"]),
     (["eval", "{root}/llama", "--text", "{root}/test.txt", "--seq-len", "4096"], ["--seq-len 4096", "128 positions"]),
     (["sweep", "{root}/llama", "--text", "{root}/test.txt", "--out", "{root}/s", "--methods", "lora"], ["--methods"]),
 ])
