@@ -15,7 +15,9 @@
 #      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts); tmps.compress at full rank on
 #      tiny Llama/OPT models, logits against dense, with the Triton path counted
 #   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
-#      no torch.compile), do_bench and CUDA-graph timings, each row checked against the chain;
+#      no torch.compile; weights, kv_latent and kv_model layouts: the last is kv mode's projection
+#      without an in factor, one launch against three GEMMs), do_bench and CUDA-graph timings,
+#      each row checked against the chain;
 #      d2. benchmarks/latent_attention_bench.py: one kv decode step over the latent cache against
 #      the dense cache and the rebuild (OPT-1.3B and Llama-3-8B shapes, batch 1/16, context 1k,
 #      ranks unaligned and rounded to multiples of 8)
@@ -394,7 +396,7 @@ step "c3. compressed models at full rank on CUDA" 60 "$(reserve_after c3)" model
 # ------------------------------------------------------------------------------------------ d
 step "d. kernel microbenchmark (subset)" 150 "$(reserve_after d)" \
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --hidden 4096 --tokens 1 16 4096 \
-  --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights kv_latent --no-compile
+  --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights kv_latent kv_model --no-compile
 
 step "d2. latent attention microbenchmark (kv decode)" 60 "$(reserve_after d2)" \
   "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --shapes opt-1.3b llama-3-8b \
