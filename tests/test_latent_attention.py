@@ -258,3 +258,29 @@ def test_half_softmax_equals_float_softmax_then_cast(dtype):
     scores = (torch.randn(64, 8, 1, 1000) * 4).to(dtype)
     want = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     torch.testing.assert_close(_softmax(scores, dtype), want, rtol=0, atol=0)
+
+
+def test_rope_decode_computes_the_rotary_table_once_per_step():
+    """The cache's cos/sin table is computed once and sliced by every layer: a decode step computes
+    only the model's own table for the new position (HF's, once per forward), not one per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCos(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCos.count += "aten.cos" in str(func)
+            return func(*args, **(kwargs or {}))
+
+    model = kv_model("llama", "sdpa")
+    assert model.config.num_hidden_layers == 2
+    ids = torch.randint(1, VOCAB, (2, 6))
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        for _ in range(2):  # the second step's context still fits the first one's table
+            nxt = out.logits[:, -1:].argmax(-1)
+            with CountCos():
+                CountCos.count = 0
+                out = model(nxt, past_key_values=cache, use_cache=True)
+    assert CountCos.count == 1

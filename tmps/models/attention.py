@@ -23,7 +23,7 @@ import torch
 
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import rotate
+from .rope import rope_tables, rotate
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -116,9 +116,7 @@ class CompressedAttentionMixin:
 
     def _rotate_queries(self, q, total: int, cache):
         """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
-        positions = torch.arange(total, device=q.device).unsqueeze(0)
-        cos, sin = self.rotary_emb()(q, positions)
-        cos, sin = cos[0].to(q.dtype), sin[0].to(q.dtype)
+        cos, sin = rope_tables(self.rotary_emb(), total, q)
         slots = self._query_slots(cache, total, q.shape[2], q.device)
         return rotate(q, cos[slots], sin[slots]), cos, sin
 

@@ -12,3 +12,39 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``R x = x·cos + rotate_half(x)·sin``, with ``cos, sin`` broadcasting against ``x`` (last dim head_dim)."""
     return x * cos + rotate_half(x) * sin
+
+
+# RoPE types whose angle at a position does not depend on the other positions of the call (HF's
+# "dynamic" and "longrope" rescale inv_freq by the longest position seen: recomputed every call).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_tables(rotary, total: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of shape ``(total, head_dim)`` in ``like``'s dtype: HF's ``rotary(like, positions)``
+    at cache slots ``0 … total-1``.
+
+    kv mode rotates the keys of the whole cache at every decode step, in every layer; computing the
+    table there costs ~8 small kernels per layer and step (HF computes its positions' table once per
+    forward). For static RoPE types the table of a position never changes, so it is computed once per
+    (device, dtype, inv_freq) for the next power of two of slots and sliced (a view: no kernel). It is
+    recomputed whenever ``inv_freq`` is replaced or changed in place, and never grown inside a
+    CUDA-graph capture (the capture would own its memory): there, and for dynamic types, each call
+    computes the table as before.
+    """
+    def compute(length):
+        positions = torch.arange(length, device=like.device).unsqueeze(0)
+        cos, sin = rotary(like, positions)
+        return cos[0].to(like.dtype), sin[0].to(like.dtype)
+
+    rope_type = getattr(rotary, "rope_type", "default")
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
+        return compute(total)
+    source = (inv_freq.data_ptr(), inv_freq.dtype, inv_freq._version)
+    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype) -> (source, cos, sin)
+    cached = tables.get((like.device, like.dtype))
+    if cached is None or cached[0] != source or cached[1].shape[0] < total:
+        if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return compute(total)
+        cached = tables[(like.device, like.dtype)] = (source, *compute(1 << max(0, total - 1).bit_length()))
+    return cached[1][:total], cached[2][:total]

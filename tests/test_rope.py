@@ -1,0 +1,69 @@
+"""tmps.models.rope.rope_tables: HF's rotary table at cache slots 0..T-1, computed once and sliced."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from tmps.models.rope import rope_tables
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+
+
+def rotary(params=None):
+    kw = {} if params is None else {"rope_parameters": params}
+    return LlamaRotaryEmbedding(config=LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128,
+                                                   **kw))
+
+
+def hf_table(module, total, like):
+    cos, sin = module(like, torch.arange(total).unsqueeze(0))
+    return cos[0].to(like.dtype), sin[0].to(like.dtype)
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("params", [None, LLAMA3, DYNAMIC], ids=["default", "llama3", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tables_equal_hf_at_every_length(params, dtype):
+    module, like = rotary(params), torch.zeros(1, dtype=dtype)
+    for total in (5, 100, 7, 300, 129):  # grows past the cached length twice, shrinks in between
+        got, want = rope_tables(module, total, like), hf_table(module, total, like)
+        for g, w in zip(got, want):
+            assert g.shape == (total, 16) and g.dtype == dtype
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6 if dtype == torch.float32 else 8e-3)
+    cached = "_tmps_rope_tables" in module.__dict__
+    assert cached == (params is not DYNAMIC)  # dynamic RoPE rescales by the longest position: never cached
+
+
+def test_a_cached_table_is_a_view_without_kernels():
+    module, like = rotary(), torch.zeros(1)
+    rope_tables(module, 1024, like)
+    with Ops() as record:
+        cos, sin = rope_tables(module, 1024, like)
+    assert all("slice" in op or "alias" in op or "view" in op for op in record.ops), record.ops
+    with Ops() as uncached:
+        hf_table(module, 1024, like)
+    assert any("cos" in op for op in uncached.ops)  # what each layer paid per step before
+
+
+def test_a_changed_inv_freq_is_seen():
+    module, like = rotary(), torch.zeros(1)
+    before = rope_tables(module, 50, like)[0].clone()
+    with torch.no_grad():
+        module.inv_freq.mul_(0.5)  # in place: same storage, new version
+    after = rope_tables(module, 50, like)
+    torch.testing.assert_close(after[0], hf_table(module, 50, like)[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[0], before)
+    module.inv_freq = module.inv_freq * 2.0  # replaced: new storage
+    torch.testing.assert_close(rope_tables(module, 50, like)[0], before, rtol=0, atol=1e-6)
