@@ -126,3 +126,11 @@ def test_auto_considers_the_kernel_for_kv_layouts_but_not_whole_projection_out_f
     assert len(asked) == 1 and asked[0][3] is None  # keyed without an in factor shape
     svd(x)
     assert len(asked) == 1
+
+
+def test_forcing_the_kernel_on_factors_it_cannot_tile_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(bridge, "triton_path_available", lambda device: True)
+    svd = FactoredProjection(None, [torch.randn(1, 6, 12)], [torch.randn(300, 6)], [None])
+    svd.backend = "triton"
+    with pytest.raises(ValueError, match=r"out factors of shapes \[\(300, 6\)\].*backend='auto' or 'torch'"):
+        svd(torch.randn(2, 12))

@@ -88,6 +88,11 @@ class FactoredProjection(nn.Module):
         if self.backend == "triton":
             if not bridge.triton_path_available(x.device):
                 raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
+            if not self.kernel_fits():
+                shapes = [tuple(out.shape) for _, out, _ in self.groups if out is not None]
+                raise ValueError(f"backend='triton': out factors of shapes {shapes} are larger than the kernel's "
+                                 "per-head tiles (at most 256 a side; the svd baseline holds whole-projection "
+                                 "factors); use backend='auto' or 'torch' for this model")
             return True
         if not bridge.kernel_preferred_on(x.device) or not self.kernel_fits():
             return False
