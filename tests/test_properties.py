@@ -355,3 +355,37 @@ def test_weighted_svd_half_precision_weight(dtype):
 def test_input_metric_refuses_zero_covariance():
     with pytest.raises(ValueError, match="covariance is zero"):
         input_metric(torch.zeros(5, 5))
+
+
+# ---------------------------------------------------------------- rank allocation in aligned steps
+def _single_direction_greedy(values, costs, budget, minimum):
+    """The allocator before aligned ranks, written plainly: take directions best value-per-cost first."""
+    ranks = [min(minimum, v.numel()) for v in values]
+    spent = sum(r * c for r, c in zip(ranks, costs))
+    scores = [v[r:] / c for v, r, c in zip(values, ranks, costs)]
+    owners = torch.cat([torch.full((s.numel(),), j) for j, s in enumerate(scores)])
+    for j in owners[torch.argsort(torch.cat(scores), descending=True, stable=True)].tolist():
+        if spent + costs[j] <= budget + 1e-9:
+            ranks[j] += 1
+            spent += costs[j]
+    return ranks
+
+
+@PROPERTY
+@given(widths=st.lists(st.integers(1, 40), min_size=1, max_size=6), fill=st.floats(0.0, 1.0),
+       multiple=st.sampled_from([1, 4, 8]), seed=st.integers(0, 2**16))
+def test_grow_prefixes_aligned_within_budget_and_plain_greedy_at_one(widths, fill, multiple, seed):
+    from tmps.solvers import grow_prefixes, non_increasing
+
+    gen = torch.Generator().manual_seed(seed)
+    scales = (10 ** (4 * torch.rand(len(widths), generator=gen, dtype=torch.float64))).tolist()
+    values = [non_increasing(torch.rand(w, generator=gen, dtype=torch.float64) * s) for w, s in zip(widths, scales)]
+    costs = [float(c) for c in torch.randint(1, 4, (len(widths),), generator=gen).tolist()]
+    floor = sum(min(w, multiple) * c for w, c in zip(widths, costs))
+    budget = floor + fill * (sum(w * c for w, c in zip(widths, costs)) - floor)
+    ranks = grow_prefixes(values, costs, budget, 1, multiple)
+    assert all(r == w or r % multiple == 0 for r, w in zip(ranks, widths))
+    assert all(min(w, multiple) <= r <= w for r, w in zip(ranks, widths))
+    assert sum(r * c for r, c in zip(ranks, costs)) <= budget + 1e-9
+    if multiple == 1:
+        assert ranks == _single_direction_greedy(values, costs, budget, 1)
