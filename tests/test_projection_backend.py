@@ -113,7 +113,7 @@ def test_forced_backends_are_not_timed(monkeypatch):
 
 
 def test_auto_considers_the_kernel_for_kv_layouts_but_not_whole_projection_out_factors(monkeypatch):
-    """kv mode's projection (no in factor) is timed like any other; the svd baseline's (d_p, r) out
+    """kv mode's projection (no in factor) is timed at decode sizes; the svd baseline's (d_p, r) out
     factors are larger than the kernel's per-head tiles, so "auto" keeps the chain without timing."""
     monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
     asked = []
@@ -126,6 +126,10 @@ def test_auto_considers_the_kernel_for_kv_layouts_but_not_whole_projection_out_f
     assert len(asked) == 1 and asked[0][3] is None  # keyed without an in factor shape
     svd(x)
     assert len(asked) == 1
+    kv(torch.randn(64, 12))  # prefill-sized: the chain (cuBLAS) without timing, for a plain grouped GEMM
+    assert len(asked) == 1
+    projection()(torch.randn(64, 12))  # with an in factor, prefill sizes are timed as before
+    assert len(asked) == 2
 
 
 def test_forcing_the_kernel_on_factors_it_cannot_tile_is_a_clear_error(monkeypatch):
