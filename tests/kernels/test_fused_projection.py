@@ -125,7 +125,7 @@ def test_fp32_matches_reference(m, r, layout):
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "kv_model"])  # kv_model: below
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_matches_reference(dtype, layout):
     check(make_inputs((33,), 64, 40, 24, layout, dtype), dtype)
@@ -206,7 +206,10 @@ NO_IN_FACTOR_CONFIGS = {
 def test_no_in_factor_matches_reference(m, dtype):
     inputs = make_inputs((m,), 40, None, 24, "kv_model", dtype, with_in_factor=False)
     assert inputs[1] is None
-    check(inputs, dtype, out=nan_outputs(inputs, (m,)))
+    # the interpreter takes the launcher's own pick; on a GPU one fixed config keeps the compile count
+    # down (the autotuner would compile every z-pass candidate per dtype; gpu_check c3 covers it)
+    config = None if DEVICE == "cpu" else NO_IN_FACTOR_CONFIGS["flat_64"]
+    check(inputs, dtype, out=nan_outputs(inputs, (m,)), config=config)
 
 
 @needs_kernel
