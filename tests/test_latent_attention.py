@@ -12,6 +12,7 @@ from tmps.models.rope import rotate_half
 from tmps.models.latent_attention import latent_attention, prefers_latent, rope_key_scores_torch
 
 from test_compress import VOCAB, calib, llama, opt
+from test_rope import RecordOps
 
 
 def rebuild_reference(q, c_k, c_v, k_up, v_up, mask, scaling, rope=None):
@@ -231,20 +232,9 @@ _NO_KERNEL = ("view", "expand", "permute", "transpose", "slice", "alias", "t.def
 def test_no_rope_decode_launches_at_most_six_ops():
     """Under CUDA graphs a decode step pays per kernel: scores (baddbmm, scale as alpha), mask (where),
     one softmax, and the two absorbed up-projections (einsum -> bmm) plus the value product."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     q, c_k, c_v, k_up, v_up = random_case(2, 8, 8, 1, 40, 16, 24, 40, dtype=torch.float16)
     mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
-    with Record() as record:
+    with RecordOps() as record:
         latent_attention(q, c_k, c_v, k_up, v_up, mask, 0.25)
     launched = [op for op in record.ops if not any(name in op for name in _NO_KERNEL)]
     assert len(launched) <= 6, launched
@@ -263,15 +253,6 @@ def test_half_softmax_equals_float_softmax_then_cast(dtype):
 def test_rope_decode_computes_the_rotary_table_once_per_step():
     """The cache's cos/sin table is computed once and sliced by every layer: a decode step computes
     only the model's own table for the new position (HF's, once per forward), not one per layer."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountCos(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountCos.count += "aten.cos" in str(func)
-            return func(*args, **(kwargs or {}))
-
     model = kv_model("llama", "sdpa")
     assert model.config.num_hidden_layers == 2
     ids = torch.randint(1, VOCAB, (2, 6))
@@ -280,7 +261,6 @@ def test_rope_decode_computes_the_rotary_table_once_per_step():
         out = model(ids, past_key_values=cache, use_cache=True)
         for _ in range(2):  # the second step's context still fits the first one's table
             nxt = out.logits[:, -1:].argmax(-1)
-            with CountCos():
-                CountCos.count = 0
+            with RecordOps() as record:
                 out = model(nxt, past_key_values=cache, use_cache=True)
-    assert CountCos.count == 1
+    assert sum("aten.cos" in op for op in record.ops) == 1

@@ -23,7 +23,9 @@ def hf_table(module, total, like):
     return cos[0].to(like.dtype), sin[0].to(like.dtype)
 
 
-class Ops(TorchDispatchMode):
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op run inside it (``.ops``): the kernels a step would launch."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
@@ -49,10 +51,10 @@ def test_tables_equal_hf_at_every_length(params, dtype):
 def test_a_cached_table_is_a_view_without_kernels():
     module, like = rotary(), torch.zeros(1)
     rope_tables(module, 1024, like)
-    with Ops() as record:
+    with RecordOps() as record:
         cos, sin = rope_tables(module, 1024, like)
     assert all("slice" in op or "alias" in op or "view" in op for op in record.ops), record.ops
-    with Ops() as uncached:
+    with RecordOps() as uncached:
         hf_table(module, 1024, like)
     assert any("cos" in op for op in uncached.ops)  # what each layer paid per step before
 
