@@ -195,6 +195,18 @@ def _alarm(seconds: float):
     return cancel
 
 
+def uniform_kv_ranks(kv_width: int, ratio: float, k_share: float = 0.35, align: int = 8) -> tuple[int, int]:
+    """``(r_k, r_v)`` of ``allocation="uniform"`` in kv mode: ``ratio`` of the K and V widths together,
+    ``1 - k_share`` of it to V (at most its width), each rounded down to a multiple of ``align``
+    (``tmps.compress``'s ``rank_multiple``). OPT-1.3B at 0.5: 717 / 1331 raw, 712 / 1328 aligned."""
+    from tmps.solvers import aligned_rank
+
+    budget = ratio * 2 * kv_width
+    r_v = max(1, min(kv_width, round((1 - k_share) * budget)))
+    r_k = max(1, min(kv_width, round(budget) - r_v))
+    return aligned_rank(r_k, align, kv_width), aligned_rank(r_v, align, kv_width)
+
+
 def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align: int = 8) -> None:
     """Replace every attention in place by compressed attention with random factors of uniform ranks.
 
@@ -229,10 +241,7 @@ def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align:
             return torch.randn(*size, device=dev, dtype=dtype) * size[-1] ** -0.5
 
         if mode == "kv":
-            budget = ratio * 2 * shape.kv_width
-            r_v = max(1, min(shape.kv_width, round((1 - k_share) * budget)))
-            r_k = max(1, min(shape.kv_width, round(budget) - r_v))
-            r_k, r_v = aligned_rank(r_k, align, shape.kv_width), aligned_rank(r_v, align, shape.kv_width)
+            r_k, r_v = uniform_kv_ranks(shape.kv_width, ratio, k_share, align)
             q_core = q.weight.detach().reshape(shape.num_heads, shape.head_dim, d)
             cores = [q_core, rand(1, r_k, d), rand(1, r_v, d)]
             biases = ([q.bias.detach(), 0.02 * rand(r_k), 0.02 * rand(r_v)] if q.bias is not None else [None] * 3)

@@ -90,10 +90,9 @@ def make_case(hidden, tokens, ratio, layout, dtype, device, torch):
 
     x = rand(tokens, hidden)
     if layout == "kv_model":
-        from tmps.solvers import aligned_rank
+        from e2e import uniform_kv_ranks  # the end-to-end benchmark's kv ranks at this ratio
 
-        r_k = aligned_rank(round(K_SHARE * 2 * r), 8, hidden)
-        r_v = aligned_rank(2 * r - r_k, 8, hidden)
+        r_k, r_v = uniform_kv_ranks(hidden, ratio, K_SHARE)
         cores = [rand(n, s, hidden, scale=hidden**-0.5), rand(1, r_k, hidden, scale=hidden**-0.5),
                  rand(1, r_v, hidden, scale=hidden**-0.5)]
         biases = [rand(c.shape[0] * c.shape[1], scale=0.1) for c in cores]

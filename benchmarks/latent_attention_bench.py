@@ -66,11 +66,9 @@ def parse_args(argv=None):
 
 
 def latent_ranks(kv_width, align=8):
-    from tmps.solvers import aligned_rank
+    from e2e import uniform_kv_ranks  # the end-to-end benchmark's rule, so both time the same ranks
 
-    total = round(2 * RATIO * kv_width)
-    r_k = round(K_SHARE * total)
-    return aligned_rank(r_k, align, kv_width), aligned_rank(total - r_k, align, kv_width)
+    return uniform_kv_ranks(kv_width, RATIO, K_SHARE, align)
 
 
 def make_case(shape, batch, context, dtype, device, torch, align=8):

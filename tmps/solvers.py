@@ -491,7 +491,7 @@ def grow_prefixes(values: list[torch.Tensor], unit_costs: list[float], budget: f
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple={multiple!r} must be a positive integer, e.g. 8")
-    start = [min(v.numel(), max(1, -(-minimum // multiple) * multiple)) for v in values]
+    start = [min(v.numel(), aligned_rank(minimum, multiple, v.numel(), up=True)) for v in values]
     spent = sum(r * c for r, c in zip(start, unit_costs))
     scores, owners, sizes = [], [], []
     for j, (v, r0, c) in enumerate(zip(values, start, unit_costs)):
