@@ -24,7 +24,7 @@ def rope_tables(rotary, total: int, like: torch.Tensor) -> tuple[torch.Tensor, t
     at cache slots ``0 … total-1``.
 
     kv mode rotates the keys of the whole cache at every decode step, in every layer; computing the
-    table there costs ~8 small kernels per layer and step (HF computes its positions' table once per
+    table there costs 7 small kernels per layer and step (HF computes its positions' table once per
     forward). For static RoPE types the table of a position never changes, so it is computed once per
     (device, dtype, inv_freq) for the next power of two of slots and sliced (a view: no kernel). It is
     recomputed whenever ``inv_freq`` is replaced or changed in place, and never grown inside a
