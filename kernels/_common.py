@@ -45,6 +45,29 @@ def triton_available(device) -> bool:
     return triton is not None and (torch.device(device).type == "cuda" or interpreted())
 
 
+def check_tile_sizes(config, names) -> None:
+    """ValueError unless each named field of a kernel config is a power of two >= 16 (tl.dot's smallest size)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{type(config).__name__}.{name} must be a power of two >= 16, got {value}")
+
+
+def require_runnable(device, kernel: str, reference: str, argument: str) -> None:
+    """RuntimeError without Triton, ValueError off CUDA outside the interpreter, each naming the torch
+    reference to use instead; ``argument`` names the tensor whose device was checked."""
+    if triton is None:
+        raise RuntimeError(f"{kernel} needs Triton; use {reference} instead")
+    if torch.device(device).type != "cuda" and not interpreted():
+        raise ValueError(f"{argument} is on {device}: the Triton kernel needs a CUDA device, or TRITON_INTERPRET=1 "
+                         f"set before Triton is imported; use {reference} on CPU")
+
+
+def unit_last(t):
+    """``t`` itself when its last dim has unit stride (or size 1; None passes), else a contiguous copy."""
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -79,7 +79,8 @@ from typing import Optional
 
 import torch
 
-from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton, triton_available
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
+from ._common import require_runnable, tl, triton, triton_available
 from ._common import interpreted as _interpreted
 
 __all__ = [
@@ -127,10 +128,7 @@ class KernelConfig:
     z_pass: bool = False
 
     def __post_init__(self):
-        for name in ("block_m", "block_t", "block_k", "block_r"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+        check_tile_sizes(self, ("block_m", "block_t", "block_k", "block_r"))
         if self.col_splits < 0:
             raise ValueError(f"KernelConfig.col_splits must be >= 0, got {self.col_splits}")
         if self.num_warps not in (1, 2, 4, 8, 16):
@@ -661,13 +659,7 @@ def fused_factored_projection(x, in_factor, cores, out_factors, biases, out=None
                     "with unit column stride"
                 )
             ys.append(y2d)
-    if triton is None:
-        raise RuntimeError("fused_factored_projection needs Triton; use fused_factored_projection_ref instead")
-    if x.device.type != "cuda" and not _interpreted():
-        raise ValueError(
-            f"x is on {x.device}: the Triton kernel needs a CUDA device, or TRITON_INTERPRET=1 set before "
-            "Triton is imported; use fused_factored_projection_ref on CPU"
-        )
+    require_runnable(x.device, "fused_factored_projection", "fused_factored_projection_ref", "x")
     if m == 0:
         return out
 

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, dot, jit, next_pow2, tl, triton, triton_available
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
+from ._common import require_runnable, tl, triton, triton_available, unit_last
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
@@ -59,10 +60,7 @@ class ScoresConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_t", "block_r"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"ScoresConfig.{name} must be a power of two >= 16, got {value}")
+        check_tile_sizes(self, ("block_t", "block_r"))
 
 
 # Candidates, untuned (no GPU has run them yet): position tiles of 32-128 keep the two fp32 key
@@ -184,10 +182,6 @@ def _validate(q, c_k, k_up, cos, sin):
     return b, kv_heads, m, head_dim, total, r
 
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
     b, kv_heads, m, head_dim = q.shape
     total, r = c_k.shape[1], c_k.shape[2]
@@ -251,12 +245,8 @@ def latent_rope_scores(q, c_k, k_up, cos, sin, *, out=None, config=None):
     b, kv_heads, m, head_dim, total, r = _validate(q, c_k, k_up, cos, sin)
     if config is not None and not isinstance(config, ScoresConfig):
         raise TypeError(f"config must be a ScoresConfig or None, got {type(config).__name__}")
-    if triton is None:
-        raise RuntimeError("latent_rope_scores needs Triton; use latent_rope_scores_ref instead")
-    if q.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"q is on {q.device}: the Triton kernel needs a CUDA device, or TRITON_INTERPRET=1 "
-                         "set before Triton is imported; use latent_rope_scores_ref on CPU")
-    q, c_k, k_up, cos, sin = (_unit_last(t) for t in (q, c_k, k_up, cos, sin))
+    require_runnable(q.device, "latent_rope_scores", "latent_rope_scores_ref", "q")
+    q, c_k, k_up, cos, sin = (unit_last(t) for t in (q, c_k, k_up, cos, sin))
     shape = (b, kv_heads, m, total)
     if out is None:
         out = torch.empty(shape, device=q.device, dtype=torch.float32)
