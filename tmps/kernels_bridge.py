@@ -144,3 +144,24 @@ def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: in
     from tmps.kernels.latent_scores import MAX_ROWS, latent_rope_scores
 
     return latent_rope_scores if backend == "triton" or rows <= MAX_ROWS else None
+
+
+def latent_decode_for(device: torch.device, backend: str = "auto", rows: int = 1, q_len: int = 1,
+                      has_mask: bool = True, need_probs: bool = False):
+    """The fused latent decode kernel (softmax, values, U_v) for kv mode, or None for the torch chain.
+
+    It never forms the probabilities, so it serves only where they are not returned (sdpa, not
+    eager attention: ``need_probs``), decode row counts (``rows = heads·q_len``), and a missing mask
+    only for one new token. backend: "auto" (a candidate on CUDA with Triton; the caller times it
+    against the chain), "torch", or "triton" (forced where it can serve; a RuntimeError without
+    Triton on the device).
+    """
+    if backend == "torch" or (backend == "auto" and not kernel_preferred_on(device)):
+        return None
+    if not triton_path_available(device):
+        raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
+    from tmps.kernels.latent_decode import MAX_ROWS, latent_decode_attention
+
+    if need_probs or rows > MAX_ROWS or (not has_mask and q_len != 1):
+        return None
+    return latent_decode_attention

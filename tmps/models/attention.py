@@ -108,11 +108,38 @@ class CompressedAttentionMixin:
 
             rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
             key_scores = latent_rope_scores_for(q.device, self.qkv.backend, rows)
+        values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling)
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
-                                      rope=rope, key_scores=key_scores)
+                                      rope=rope, key_scores=key_scores, values=values)
         weights = probs.to(q.dtype) if self.config._attn_implementation == "eager" else None
         out = out.reshape(*input_shape, -1).contiguous()
         return self.output_projection(out), weights
+
+    def _latent_values(self, q, c_k, c_v, attention_mask, rope, key_scores, scaling):
+        """The fused latent decode kernel when it serves this step (see ``latent_decode_for``), else None.
+
+        Under ``backend="auto"`` it is timed against the torch chain once per shape and cache-length
+        bucket (eagerly and in device time, as the projection is) and kept only where it is faster.
+        """
+        from .. import kernels_bridge as bridge
+
+        b, heads, q_len, head_dim = q.shape
+        backend = self.qkv.backend
+        values = bridge.latent_decode_for(q.device, backend, heads * q_len, q_len, attention_mask is not None,
+                                          need_probs=self.config._attn_implementation == "eager")
+        if values is None or backend != "auto":
+            return values
+        total = c_k.shape[1]
+        mask_kind = None if attention_mask is None else attention_mask.dtype
+        key = ("latent_decode", q.device, q.dtype, b, heads, q_len, head_dim, c_k.shape[2], c_v.shape[2],
+               bridge.token_bucket(total), rope is not None, mask_kind)
+
+        def run(fused):
+            return latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
+                                    rope=rope, key_scores=key_scores, values=fused)
+
+        choice = bridge.faster_path(key, lambda: run(values), lambda: run(None), device=q.device)
+        return values if choice == "triton" else None
 
     def _rotate_queries(self, q, total: int, cache):
         """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""

@@ -36,7 +36,7 @@ def prefers_latent(num_heads: int, q_len: int, kv_width: int) -> bool:
     return num_heads * q_len <= kv_width
 
 
-def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None, key_scores=None):
+def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None, key_scores=None, values=None):
     """Softmax attention of ``q`` over latent keys and values.
 
     Parameters
@@ -49,6 +49,9 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     rope : None, or (cos, sin) of shape (T, head_dim): keys at position t are rotated by row t
     key_scores : optional callable ``(q_grouped, c_k, k_up, cos, sin) -> (b, kv_heads, G·q_len, T)``
         computing the RoPE key scores (the fused Triton kernel); the torch chain when None.
+    values : optional callable with :func:`tmps.kernels.latent_decode.latent_decode_attention`'s
+        signature: mask, softmax, the value product and ``U_v`` fused after the scores (no-RoPE: the
+        scores too); it never forms the probabilities, so ``probs`` is then None.
 
     Returns ``(out, probs)``: out ``(b, q_len, heads, head_dim)`` (the layout HF's attention
     functions return), probs ``(b, heads, q_len, T)`` in the latents' dtype (the softmax itself runs
@@ -62,12 +65,20 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     if rope is None:
         q_grouped = q.reshape(b, kv_heads, group * q_len, head_dim)
         q_latent = torch.einsum("bgmd,gdr->bgmr", q_grouped, k_up.view(kv_heads, head_dim, -1))
+        if values is not None:
+            out = values(q_latent.reshape(b, heads * q_len, -1), None, c_k, c_v, v_up, attention_mask, scaling,
+                         heads, q_len, head_dim)
+            return out, None
         # the scale rides on the GEMM (cuBLAS's alpha) instead of a separate multiply of q
         scores = torch.baddbmm(c_k.new_empty(()).expand(b, heads * q_len, total), q_latent.reshape(b, heads * q_len, -1),
                                c_k.transpose(1, 2), beta=0, alpha=scaling)
     else:
         q_grouped = (q * scaling if scaling != 1.0 else q).reshape(b, kv_heads, group * q_len, head_dim)
         scores = (key_scores or rope_key_scores_torch)(q_grouped, c_k, k_up, *rope)
+        if values is not None:  # the kernel reads fp32 scores (what the RoPE-score kernel writes)
+            out = values(None, scores.reshape(b, heads * q_len, total).float(), None, c_v, v_up, attention_mask,
+                         scaling, heads, q_len, head_dim)
+            return out, None
     scores = _masked(scores.reshape(b, heads, q_len, total), attention_mask, total)
     probs = _softmax(scores, c_v.dtype)
     out_latent = probs.reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)

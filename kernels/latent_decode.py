@@ -1,0 +1,425 @@
+"""kv mode's decode attention over the latent cache: softmax, values and the value up-projection fused.
+
+Math
+----
+kv mode caches ``c_k[b, t]`` (width r_k) and ``c_v[b, t]`` (width r_v), one basis for all heads, and
+holds ``U_v: (kv_heads·D, r_v)``. For the query rows ``ρ = h·q_len + i`` (head h, new token i) of
+one sequence (see :mod:`tmps.models.latent_attention`)::
+
+    s[ρ, t]   = scaling · q̃[ρ] · c_k[t]      (no RoPE: q̃ = U_k,gᵀ q, the absorbed query, width r_k)
+              = given                        (RoPE: the fp32 scores of tmps.kernels.latent_scores)
+    s[ρ, t]  += mask[b, h, i, t]             (additive; a boolean mask keeps s or sets a large negative)
+    p[ρ, :]   = softmax(s[ρ, :])
+    ō[ρ]      = Σ_t p[ρ, t] c_v[t]           (width r_v)
+    out[b, i, h, :] = U_v,g ō[ρ]             (head_dim D; g = h // (heads / kv_heads))
+
+The torch chain runs that as a score GEMM, a mask pass, a softmax, a GEMM by the values, a batched
+GEMM by ``U_v`` and a copy into the attention layout: six or seven launches a layer and decode
+step, each a few microseconds at decode sizes whatever its work. Here it is two (plus the absorbed
+query's small GEMM before them), and the scores, probabilities and ``ō`` never leave the chip
+unnormalised:
+
+1. ``_partials_kernel``, grid ``(chunks, value tiles, b)``, flash-decoding style: a program owns all
+   the query rows of one sequence, ``CHUNK`` positions and ``BLOCK_V`` value columns. It walks its
+   positions ``BLOCK_T`` at a time with an online softmax (running max ``m``, sum ``l``) and writes
+   the unnormalised ``acc = Σ_t exp(s - m) c_v[t]`` with ``m`` and ``l`` to an fp32 workspace.
+   Every value tile recomputes the chunk's scores (a few percent of the latents' bytes at decode:
+   the chunk of ``c_k`` comes from L2 after the first tile).
+2. ``_combine_kernel``, grid ``(heads, cdiv(b·q_len, BLOCK_B))``: rescales the chunks to their
+   common max, sums and divides (``ō``, rounded to the input dtype as the chain's is), multiplies
+   by the head's ``U_v,g`` with ``tl.dot`` and stores ``out`` in ``(b, q_len, heads, D)`` order, the
+   layout the output projection reads.
+
+Shapes and layout
+-----------------
+    q_latent  (b, R, r_k) | None       R = heads·q_len rows, unit stride on r_k (no-RoPE path)
+    scores    (b, R, T) fp32 | None    RoPE path (contiguous)
+    c_k       (b, T, r_k) | None       unit stride on r_k
+    c_v       (b, T, r_v)              unit stride on r_v
+    v_up      (kv_heads·D, r_v)        unit stride on r_v
+    mask      None | (b|1, heads|1, q_len, ≥T): bool (True = attend) or additive float, any strides
+    out       (b, q_len, heads, D)     contiguous, allocated here
+
+Masked scores use ``-1e30`` and additive ones are clamped there, so a fully masked row (a padding
+row) stays finite and averages uniformly, as HF's eager attention does. Without a mask the queries
+must be one token each (decode), which is what ``None`` means to HF's sdpa path.
+"""
+
+from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
+from ._common import require_runnable, tl, triton, triton_available, unit_last
+from ._common import interpreted as _interpreted
+
+__all__ = ["MAX_ROWS", "DecodeConfig", "latent_decode_attention", "latent_decode_attention_ref", "triton_available"]
+
+MAX_ROWS = 128  # query rows (heads·q_len) per sequence a program holds: decode sizes
+_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2  # MASK_KIND; masked scores are -1e30 (see above)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes. chunk: positions per partials program (a multiple of block_t); block_t: positions
+    per online-softmax step; block_v: value columns per program; block_k: r_k step of the score
+    product; block_b: rows (sequence × token) per combine program; block_r: r_v step of the combine."""
+
+    chunk: int = 256
+    block_t: int = 64
+    block_v: int = 128
+    block_k: int = 64
+    block_b: int = 16
+    block_r: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_tile_sizes(self, ("chunk", "block_t", "block_v", "block_k", "block_b", "block_r"))
+        if self.chunk < self.block_t:
+            raise ValueError(f"DecodeConfig.chunk ({self.chunk}) must be at least block_t ({self.block_t})")
+
+
+# Candidates, untuned (no GPU has run them yet). The chunk trades programs against workspace: at
+# batch 1 and T = 1024, 128-position chunks give 8 x (r_v / block_v) programs; at batch 16 longer
+# chunks keep the fp32 workspace (b x chunks x rows x r_v) well below the latents' own bytes.
+_CONFIGS = tuple(
+    DecodeConfig(chunk=chunk, block_t=64, block_v=bv, num_warps=4 if bv <= 128 else 8)
+    for chunk in (128, 512)
+    for bv in (128, 256)
+) + (DecodeConfig(chunk=64, block_t=32, block_v=128), DecodeConfig(chunk=2048, block_t=64, block_v=256, num_warps=8))
+# fp32 is the accuracy path (3xTF32 dots double the registers): one small config, no autotuning.
+_FP32_CONFIG = DecodeConfig(chunk=128, block_t=32, block_v=64, block_k=32, block_r=32, num_warps=4)
+_INTERPRETER_CONFIG = DecodeConfig(chunk=64, block_t=32, block_v=64, block_k=32, block_b=16, block_r=32,
+                                   num_stages=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@jit
+def _partials_kernel(
+    # pointers
+    q_ptr, s_ptr, ck_ptr, cv_ptr, mask_ptr, acc_ptr, ml_ptr,
+    # sizes
+    rows, q_len, total, r_k, r_v, chunks, scaling,
+    # strides (elements)
+    stride_qb, stride_qm, stride_sb, stride_sm,
+    stride_ckb, stride_ckt, stride_cvb, stride_cvt,
+    stride_mb, stride_mh, stride_mi, stride_mt,
+    # meta-parameters
+    SCORES_GIVEN: tl.constexpr, MASK_KIND: tl.constexpr,
+    R_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    dtype = cv_ptr.dtype.element_ty
+
+    rho = tl.arange(0, R_PAD)
+    rho_mask = rho < rows
+    v_offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = v_offs < r_v
+    head = rho // q_len
+    token = rho % q_len
+
+    m_i = tl.full((R_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((R_PAD,), dtype=tl.float32)
+    acc = tl.zeros((R_PAD, BLOCK_V), dtype=tl.float32)
+    start = pid_c * CHUNK
+    for t0 in range(start, start + CHUNK, BLOCK_T):
+        t_offs = t0 + tl.arange(0, BLOCK_T)
+        t_mask = t_offs < total
+        # -- scores of the block: (R_PAD, BLOCK_T), fp32
+        if SCORES_GIVEN:
+            s = tl.load(s_ptr + batch * stride_sb + rho[:, None] * stride_sm + t_offs[None, :],
+                        mask=rho_mask[:, None] & t_mask[None, :], other=0.0)
+        else:
+            s = tl.zeros((R_PAD, BLOCK_T), dtype=tl.float32)
+            for k0 in range(0, r_k, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = k < r_k
+                q = tl.load(q_ptr + batch * stride_qb + rho[:, None] * stride_qm + k[None, :],
+                            mask=rho_mask[:, None] & k_mask[None, :], other=0.0)
+                ck = tl.load(ck_ptr + batch * stride_ckb + t_offs[None, :].to(tl.int64) * stride_ckt + k[:, None],
+                             mask=k_mask[:, None] & t_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_T)
+                s = dot(q, ck, s, DOT_PRECISION, DOT_UPCAST)
+            s = s * scaling
+        # -- mask (rows ρ = head·q_len + token), then the positions past T drop out entirely
+        if MASK_KIND != 0:
+            mask_offs = (batch * stride_mb + head[:, None] * stride_mh + token[:, None] * stride_mi
+                         + t_offs[None, :].to(tl.int64) * stride_mt)
+            mk = tl.load(mask_ptr + mask_offs, mask=rho_mask[:, None] & t_mask[None, :], other=0)
+            if MASK_KIND == 1:
+                s = tl.where(mk != 0, s, -1e30)
+            else:
+                s = tl.maximum(s + mk.to(tl.float32), -1e30)
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        # -- online softmax over the chunk (the chunk's first block always holds a position < T)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        cv = tl.load(cv_ptr + batch * stride_cvb + t_offs[:, None].to(tl.int64) * stride_cvt + v_offs[None, :],
+                     mask=t_mask[:, None] & v_mask[None, :], other=0.0)  # (BLOCK_T, BLOCK_V)
+        acc = dot(p.to(dtype), cv, acc * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+
+    # -- workspace: acc (b, chunks, rows, r_v); m and l (b, chunks, 2, rows), written by value tile 0
+    slot = batch * chunks + pid_c
+    tl.store(acc_ptr + (slot * rows + rho[:, None]) * r_v + v_offs[None, :], acc,
+             mask=rho_mask[:, None] & v_mask[None, :])
+    if pid_v == 0:
+        tl.store(ml_ptr + slot * 2 * rows + rho, m_i, mask=rho_mask)
+        tl.store(ml_ptr + slot * 2 * rows + rows + rho, l_i, mask=rho_mask)
+
+
+@jit
+def _combine_kernel(
+    acc_ptr, ml_ptr, vu_ptr, out_ptr,
+    # sizes
+    n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
+    stride_u,
+    # meta-parameters
+    D_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    head = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (sequence, token) rows
+    n_mask = n < n_rows
+    batch = (n // q_len).to(tl.int64)
+    rho = head * q_len + n % q_len
+    dtype = out_ptr.dtype.element_ty
+
+    # -- the chunks' common max M and the softmax denominator L = Σ_c exp(m_c - M) l_c
+    big_m = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    for c in range(0, chunks):
+        base = (batch * chunks + c) * 2 * rows + rho
+        big_m = tl.maximum(big_m, tl.load(ml_ptr + base, mask=n_mask, other=0.0))
+    big_l = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for c in range(0, chunks):
+        base = (batch * chunks + c) * 2 * rows + rho
+        m_c = tl.load(ml_ptr + base, mask=n_mask, other=0.0)
+        big_l += tl.exp(m_c - big_m) * tl.load(ml_ptr + base + rows, mask=n_mask, other=0.0)
+    inv_l = 1.0 / tl.where(n_mask, big_l, 1.0)
+
+    # -- out = ō U_v,gᵀ over r_v in BLOCK_R steps, ō = Σ_c exp(m_c - M) acc_c / L rounded to the dtype
+    d_offs = tl.arange(0, D_PAD)
+    d_mask = d_offs < head_dim
+    u_rows = vu_ptr + ((head // group) * head_dim + d_offs)[None, :] * stride_u  # U_v,gᵀ columns
+    out = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    for r0 in range(0, r_v, BLOCK_R):
+        k = r0 + tl.arange(0, BLOCK_R)
+        k_mask = k < r_v
+        o_bar = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+        for c in range(0, chunks):
+            slot = batch * chunks + c
+            w = tl.exp(tl.load(ml_ptr + slot * 2 * rows + rho, mask=n_mask, other=0.0) - big_m) * inv_l
+            part = tl.load(acc_ptr + (slot * rows + rho)[:, None] * r_v + k[None, :],
+                           mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            o_bar += w[:, None] * part
+        u = tl.load(u_rows + k[:, None], mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_R, D_PAD)
+        out = dot(o_bar.to(dtype), u, out, DOT_PRECISION, DOT_UPCAST)
+
+    out_offs = ((batch * q_len + n % q_len) * heads + head)[:, None] * head_dim + d_offs[None, :]
+    tl.store(out_ptr + out_offs, out.to(dtype), mask=n_mask[:, None] & d_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(q_latent, scores, c_k, c_v, v_up, heads, q_len, head_dim):
+    """Check the tensors and sizes; return (b, rows, total, r_k, r_v)."""
+    if (q_latent is None) == (scores is None):
+        raise ValueError("pass exactly one of q_latent (no RoPE: scores from c_k) or scores (RoPE)")
+    named = [("c_v", c_v), ("v_up", v_up)] + ([("q_latent", q_latent), ("c_k", c_k)] if scores is None
+                                              else [("scores", scores)])
+    for name, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != c_v.device:
+            raise ValueError(f"{name} is on {tensor.device} but c_v is on {c_v.device}; move all tensors to one device")
+    dtype = c_v.dtype
+    low = [v_up] + ([q_latent, c_k] if scores is None else [])
+    if dtype not in SUPPORTED_DTYPES or any(t.dtype != dtype for t in low):
+        raise TypeError(f"c_v, v_up (and q_latent, c_k) must share one dtype among float32, float16, bfloat16; "
+                        f"got {[str(t.dtype) for t in [c_v] + low]}")
+    if c_v.dim() != 3 or v_up.dim() != 2 or v_up.shape[1] != c_v.shape[2]:
+        raise ValueError(f"expected c_v (b, T, r_v) and v_up (kv_heads*head_dim, r_v); got {tuple(c_v.shape)}, "
+                         f"{tuple(v_up.shape)}")
+    b, total, r_v = c_v.shape
+    rows = heads * q_len
+    if heads < 1 or q_len < 1 or rows > MAX_ROWS:
+        raise ValueError(f"heads={heads} x q_len={q_len} query rows; the kernel serves decode (1 to {MAX_ROWS})")
+    if scores is None:
+        if q_latent.dim() != 3 or c_k.dim() != 3 or tuple(q_latent.shape[:2]) != (b, rows) \
+                or tuple(c_k.shape[:2]) != (b, total) or c_k.shape[2] != q_latent.shape[2]:
+            raise ValueError(f"expected q_latent (b={b}, rows={rows}, r_k) and c_k (b={b}, T={total}, r_k); got "
+                             f"{tuple(q_latent.shape)}, {tuple(c_k.shape)}")
+        r_k = c_k.shape[2]
+    else:
+        if tuple(scores.shape) != (b, rows, total) or scores.dtype != torch.float32:
+            raise ValueError(f"scores must be float32 of shape (b={b}, rows={rows}, T={total}); got "
+                             f"{scores.dtype} {tuple(scores.shape)}")
+        r_k = 0
+    if head_dim < 1 or v_up.shape[0] % head_dim or heads % (v_up.shape[0] // head_dim):
+        raise ValueError(f"v_up has {v_up.shape[0]} rows: expected kv_heads*head_dim (head_dim={head_dim}) with "
+                         f"kv_heads dividing heads={heads}")
+    return b, rows, total, r_k, r_v
+
+
+def _mask_args(mask, b, heads, q_len, total):
+    """(tensor, kind, strides) of the 4-D mask as the kernel reads it: size-1 dims broadcast (stride 0)."""
+    if mask is None:
+        if q_len != 1:
+            raise ValueError("without a mask the kernel serves one new token per sequence (q_len=1); pass the "
+                             "causal mask for more")
+        return None, _MASK_NONE, (0, 0, 0, 0)
+    if mask.dim() != 4 or mask.shape[0] not in (1, b) or mask.shape[1] not in (1, heads) \
+            or mask.shape[2] != q_len or mask.shape[3] < total:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (b|1, heads|1, q_len={q_len}, >= T={total})")
+    strides = tuple(0 if mask.shape[d] == 1 else mask.stride(d) for d in range(4))
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), _MASK_BOOL, strides
+    if not mask.is_floating_point():
+        raise TypeError(f"mask must be boolean (True = attend) or an additive float mask, got {mask.dtype}")
+    return mask, _MASK_ADD, strides
+
+
+def _new_workspace(shape, device):
+    """fp32 scratch for the partials (every element is written before it is read; tests poison it)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, config: DecodeConfig):
+    b, total, r_v = c_v.shape
+    rows = heads * q_len
+    kv_heads_dim = v_up.shape[0]
+    head_dim = out.shape[-1]
+    group = heads // (kv_heads_dim // head_dim)
+    chunks = triton.cdiv(total, config.chunk)
+    v_tiles = triton.cdiv(r_v, config.block_v)
+    acc = _new_workspace((b, chunks, rows, r_v), c_v.device)
+    ml = _new_workspace((b, chunks, 2, rows), c_v.device)
+    mask_t, kind, (smb, smh, smi, smt) = _mask_args(mask, b, heads, q_len, total)
+    given = scores is not None
+    precision = FP32_DOT_PRECISION if c_v.dtype == torch.float32 else "tf32"
+    upcast = c_v.dtype == torch.bfloat16 and _interpreted()
+    _partials_kernel[(chunks, v_tiles, b)](
+        q_latent if not given else c_v, scores if given else c_v, c_k if not given else c_v, c_v,
+        mask_t if mask_t is not None else c_v, acc, ml,
+        rows, q_len, total, 0 if given else c_k.shape[2], r_v, chunks, float(scaling),
+        0 if given else q_latent.stride(0), 0 if given else q_latent.stride(1),
+        scores.stride(0) if given else 0, scores.stride(1) if given else 0,
+        0 if given else c_k.stride(0), 0 if given else c_k.stride(1), c_v.stride(0), c_v.stride(1),
+        smb, smh, smi, smt,
+        SCORES_GIVEN=given, MASK_KIND=kind, R_PAD=max(16, next_pow2(rows)), CHUNK=config.chunk,
+        BLOCK_T=config.block_t, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
+        DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    n_rows = b * q_len
+    _combine_kernel[(heads, triton.cdiv(n_rows, config.block_b))](
+        acc, ml, v_up, out,
+        n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
+        v_up.stride(0),
+        D_PAD=max(16, next_pow2(head_dim)), BLOCK_B=config.block_b, BLOCK_R=config.block_r,
+        DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=4, num_stages=config.num_stages,
+    )
+
+
+_TUNED: dict = {}
+
+
+def _pick_config(args, kind_key) -> DecodeConfig:
+    """Autotune once per (device, dtype, batch, rows, sizes, T bucket, path) and cache the winner."""
+    q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out = args
+    if c_v.device.type != "cuda" or _interpreted():
+        return _INTERPRETER_CONFIG
+    if c_v.dtype == torch.float32:
+        return _FP32_CONFIG
+    b, total, r_v = c_v.shape
+    key = (c_v.device.index, c_v.dtype, b, heads, q_len, 0 if c_k is None else c_k.shape[2], r_v, out.shape[-1],
+           min(next_pow2(total), 1 << 20), kind_key)
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
+        return _CONFIGS[0]
+    best = autotune(_CONFIGS, lambda config: _launch(*args, config),
+                    lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    if best is None:
+        raise RuntimeError(f"no latent-decode config fits this GPU for rows={heads * q_len}, r_v={r_v}")
+    _TUNED[key] = best
+    return best
+
+
+def latent_decode_attention(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, head_dim, *,
+                            config=None):
+    """Softmax attention of ``heads·q_len`` query rows over the latent cache, up-projected per head.
+
+    Parameters
+    ----------
+    q_latent : (b, heads·q_len, r_k) or None   absorbed queries ``U_k,gᵀ q`` (rows ``h·q_len + i``), no-RoPE path
+    scores : (b, heads·q_len, T) float32 or None   precomputed scores, already scaled (RoPE path)
+    c_k : (b, T, r_k) or None   key latents (with ``q_latent``)
+    c_v : (b, T, r_v)   value latents
+    v_up : (kv_heads·head_dim, r_v)   U_v, rows head-major; head h reads key/value head ``h // (heads / kv_heads)``
+    mask : None (q_len must be 1) or 4-D ``(b|1, heads|1, q_len, ≥T)``, boolean (True = attend) or additive
+    scaling : float   multiplies ``q_latent · c_k`` (ignored with ``scores``)
+    heads, q_len, head_dim : int
+    config : optional :class:`DecodeConfig` overriding the autotuner
+
+    Returns ``(b, q_len, heads, head_dim)`` in c_v's dtype, contiguous (the layout HF's attention
+    functions return). Accumulation is fp32; the probabilities enter the value product and ``ō`` the
+    up-projection rounded to the input dtype, as in the torch chain.
+    """
+    b, rows, total, r_k, r_v = _validate(q_latent, scores, c_k, c_v, v_up, heads, q_len, head_dim)
+    if config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig or None, got {type(config).__name__}")
+    require_runnable(c_v.device, "latent_decode_attention", "latent_decode_attention_ref", "c_v")
+    if mask is not None and mask.device != c_v.device:
+        raise ValueError(f"mask is on {mask.device} but c_v is on {c_v.device}")
+    q_latent, c_k, c_v, v_up = (unit_last(t) for t in (q_latent, c_k, c_v, v_up))
+    if scores is not None and not scores.is_contiguous():
+        scores = scores.contiguous()
+    out = torch.empty((b, q_len, heads, head_dim), device=c_v.device, dtype=c_v.dtype)
+    if out.numel() == 0:
+        return out
+    if total == 0:  # nothing to attend to: softmax over no positions is undefined; the chain gives NaN
+        raise ValueError("the latent cache is empty (T = 0): nothing to attend to")
+    args = (q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out)
+    kind = (scores is not None, None if mask is None else mask.dtype == torch.bool)
+    _launch(*args, config or _pick_config(args, kind))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def latent_decode_attention_ref(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, head_dim):
+    """The torch chain (kv mode's latent attention after its scores): same arguments and result,
+    computed in c_v's dtype with a float32 softmax (float64 throughout for float64 inputs)."""
+    b, total, r_v = c_v.shape
+    kv_heads = v_up.shape[0] // head_dim
+    if scores is None:
+        scores = scaling * (q_latent @ c_k.transpose(1, 2))
+    scores = scores.reshape(b, heads, q_len, total)
+    if mask is not None:
+        mask = mask[..., :total]
+        if mask.dtype == torch.bool:
+            scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_v.dtype)
+    o_bar = probs.reshape(b, heads * q_len, total) @ c_v  # (b, rows, r_v)
+    out = torch.einsum("bgmr,gdr->bgmd", o_bar.view(b, kv_heads, heads // kv_heads * q_len, r_v),
+                       v_up.view(kv_heads, head_dim, r_v))
+    return out.reshape(b, heads, q_len, head_dim).transpose(1, 2).contiguous()
