@@ -1,6 +1,6 @@
 """Compile every candidate config of the Triton kernels for a GPU target, without a GPU.
 
-    python benchmarks/compile_check.py                 # sm_90 (H100/H200), both kernels
+    python benchmarks/compile_check.py                 # sm_90 (H100/H200), every kernel
     python benchmarks/compile_check.py --arch 80       # sm_80 (A100)
     python benchmarks/compile_check.py --first         # one config per kernel and dtype (the unit suite's check)
 
@@ -37,6 +37,7 @@ except ImportError as exc:  # no Triton, or internals this script relies on move
     raise SystemExit(3)
 
 from tmps.kernels import fused_projection as fp  # noqa: E402
+from tmps.kernels import latent_decode as ld  # noqa: E402
 from tmps.kernels import latent_scores as ls  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum)
@@ -54,16 +55,19 @@ class _Capture:
         return record
 
 
-def captured_call(module, name, launch):
-    """Run ``launch()`` with ``module.name`` replaced by a recorder; return the recorded (args, kwargs)."""
-    real = getattr(module, name)
-    capture = _Capture()
-    setattr(module, name, capture)
+def captured_calls(module, names, launch):
+    """Run ``launch()`` with each ``module.<name>`` replaced by a recorder; return the recorded
+    (args, kwargs) per name (a launcher may launch several kernels, e.g. latent_decode's two)."""
+    reals = {name: getattr(module, name) for name in names}
+    captures = {name: _Capture() for name in names}
+    for name, capture in captures.items():
+        setattr(module, name, capture)
     try:
         launch()
     finally:
-        setattr(module, name, real)
-    return capture.call
+        for name, real in reals.items():
+            setattr(module, name, real)
+    return {name: capture.call for name, capture in captures.items()}
 
 
 def compile_call(kernel, call, target, ptxas):
@@ -146,10 +150,36 @@ def scores_cases(dtype):
             yield f"latent scores {name}", config, launch
 
 
+def decode_cases(dtype):
+    """(label, config, launch) for the fused latent decode attention (both kernels) at e2e's shapes:
+    OPT-1.3B kv 0.5 (no RoPE: absorbed queries, r_k 712 / r_v 1328) at batch 1 and 16, and the RoPE
+    path (fp32 scores given) at Llama-3-8B's 32 / 8 heads of 128 and SmolLM2's 9 / 3 heads of 64."""
+    shapes = {  # name: (b, heads, kv_heads, head_dim, T, r_k, r_v, scores given)
+        "opt-1.3b b=1": (1, 32, 32, 64, 1040, 712, 1328, False),
+        "opt-1.3b b=16": (16, 32, 32, 64, 1040, 712, 1328, False),
+        "llama-3-8b b=16": (16, 32, 8, 128, 1040, 0, 512, True),
+        "smollm2 b=1": (1, 9, 3, 64, 1040, 0, 96, True),
+    }
+    configs = [ld._FP32_CONFIG] if dtype == torch.float32 else list(ld._CONFIGS)
+    for name, (b, heads, kv_heads, head_dim, total, r_k, r_v, given) in shapes.items():
+        for config in configs:
+            def launch(config=config, b=b, heads=heads, kv_heads=kv_heads, head_dim=head_dim, total=total,
+                       r_k=r_k, r_v=r_v, given=given):
+                q_latent = None if given else torch.empty(b, heads, r_k, dtype=dtype)
+                scores = torch.empty(b, heads, total) if given else None
+                c_k = None if given else torch.empty(b, total, r_k, dtype=dtype)
+                mask = torch.empty(b, 1, 1, total, dtype=torch.bool)
+                out = torch.empty(b, 1, heads, head_dim, dtype=dtype)
+                ld._launch(q_latent, scores, c_k, torch.empty(b, total, r_v, dtype=dtype),
+                           torch.empty(kv_heads * head_dim, r_v, dtype=dtype), mask, 0.125, heads, 1, out, config)
+            yield f"latent-decode {name}", config, launch
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    p.add_argument("--kernels", nargs="+", choices=("projection", "scores"), default=["projection", "scores"])
+    p.add_argument("--kernels", nargs="+", choices=("projection", "scores", "decode"),
+                   default=["projection", "scores", "decode"])
     p.add_argument("--dtypes", nargs="+", choices=("float16", "bfloat16", "float32"),
                    default=["float16", "bfloat16", "float32"])
     p.add_argument("--first", action="store_true",
@@ -165,11 +195,11 @@ def main(argv=None) -> int:
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__}, target sm_{args.arch}; columns: shared bytes, registers, spill bytes, compile s")
     failures = 0
-    sources = {"projection": (projection_cases, fp, "_fused_factored_projection_kernel"),
-               "scores": (scores_cases, ls, "_latent_rope_scores_kernel")}
+    sources = {"projection": (projection_cases, fp, ("_fused_factored_projection_kernel",)),
+               "scores": (scores_cases, ls, ("_latent_rope_scores_kernel",)),
+               "decode": (decode_cases, ld, ("_partials_kernel", "_combine_kernel"))}
     for kernel_name in args.kernels:
-        cases, module, attr = sources[kernel_name]
-        kernel = getattr(module, attr)
+        cases, module, attrs = sources[kernel_name]
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             families = set()
@@ -179,15 +209,23 @@ def main(argv=None) -> int:
                     continue
                 families.add(family)
                 try:
-                    shared, registers, spills, seconds = compile_call(kernel, captured_call(module, attr, launch),
-                                                                      target, ptxas)
-                    verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
-                    failures += verdict != "ok"
-                    print(f"{label} {dtype_name} {config}: {shared} {registers} {spills} {seconds:.1f}  {verdict}",
-                          flush=True)
-                except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
+                    calls = captured_calls(module, attrs, launch)
+                except Exception as exc:  # noqa: BLE001
                     failures += 1
-                    print(f"{label} {dtype_name} {config}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+                    print(f"{label} {dtype_name} {config}: FAILED to build the launch: {type(exc).__name__}: {exc}")
+                    continue
+                for attr in attrs:
+                    name = f"{label} {attr.strip('_').removesuffix('_kernel')}" if len(attrs) > 1 else label
+                    try:
+                        shared, registers, spills, seconds = compile_call(getattr(module, attr), calls[attr],
+                                                                          target, ptxas)
+                        verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
+                        failures += verdict != "ok"
+                        print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {seconds:.1f}  {verdict}",
+                              flush=True)
+                    except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
+                        failures += 1
+                        print(f"{name} {dtype_name} {config}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
     print(f"compile_check: {failures} failing config(s)")
     return 1 if failures else 0
 
