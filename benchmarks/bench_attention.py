@@ -16,7 +16,9 @@ prefilled cache; the cache is cropped back after each timed step). Variants:
 * ``weights-torch`` / ``weights-triton``: weights mode, ``qkv.backend`` torch or the fused kernel;
 * ``kv-rebuild``: kv mode rebuilding full keys and values from the latents (``kv_attention``);
 * ``kv-latent``: kv mode attending over the latents at decode (``auto``; on CUDA a RoPE model's key
-  scores run in the Triton kernel), ``kv-latent-torch`` the same with the torch chain.
+  scores run in the Triton kernel), ``kv-latent-torch`` the same with the torch chain,
+  ``kv-latent-triton`` with the kernels forced (the Q/K/V kernel, the RoPE scores and the fused
+  latent decode of ``tmps.kernels.latent_decode``).
 """
 
 import functools
@@ -46,8 +48,9 @@ VARIANTS = {
     "kv-rebuild": ("kv", "auto", "rebuild"),
     "kv-latent": ("kv", "auto", "auto"),
     "kv-latent-torch": ("kv", "torch", "auto"),
+    "kv-latent-triton": ("kv", "triton", "auto"),
 }
-CUDA_ONLY = {"weights-triton", "kv-latent-torch"}  # on CPU the kernel does not run / is the same as kv-latent
+CUDA_ONLY = {"weights-triton", "kv-latent-torch", "kv-latent-triton"}  # on CPU the kernel does not run / is the same as kv-latent
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,6 +15,8 @@ sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quali
 * ``weights-torch``: the same compressed model with ``FactoredProjection.backend = "torch"``;
 * ``weights-triton``: the same with ``backend = "triton"``: the fused kernel at every size, whatever
   ``auto`` chose (auto picks per token bucket, eagerly and, inside CUDA-graph capture, by device time);
+* ``kv-triton``: the kv model with ``backend = "triton"``: the Q/K/V kernel at every size and, at
+  decode, the fused latent decode kernels (``tmps.kernels.latent_decode``), whatever ``auto`` chose;
 * ``kv-rebuild``: the kv model with ``kv_attention = "rebuild"``: decode rebuilds full keys and
   values from the latents at every step instead of attending over the latents (what kv mode did
   before the latent path); its prefill is the kv variant's (prefill rebuilds in both), not re-timed.
@@ -74,18 +76,19 @@ SHAPES = {
 SMOKE_SHAPE = {"tiny": dict(hidden=64, layers=2, heads=4, ffn=256)}
 VOCAB = 50272
 MAX_POSITIONS = 2048
-VARIANTS = ("dense", "kv", "kv-rebuild", "weights", "weights-triton", "weights-torch")
+VARIANTS = ("dense", "kv", "kv-triton", "kv-rebuild", "weights", "weights-triton", "weights-torch")
 # variant -> (compression mode, FactoredProjection.backend, kv_attention); a variant that differs from
 # the previous one only in the switches reuses its model.
 VARIANT_SETTINGS = {
     "dense": ("dense", "auto", "auto"),
     "kv": ("kv", "auto", "auto"),
+    "kv-triton": ("kv", "triton", "auto"),
     "kv-rebuild": ("kv", "auto", "rebuild"),
     "weights": ("weights", "auto", "auto"),
     "weights-triton": ("weights", "triton", "auto"),
     "weights-torch": ("weights", "torch", "auto"),
 }
-GPU_ONLY_VARIANTS = ("weights-triton",)  # the compiled kernel: no CPU run outside Triton's interpreter
+GPU_ONLY_VARIANTS = ("kv-triton", "weights-triton")  # the compiled kernels: no CPU run outside Triton's interpreter
 RATIO = 0.5
 WARM_STEPS = 2
 MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
@@ -111,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the markdown table here (and the raw numbers next to it as .json)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                   help="default: all (--smoke: all but weights-triton, which needs a GPU)")
+                   help="default: all (--smoke: all but kv-triton and weights-triton, which need a GPU)")
     p.add_argument("--prefill", nargs="+", type=_pair, default=[(1, 2048), (8, 512)], metavar="BxT")
     p.add_argument("--decode-batch", nargs="+", type=int, default=[1, 16])
     p.add_argument("--context", type=int, default=1024, help="decode context (prefilled tokens)")
@@ -327,16 +330,27 @@ def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
     return model, note
 
 
-def auto_choices() -> str:
-    """What ``backend="auto"`` picked so far (kernel or torch chain), per token bucket."""
+def auto_choices(before=()) -> str:
+    """What ``backend="auto"`` picked (kernel or torch chain) since the keys ``before`` were timed: the
+    projection per token bucket, kv mode's latent decode (fused kernels or the torch chain) per batch
+    and cache-length bucket."""
     from tmps import kernels_bridge
 
-    by_bucket: dict = {}
+    projection: dict = {}
+    decode: dict = {}
     for key, choice in kernels_bridge._FASTER.items():
-        by_bucket.setdefault(key[2], set()).add(f"{choice.eager} eager, {choice.graphed} in CUDA graphs")
-    if not by_bucket:
+        if key in before:
+            continue
+        said = f"{choice.eager} eager, {choice.graphed} in CUDA graphs"
+        if key[0] == "latent_decode":  # (tag, device, dtype, b, heads, q_len, head_dim, r_k, r_v, T bucket, ...)
+            decode.setdefault((key[3], key[9]), set()).add(said)
+        else:  # (device, dtype, token bucket, ...)
+            projection.setdefault(key[2], set()).add(said)
+    if not projection and not decode:
         return "nothing timed (no CUDA: the torch chain)"
-    return "; ".join(f"<= {bucket} rows: {' / '.join(sorted(c))}" for bucket, c in sorted(by_bucket.items()))
+    parts = [f"projection <= {bucket} rows: {' / '.join(sorted(c))}" for bucket, c in sorted(projection.items())]
+    parts += [f"latent decode b={b}, T <= {t}: {' / '.join(sorted(c))}" for (b, t), c in sorted(decode.items())]
+    return "; ".join(parts)
 
 
 def _empty_cache(device):
@@ -776,10 +790,13 @@ def run(args) -> list[dict]:
             if info is not None:
                 record["summary"] = {k: float(v) for k, v in cost["summary"].items()}
             print(f"e2e: {shape_name} {variant} ({record['factors']}) {note}", flush=True)
+            from tmps import kernels_bridge
+
+            timed_before = set(kernels_bridge._FASTER)
             measure_variant(model, mode, args, device, record, dense_cost, cost, left,
                             prefill=variant != "kv-rebuild")
-            if mode == "weights" and backend == "auto":
-                record["notes"].append(f"backend auto chose, per token bucket: {auto_choices()}")
+            if mode != "dense" and backend == "auto":
+                record["notes"].append(f"backend auto chose: {auto_choices(timed_before)}")
             write(args, env, results, started)
         model = None
         gc.collect()

@@ -9,7 +9,7 @@ earlier State of the Union speeches; the factors' shapes are the real model's, t
 the point here). For each mode it runs a prefill of ``--batch`` x ``--tokens`` tokens of the recent
 speeches and one cached decode step, once with ``tmps.set_paths(backend="torch")`` and once with
 ``"triton"``, counts the kernel launches (the fused Q/K/V projection; in kv mode also the RoPE
-key-score kernel of the decode step) and reports max|triton - torch| / max|torch| of the logits.
+key-score kernel and the fused latent decode of the decode step) and reports max|triton - torch| / max|torch| of the logits.
 Exit status 1 if a difference exceeds ``--tolerance`` or a kernel was not called once per layer.
 """
 from __future__ import annotations
@@ -40,13 +40,14 @@ def main(argv=None) -> int:
     import tmps
     from tmps import kernels_bridge as bridge
     from tmps.assets import load_smollm2, sotu_text_split, token_windows
-    from tmps.kernels import latent_scores
+    from tmps.kernels import latent_decode, latent_scores
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("kernel_model_check: no CUDA device; run without --device cuda for the interpreter", file=sys.stderr)
         return 2
-    calls = {"projection": 0, "scores": 0}
+    calls = {"projection": 0, "scores": 0, "decode": 0}
     projection, scores = bridge.fused_factored_projection, latent_scores.latent_rope_scores
+    decode = latent_decode.latent_decode_attention
 
     def count(name, fn):
         def counted(*a, **k):
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
 
     bridge.fused_factored_projection = count("projection", projection)  # looked up at each call
     latent_scores.latent_rope_scores = count("scores", scores)
+    latent_decode.latent_decode_attention = count("decode", decode)
 
     torch.manual_seed(0)
     calib_text, eval_text = sotu_text_split()
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         logits, counted = {}, {}
         for backend in ("torch", "triton"):
             tmps.set_paths(model, backend=backend)
-            calls.update(projection=0, scores=0)
+            calls.update(projection=0, scores=0, decode=0)
             start = time.perf_counter()
             with torch.no_grad():
                 cache = DynamicCache()
@@ -80,13 +82,15 @@ def main(argv=None) -> int:
             counted[backend] = dict(calls, seconds=time.perf_counter() - start)
         err = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()
         got = counted["triton"]
-        want = {"projection": 2 * layers, "scores": layers if mode == "kv" else 0}  # prefill + step
+        # prefill + step; kv mode's step: the RoPE scores and the fused latent decode in every layer
+        want = {"projection": 2 * layers, "scores": layers if mode == "kv" else 0, "decode": layers if mode == "kv" else 0}
         ok = err <= args.tolerance and counted["torch"]["projection"] == 0 and all(got[k] == v for k, v in want.items())
         failures += not ok
         ranks = [layer["ranks"] for layer in model.tmps_info["layers"][:3]]
         print(f"{mode:<8} {'ok' if ok else 'FAILED'}: logits max|triton - torch| / max|torch| = {err:.2e} "
               f"(tolerance {args.tolerance:g}); kernel calls: projection {got['projection']} (want {want['projection']}), "
-              f"RoPE scores {got['scores']} (want {want['scores']}); {got['seconds']:.1f} s with the kernels, "
+              f"RoPE scores {got['scores']} (want {want['scores']}), latent decode {got['decode']} "
+              f"(want {want['decode']}); {got['seconds']:.1f} s with the kernels, "
               f"{counted['torch']['seconds']:.1f} s without; ranks of layers 0-2 {ranks}", flush=True)
         del model
     print(f"kernel_model_check: {failures} failing mode(s) on {args.device}")

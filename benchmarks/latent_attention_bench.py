@@ -21,7 +21,15 @@ Providers (``triton.testing.do_bench``, median):
   whole context, RoPE on the keys, then the same SDPA;
 * ``latent``: :func:`tmps.models.latent_attention.latent_attention`, torch chain;
 * ``latent+triton`` (RoPE shapes): the same with the fused key-score kernel
-  (:mod:`tmps.kernels.latent_scores`).
+  (:mod:`tmps.kernels.latent_scores`);
+* ``latent+fused``: the fused decode kernels (:mod:`tmps.kernels.latent_decode`: mask, softmax,
+  values and ``U_v`` in two launches; no RoPE: the scores too), after the RoPE-score kernel where
+  there is RoPE: what ``backend="triton"`` runs in a kv-mode model.
+
+On CUDA every provider is timed twice, one row each: ``eager`` (do_bench: host launches included,
+what a Python decode loop pays) and ``graph`` (device time of a CUDA-graph replay,
+``tmps.kernels_bridge.device_ms``: what a captured decode step pays; at decode sizes the two differ
+by the launches).
 
 Bytes: the dense step reads ``2·b·T·d_kv`` cache elements, the latent step ``b·T·(r_k + r_v)`` plus
 ``U_k, U_v``; "bound" is their ratio, the speedup a purely memory-bound step could reach. The
@@ -48,7 +56,8 @@ SHAPES = {
     "smollm2-135m": (9, 3, 64, True),
 }
 SMOKE_SHAPES = {"tiny-mha": (4, 4, 16, False), "tiny-gqa-rope": (6, 2, 32, True)}
-PROVIDERS = ("dense", "rebuild", "latent", "latent+triton")
+PROVIDERS = ("dense", "rebuild", "latent", "latent+triton", "latent+fused")
+LATENT_PROVIDERS = PROVIDERS[2:]
 
 
 def parse_args(argv=None):
@@ -91,7 +100,7 @@ def make_case(shape, batch, context, dtype, device, torch, align=8):
     return case
 
 
-def providers(case, torch, latent_attention, kernel):
+def providers(case, torch, latent_attention, kernel, fused):
     from tmps.models.rope import rotate
 
     F = torch.nn.functional
@@ -115,6 +124,9 @@ def providers(case, torch, latent_attention, kernel):
     }
     if case["rope"] is not None and kernel is not None:
         fns["latent+triton"] = lambda: latent_attention(*args, rope=case["rope"], key_scores=kernel)[0]
+    if fused is not None and (case["rope"] is None or kernel is not None):
+        scores = kernel if case["rope"] is not None else None
+        fns["latent+fused"] = lambda: latent_attention(*args, rope=case["rope"], key_scores=scores, values=fused)[0]
     return fns
 
 
@@ -124,7 +136,7 @@ def bytes_moved(case, elt):
     return dense, latent
 
 
-HEADER = ("| shape | batch | context | r_k / r_v | " + " | ".join(f"{p} ms" for p in PROVIDERS)
+HEADER = ("| shape | batch | context | r_k / r_v | timing | " + " | ".join(f"{p} ms" for p in PROVIDERS)
           + " | best latent vs dense | vs rebuild | bound | latent GB/s | max err vs rebuild |")
 
 
@@ -132,14 +144,14 @@ def fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
 
-def table_row(name, batch, context, case, ms, err, elt):
+def table_row(name, batch, context, case, timing, ms, err, elt):
     dense_bytes, latent_bytes = bytes_moved(case, elt)
-    latent_ms = [ms[p] for p in ("latent", "latent+triton") if ms.get(p) is not None]
+    latent_ms = [ms[p] for p in LATENT_PROVIDERS if ms.get(p) is not None]
     best = min(latent_ms) if latent_ms else None
     speed = None if best is None or ms.get("dense") is None else ms["dense"] / best
     vs_rebuild = None if best is None or ms.get("rebuild") is None else ms["rebuild"] / best
     gbps = None if best is None else latent_bytes / (best * 1e-3) / 1e9
-    cells = [name, str(batch), str(context), f"{case['r_k']} / {case['r_v']}"]
+    cells = [name, str(batch), str(context), f"{case['r_k']} / {case['r_v']}", timing]
     cells += [fmt(ms.get(p), ".4f") for p in PROVIDERS]
     cells += [fmt(speed, ".2f") + ("x" if speed else ""), fmt(vs_rebuild, ".2f") + ("x" if vs_rebuild else ""),
               f"{dense_bytes / latent_bytes:.2f}x", fmt(gbps, ".0f"), fmt(err, ".1e")]
@@ -159,7 +171,7 @@ def max_error(fns):
     """max |out - rebuild| / max |rebuild| over the latent providers."""
     want = fns["rebuild"]().float()
     errors = [((fns[p]().float() - want).abs().max() / want.abs().max()).item()
-              for p in ("latent", "latent+triton") if p in fns]
+              for p in LATENT_PROVIDERS if p in fns]
     return max(errors)
 
 
@@ -171,12 +183,12 @@ def run(args):
     from tmps.models.latent_attention import latent_attention
 
     try:
-        from tmps.kernels import latent_scores
-        kernel = latent_scores.latent_rope_scores
+        from tmps.kernels import latent_decode, latent_scores
+        kernel, fused = latent_scores.latent_rope_scores, latent_decode.latent_decode_attention
         triton_version = latent_scores.triton.__version__
     except Exception as exc:  # noqa: BLE001: the torch providers still run
         print(f"latent_attention_bench: no Triton kernel ({type(exc).__name__}: {exc})", file=sys.stderr)
-        kernel, triton_version = None, "absent"
+        kernel, fused, triton_version = None, None, "absent"
     if args.smoke:
         device, dtype, shapes = "cpu", torch.float32, SMOKE_SHAPES
         batches, contexts = [1, 2], [33]
@@ -184,11 +196,13 @@ def run(args):
             raise SystemExit("--smoke: the kernel module was imported before TRITON_INTERPRET=1 could take effect")
     elif args.device == "cpu":
         device, dtype, shapes = "cpu", torch.float32, {name: SHAPES[name] for name in args.shapes}
-        batches, contexts, kernel = args.batch, args.context, None
+        batches, contexts, kernel, fused = args.batch, args.context, None, None
     else:
         device, dtype, shapes = "cuda", torch.float16, {name: SHAPES[name] for name in args.shapes}
         batches, contexts = args.batch, args.context
         import triton.testing
+
+        from tmps.kernels_bridge import device_ms
     if device == "cuda":
         gpu = torch.cuda.get_device_name()
     else:
@@ -205,25 +219,27 @@ def run(args):
         for batch in batches:
             for context, align in ((c, a) for c in contexts for a in args.align_ranks):
                 case = make_case(shape, batch, context, dtype, device, torch, align)
+                timings = ("eager", "graph") if device == "cuda" else ("wall",)
                 with torch.no_grad():
-                    fns = providers(case, torch, latent_attention, kernel)
-                    ms = {}
+                    fns = providers(case, torch, latent_attention, kernel, fused)
+                    ms = {timing: {} for timing in timings}
                     for provider, fn in fns.items():
                         try:
                             fn()  # compile / autotune outside the timing
                             if device == "cuda":
                                 torch.cuda.synchronize()
-                                ms[provider] = triton.testing.do_bench(fn, return_mode="median")
+                                ms["eager"][provider] = triton.testing.do_bench(fn, return_mode="median")
+                                ms["graph"][provider] = device_ms(fn)
                             else:
-                                ms[provider] = wall_clock_ms(fn, 1 if args.smoke else 5)
+                                ms["wall"][provider] = wall_clock_ms(fn, 1 if args.smoke else 5)
                         except torch.cuda.OutOfMemoryError:
-                            ms[provider] = None
                             torch.cuda.empty_cache()
                     err = max_error(fns)
                 failures += not (err <= tolerance and math.isfinite(err))
-                line = table_row(name, batch, context, case, ms, err, torch.finfo(dtype).bits // 8)
-                lines.append(line)
-                print(line, flush=True)
+                for timing in timings:
+                    line = table_row(name, batch, context, case, timing, ms[timing], err, torch.finfo(dtype).bits // 8)
+                    lines.append(line)
+                    print(line, flush=True)
                 del case, fns
     lines += ["", f"{failures} case(s) outside the tolerance."]
     return lines, failures

@@ -16,8 +16,9 @@ def test_smoke_run_checks_and_times_every_provider(tmp_path):
     assert len(rows) == 4
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        timings = cells[4:8]
-        expected_missing = 0 if "rope" in cells[0] else 1  # the kernel serves RoPE shapes only
+        assert cells[4] == "wall"
+        timings = cells[5:10]  # dense, rebuild, latent, latent+triton, latent+fused
+        expected_missing = 0 if "rope" in cells[0] else 1  # the score kernel serves RoPE shapes only
         assert sum(t == "n/a" for t in timings) == expected_missing, row
         assert float(cells[-1]) < 1e-4, row  # max error against the rebuild, fp32
     assert "0 case(s) outside the tolerance" in out.read_text()
