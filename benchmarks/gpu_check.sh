@@ -20,7 +20,8 @@
 #      each row checked against the chain;
 #      d2. benchmarks/latent_attention_bench.py: one kv decode step over the latent cache against
 #      the dense cache and the rebuild (OPT-1.3B and Llama-3-8B shapes, batch 1/16, context 1k,
-#      ranks unaligned and rounded to multiples of 8)
+#      ranks unaligned and rounded to multiples of 8), torch chain vs the fused decode kernels,
+#      eager and CUDA-graph device time
 #   e. benchmarks/e2e.py (OPT-1.3B and OPT-6.7B shapes) with whatever time is left. Random factors
 #      of uniform ranks by default (E2E_FACTORS=auto calibrates with tmps.compress first, 40 s per
 #      variant at most: at these sizes it costs more of the budget than it tells about timing; c3
@@ -45,11 +46,15 @@
 # where kv decode loses and whether aligned ranks fix it (tmps.compress rounds its ranks to
 # multiples of 8 by default now, and e2e / profile_step / d2 mirror that; run2 was unaligned):
 #   1. bash benchmarks/gpu_check.sh                          (timeout_s 540; the later steps shrink)
-#      d2 times the latent decode step at unaligned and aligned ranks side by side (--align-ranks 1 8)
+#      c1 runs the fused latent decode kernel's tests for the first time on a GPU; d2 times the latent
+#      decode step at unaligned and aligned ranks side by side (--align-ranks 1 8), torch chain
+#      against the fused decode kernels, eagerly and in CUDA-graph device time; e's kv-triton
+#      variant forces the kernels (kv's auto picks per shape)
 #   2. GPU_CHECK_SKIP="c d d2 d3 f" GPU_CHECK_SECONDS=240 \
-#      E2E_ARGS="--shapes opt-1.3b --variants dense kv weights-triton --align-ranks 1" \
-#      PROFILE_ARGS="--variants dense kv --align-ranks 1" bash benchmarks/gpu_check.sh
-#      (the same e2e and profile at the raw uniform ranks 717 / 1331, to set beside call 1's)
+#      E2E_ARGS="--shapes opt-1.3b --variants dense kv kv-triton --align-ranks 1" \
+#      PROFILE_ARGS="--variants dense kv --align-ranks 1 --backend triton" bash benchmarks/gpu_check.sh
+#      (e2e at the raw uniform ranks 717 / 1331, to set beside call 1's, and the kv step's kernels
+#      with the Triton path forced: what is left of its time once the ops are fused)
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early
@@ -82,7 +87,11 @@ export PY ROOT OUT
 # The least time each step after c1 is left (s): a step's cap stops this much short of the budget
 # for every later step not in GPU_CHECK_SKIP, so a slow step shortens the later ones, and skipped
 # steps leave their share to the others.
-declare -A MIN_S=([c2]=50 [c3]=45 [d]=40 [d2]=30 [e]=90 [d3]=45 [p]=40 [f]=30 [g]=10)
+# The reserves leave c1 (the CUDA kernel tests: 54 s in run 1, more tests since) about 115 s of a
+# default run; with every step reserving its past duration c1 got 37 s. f reserves nothing: it runs
+# on what is left, and is not a failure when nothing is (OPTIONAL).
+declare -A MIN_S=([c2]=40 [c3]=35 [d]=50 [d2]=30 [e]=80 [d3]=30 [p]=30 [f]=0 [g]=10)
+OPTIONAL=" f "
 ORDER=(c1 c2 c3 d d2 e d3 p f g)
 skipped() { [[ "$SKIP" == *" $1 "* || "$SKIP" == *" ${1:0:1} "* ]]; }
 reserve_after() {  # seconds kept for the steps after $1
@@ -115,7 +124,7 @@ step() {
   if (( cap < 10 )); then
     log "== $name: SKIPPED (no time left: ${left}s after the reserve of ${reserve}s)"
     STATUS+=("$name: skipped (no time left)")
-    FAILED=1
+    [[ "$OPTIONAL" == *" ${letter} "* ]] || FAILED=1
     return 0
   fi
   log "== $name (cap ${cap}s)"
@@ -191,7 +200,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTEST_ARGS=(-q -rfEs tests/kernels -p no:cacheprovider)
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
 if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then PYTEST_ARGS+=(-o "addopts="); fi
-step "c1. pytest tests/kernels on CUDA" 120 "$(reserve_after c1)" "$PY" -m pytest "${PYTEST_ARGS[@]}"
+step "c1. pytest tests/kernels on CUDA" 180 "$(reserve_after c1)" "$PY" -m pytest "${PYTEST_ARGS[@]}"
 
 kernel_check() {
   "$PY" - <<'EOF'
@@ -399,7 +408,7 @@ step "d. kernel microbenchmark (subset)" 150 "$(reserve_after d)" \
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --hidden 4096 --tokens 1 16 4096 \
   --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights kv_latent kv_model --no-compile
 
-step "d2. latent attention microbenchmark (kv decode)" 60 "$(reserve_after d2)" \
+step "d2. latent attention microbenchmark (kv decode)" 90 "$(reserve_after d2)" \
   "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --shapes opt-1.3b llama-3-8b \
   --context 1024 --align-ranks 1 8
 
