@@ -23,8 +23,12 @@ unnormalised:
    the query rows of one sequence, ``CHUNK`` positions and ``BLOCK_V`` value columns. It walks its
    positions ``BLOCK_T`` at a time with an online softmax (running max ``m``, sum ``l``) and writes
    the unnormalised ``acc = Σ_t exp(s - m) c_v[t]`` with ``m`` and ``l`` to an fp32 workspace.
-   Every value tile recomputes the chunk's scores (a few percent of the latents' bytes at decode:
-   the chunk of ``c_k`` comes from L2 after the first tile).
+   Without RoPE every value tile recomputes the chunk's scores (the chunk of ``c_k`` comes from L2
+   after the first tile, but at OPT-1.3B's shape, batch 16 and 256-wide value tiles that is six
+   times one score GEMM's 0.76 GFLOP a layer). *scores-first* configs (``scores_first``) compute
+   the scores with one cuBLAS GEMM first (``b·R·T`` numbers, 1 MB there) and this pass reads them:
+   three launches, no recomputation; the tuner keeps whichever is faster per shape, as the
+   projection kernel's z-pass.
 2. ``_combine_kernel``, grid ``(heads, cdiv(b·q_len, BLOCK_B))``: rescales the chunks to their
    common max, sums and divides (``ō``, rounded to the input dtype as the chain's is), multiplies
    by the head's ``U_v,g`` with ``tl.dot`` and stores ``out`` in ``(b, q_len, heads, D)`` order, the
@@ -33,7 +37,7 @@ unnormalised:
 Shapes and layout
 -----------------
     q_latent  (b, R, r_k) | None       R = heads·q_len rows, unit stride on r_k (no-RoPE path)
-    scores    (b, R, T) fp32 | None    RoPE path (contiguous)
+    scores    (b, R, T) | None         RoPE path: fp32 or c_v's dtype, contiguous
     c_k       (b, T, r_k) | None       unit stride on r_k
     c_v       (b, T, r_v)              unit stride on r_v
     v_up      (kv_heads·D, r_v)        unit stride on r_v
@@ -65,7 +69,9 @@ _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2  # MASK_KIND; masked scores are -1e3
 class DecodeConfig:
     """Tile sizes. chunk: positions per partials program (a multiple of block_t); block_t: positions
     per online-softmax step; block_v: value columns per program; block_k: r_k step of the score
-    product; block_b: rows (sequence × token) per combine program; block_r: r_v step of the combine."""
+    product; block_b: rows (sequence × token) per combine program; block_r: r_v step of the combine.
+    scores_first: without RoPE, compute the scores with one GEMM before the partials (which then
+    read them) instead of inside every value tile's program."""
 
     chunk: int = 256
     block_t: int = 64
@@ -75,6 +81,7 @@ class DecodeConfig:
     block_r: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    scores_first: bool = False
 
     def __post_init__(self):
         check_tile_sizes(self, ("chunk", "block_t", "block_v", "block_k", "block_b", "block_r"))
@@ -90,6 +97,12 @@ _CONFIGS = tuple(
     for chunk in (128, 512)
     for bv in (128, 256)
 ) + (DecodeConfig(chunk=64, block_t=32, block_v=128), DecodeConfig(chunk=2048, block_t=64, block_v=256, num_warps=8))
+# Scores by one GEMM first (no RoPE only; with RoPE they arrive computed): no recomputation per value
+# tile, so wider value tiles buy nothing but registers.
+_SCORES_FIRST_CONFIGS = tuple(
+    DecodeConfig(chunk=chunk, block_t=64, block_v=bv, num_warps=4 if bv <= 128 else 8, scores_first=True)
+    for chunk, bv in ((64, 128), (256, 128), (256, 256))
+)
 # fp32 is the accuracy path (3xTF32 dots double the registers): one small config, no autotuning.
 _FP32_CONFIG = DecodeConfig(chunk=128, block_t=32, block_v=64, block_k=32, block_r=32, num_warps=4)
 _INTERPRETER_CONFIG = DecodeConfig(chunk=64, block_t=32, block_v=64, block_k=32, block_b=16, block_r=32,
@@ -132,13 +145,13 @@ def _partials_kernel(
     l_i = tl.zeros((R_PAD,), dtype=tl.float32)
     acc = tl.zeros((R_PAD, BLOCK_V), dtype=tl.float32)
     start = pid_c * CHUNK
-    for t0 in range(start, start + CHUNK, BLOCK_T):
+    for t0 in range(start, tl.minimum(start + CHUNK, total), BLOCK_T):  # the last chunk stops at T
         t_offs = t0 + tl.arange(0, BLOCK_T)
         t_mask = t_offs < total
         # -- scores of the block: (R_PAD, BLOCK_T), fp32
         if SCORES_GIVEN:
             s = tl.load(s_ptr + batch * stride_sb + rho[:, None] * stride_sm + t_offs[None, :],
-                        mask=rho_mask[:, None] & t_mask[None, :], other=0.0)
+                        mask=rho_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)
         else:
             s = tl.zeros((R_PAD, BLOCK_T), dtype=tl.float32)
             for k0 in range(0, r_k, BLOCK_K):
@@ -265,8 +278,8 @@ def _validate(q_latent, scores, c_k, c_v, v_up, heads, q_len, head_dim):
                              f"{tuple(q_latent.shape)}, {tuple(c_k.shape)}")
         r_k = c_k.shape[2]
     else:
-        if tuple(scores.shape) != (b, rows, total) or scores.dtype != torch.float32:
-            raise ValueError(f"scores must be float32 of shape (b={b}, rows={rows}, T={total}); got "
+        if tuple(scores.shape) != (b, rows, total) or scores.dtype not in (torch.float32, dtype):
+            raise ValueError(f"scores must be float32 or {dtype} of shape (b={b}, rows={rows}, T={total}); got "
                              f"{scores.dtype} {tuple(scores.shape)}")
         r_k = 0
     if head_dim < 1 or v_up.shape[0] % head_dim or heads % (v_up.shape[0] // head_dim):
@@ -301,6 +314,10 @@ def _new_workspace(shape, device):
 def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, config: DecodeConfig):
     b, total, r_v = c_v.shape
     rows = heads * q_len
+    if config.scores_first and scores is None:  # one GEMM (cuBLAS), the scale as its alpha
+        scores = torch.baddbmm(c_v.new_empty(()).expand(b, rows, total), q_latent, c_k.transpose(1, 2),
+                               beta=0, alpha=scaling)
+        q_latent = c_k = None
     kv_heads_dim = v_up.shape[0]
     head_dim = out.shape[-1]
     group = heads // (kv_heads_dim // head_dim)
@@ -351,7 +368,8 @@ def _pick_config(args, kind_key) -> DecodeConfig:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[0]
-    best = autotune(_CONFIGS, lambda config: _launch(*args, config),
+    candidates = _CONFIGS + (_SCORES_FIRST_CONFIGS if scores is None else ())
+    best = autotune(candidates, lambda config: _launch(*args, config),
                     lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
     if best is None:
         raise RuntimeError(f"no latent-decode config fits this GPU for rows={heads * q_len}, r_v={r_v}")

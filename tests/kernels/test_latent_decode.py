@@ -4,6 +4,7 @@ On a machine without CUDA the kernels run in Triton's interpreter (see conftest.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -85,10 +86,32 @@ def test_matches_reference(dtype, b, heads, kv_heads, q_len, head_dim, total, r_
 @pytest.mark.parametrize("config", [
     DecodeConfig(chunk=32, block_t=32, block_v=16, block_k=16, block_b=16, block_r=16),  # many small programs
     DecodeConfig(chunk=256, block_t=64, block_v=128, block_k=64, block_b=32, block_r=64),  # one chunk, one tile
+    DecodeConfig(chunk=32, block_t=32, block_v=32, block_k=16, block_b=16, block_r=16, scores_first=True),
 ])
-def test_tilings(config):
-    low, exact = make_case(2, 6, 2, 2, 16, 100, 40, 72, "bool", False, torch.float16)
-    check(low, exact, torch.float16, config=config)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tilings(config, dtype):
+    low, exact = make_case(2, 6, 2, 2, 16, 100, 40, 72, "bool", False, dtype)
+    check(low, exact, dtype, config=config)
+
+
+@needs_kernel
+def test_scores_first_computes_the_scores_once(monkeypatch):
+    """A scores-first config runs one score GEMM (the scale as its alpha), then the pass that reads them."""
+    low, exact = make_case(2, 4, 4, 1, 16, 70, 24, 40, "bool", False, torch.float16)
+    gemms = []
+    baddbmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: gemms.append(k.get("alpha")) or baddbmm(*a, **k))
+    check(low, exact, torch.float16, config=dataclasses.replace(FIXED, scores_first=True))
+    assert gemms == [0.125]
+
+
+@needs_kernel
+def test_scores_in_the_latents_dtype():
+    """Given scores may come in the latents' dtype (fp16 here), as the torch chain's score GEMM writes them."""
+    low, exact = make_case(2, 9, 3, 1, 32, 45, 24, 40, "bool", True, torch.float16)
+    low["scores"] = low["scores"].half()
+    exact["scores"] = low["scores"].double().cpu()
+    check(low, exact, torch.float16, config=FIXED)
 
 
 @needs_kernel
