@@ -68,6 +68,12 @@ def unit_last(t):
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers. (Triton 3.9's ``triton.cdiv`` is a ConstexprFunction: 3.5 us
+    a call from Python on this CPU against 0.05 us; the latent decode launch made three.)"""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

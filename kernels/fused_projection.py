@@ -80,7 +80,7 @@ from typing import Optional
 import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
-from ._common import require_runnable, tl, triton, triton_available
+from ._common import cdiv, require_runnable, tl, triton, triton_available
 from ._common import interpreted as _interpreted
 
 __all__ = [
@@ -231,17 +231,17 @@ def _make_plan(config: KernelConfig, r: int, groups: tuple) -> _Plan:
             group = (n, s, o, sp, max(16, next_pow2(o)), min(next_pow2(n), max(1, config.block_t // sp)))
         else:  # flat: BLOCK_T consecutive output columns, one virtual head each
             width = min(config.block_t, max(16, next_pow2(n * s)))
-            group = (triton.cdiv(n * s, width), width, width, width, width, 1)
+            group = (cdiv(n * s, width), width, width, width, width, 1)
         for values, value in zip((heads, s_eff, o_eff, s_pad, o_pad, heads_per_tile), group):
             values.append(value)
         cols.append(n * s)
     tile_start = [0]
     for n, hpt in zip(heads, heads_per_tile):
-        tile_start.append(tile_start[-1] + triton.cdiv(n, hpt))
+        tile_start.append(tile_start[-1] + cdiv(n, hpt))
     num_tiles = tile_start[-1]
     splits = num_tiles if config.col_splits == 0 else min(config.col_splits, num_tiles)
-    tiles_per_program = triton.cdiv(num_tiles, splits)
-    col_splits = triton.cdiv(num_tiles, tiles_per_program)  # no split is left without tiles
+    tiles_per_program = cdiv(num_tiles, splits)
+    col_splits = cdiv(num_tiles, tiles_per_program)  # no split is left without tiles
     r_pad = max(16, next_pow2(r))
     if config.z_pass:
         z_in_regs = False
@@ -527,7 +527,7 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         scratch = x2d  # unused by the kernel
     else:
         scratch = torch.empty((plan.col_splits, m, r), device=x2d.device, dtype=x2d.dtype)
-    grid = (triton.cdiv(m, config.block_m) * plan.col_splits,)
+    grid = (cdiv(m, config.block_m) * plan.col_splits,)
     _fused_factored_projection_kernel[grid](
         x2d, in_factor if in_factor is not None else x2d, scratch,
         tuple(cores),

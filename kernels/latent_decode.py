@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
-from ._common import require_runnable, tl, triton, triton_available, unit_last
+from ._common import cdiv, require_runnable, tl, triton, triton_available, unit_last
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "DecodeConfig", "latent_decode_attention", "latent_decode_attention_ref", "triton_available"]
@@ -321,8 +321,8 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
     kv_heads_dim = v_up.shape[0]
     head_dim = out.shape[-1]
     group = heads // (kv_heads_dim // head_dim)
-    chunks = triton.cdiv(total, config.chunk)
-    v_tiles = triton.cdiv(r_v, config.block_v)
+    chunks = cdiv(total, config.chunk)
+    v_tiles = cdiv(r_v, config.block_v)
     acc = _new_workspace((b, chunks, rows, r_v), c_v.device)
     ml = _new_workspace((b, chunks, 2, rows), c_v.device)
     mask_t, kind, (smb, smh, smi, smt) = _mask_args(mask, b, heads, q_len, total)
@@ -342,7 +342,7 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
         DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     n_rows = b * q_len
-    _combine_kernel[(heads, triton.cdiv(n_rows, config.block_b))](
+    _combine_kernel[(heads, cdiv(n_rows, config.block_b))](
         acc, ml, v_up, out,
         n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
         v_up.stride(0),

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
-from ._common import require_runnable, tl, triton, triton_available, unit_last
+from ._common import cdiv, require_runnable, tl, triton, triton_available, unit_last
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
@@ -186,7 +186,7 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
     b, kv_heads, m, head_dim = q.shape
     total, r = c_k.shape[1], c_k.shape[2]
     half = head_dim // 2
-    grid = (triton.cdiv(total, config.block_t), b * kv_heads)
+    grid = (cdiv(total, config.block_t), b * kv_heads)
     _latent_rope_scores_kernel[grid](
         q, c_k, k_up, cos, sin, out,
         kv_heads, m, total, r, half,
