@@ -279,3 +279,74 @@ def test_auto_takes_the_kernel_only_where_it_was_timed_faster(choice, monkeypatc
     assert len(keys) == cfg.num_hidden_layers and len(set(keys)) == 1  # one shape: one timing when cached
     assert keys[0][3:6] == (2, 4, 1)  # batch, heads, q_len
     assert len(calls) == (cfg.num_hidden_layers if choice == "triton" else 0)
+
+
+@needs_kernel
+def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(monkeypatch):
+    """Device launches of one static-cache decode step (aten ops that run a kernel, plus Triton launches,
+    the interpreter's own tensor traffic inside those not counted): the torch chain's latent decode
+    costs more launches than dense attention, the fused kernels fewer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(ld, "_new_workspace", lambda shape, device: torch.empty(shape, device=device))  # no fill
+    from transformers import StaticCache
+
+    from tmps.kernels import fused_projection, latent_scores
+
+    no_kernel = _NO_KERNEL + ("_unsafe_view", "lift_fresh", "scalar_tensor", "promote_types", "unbind", "split")
+
+    class Record(TorchDispatchMode):
+        paused = False
+
+        def __init__(self):
+            super().__init__()
+            self.launches = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not Record.paused and not any(name in str(func) for name in no_kernel):
+                self.launches += 1
+            return func(*args, **(kwargs or {}))
+
+    class Counted:  # stands in for a @triton.jit kernel: kernel[grid](...) counts one launch
+        def __init__(self, kernel, record):
+            self.kernel, self.record = kernel, record
+
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                self.record.launches += 1
+                Record.paused = True
+                try:
+                    return self.kernel[grid](*a, **k)
+                finally:
+                    Record.paused = False
+            return launch
+
+    kernels = [(fused_projection, "_fused_factored_projection_kernel"), (ld, "_partials_kernel"),
+               (ld, "_combine_kernel"), (latent_scores, "_latent_rope_scores_kernel")]
+    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
+    dense = OPTForCausalLM(cfg).eval().to(DEVICE)
+    kv = tmps.compress(copy.deepcopy(dense).cpu(), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
+                       progress=False).to(DEVICE)
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    launches = {}
+    for name, model, backend in (("dense", dense, None), ("kv torch", kv, "torch"), ("kv triton", kv, "triton")):
+        if backend is not None:
+            tmps.set_paths(model, backend=backend)
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        record = Record()
+        with torch.no_grad():
+            nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            real = [getattr(module, attr) for module, attr in kernels]
+            for (module, attr), kernel in zip(kernels, real):
+                setattr(module, attr, Counted(kernel, record))
+            try:
+                with record:
+                    model(nxt, past_key_values=cache, use_cache=True)
+            finally:
+                for (module, attr), kernel in zip(kernels, real):
+                    setattr(module, attr, kernel)
+        launches[name] = record.launches
+    layers = cfg.num_hidden_layers  # everything outside the layers is the same in all three
+    assert launches["kv torch"] - launches["dense"] == 4 * layers, launches
+    assert launches["dense"] - launches["kv triton"] == 2 * layers, launches
