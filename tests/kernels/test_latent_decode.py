@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import DynamicCache, OPTConfig, OPTForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import tmps
 from tmps.kernels import latent_decode as ld
@@ -282,7 +282,8 @@ def test_auto_takes_the_kernel_only_where_it_was_timed_faster(choice, monkeypatc
 
 
 @needs_kernel
-def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(monkeypatch):
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(arch, monkeypatch):
     """Device launches of one static-cache decode step (aten ops that run a kernel, plus Triton launches,
     the interpreter's own tensor traffic inside those not counted): the torch chain's latent decode
     costs more launches than dense attention, the fused kernels fewer."""
@@ -323,9 +324,15 @@ def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(monkeyp
 
     kernels = [(fused_projection, "_fused_factored_projection_kernel"), (ld, "_partials_kernel"),
                (ld, "_combine_kernel"), (latent_scores, "_latent_rope_scores_kernel")]
-    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
-    dense = OPTForCausalLM(cfg).eval().to(DEVICE)
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
+        dense = OPTForCausalLM(cfg).eval().to(DEVICE)
+    else:  # RoPE, GQA: the RoPE-score kernel, and the query's rotary rows gathered once a layer
+        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          attn_implementation="sdpa")
+        dense = LlamaForCausalLM(cfg).eval().to(DEVICE)
     kv = tmps.compress(copy.deepcopy(dense).cpu(), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
                        progress=False).to(DEVICE)
     ids = torch.randint(0, 64, (2, 9), device=DEVICE)
@@ -347,6 +354,8 @@ def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(monkeyp
                 for (module, attr), kernel in zip(kernels, real):
                     setattr(module, attr, kernel)
         launches[name] = record.launches
-    layers = cfg.num_hidden_layers  # everything outside the layers is the same in all three
-    assert launches["kv torch"] - launches["dense"] == 4 * layers, launches
-    assert launches["dense"] - launches["kv triton"] == 2 * layers, launches
+    # Everything outside the layers is the same in all three. Counted with transformers 5.24: OPT
+    # 59 / 67 / 55, Llama 94 / 114 / 90 (dense / kv torch / kv triton).
+    layers = cfg.num_hidden_layers
+    assert launches["kv torch"] >= launches["dense"] + 4 * layers, launches
+    assert launches["kv triton"] <= launches["dense"] - 2 * layers, launches

@@ -23,7 +23,7 @@ import torch
 
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import rope_tables, rotate
+from .rope import rope_pairs, rotate
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -143,9 +143,10 @@ class CompressedAttentionMixin:
 
     def _rotate_queries(self, q, total: int, cache):
         """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
-        cos, sin = rope_tables(self.rotary_emb(), total, q)
+        pairs = rope_pairs(self.rotary_emb(), total, q)
         slots = self._query_slots(cache, total, q.shape[2], q.device)
-        return rotate(q, cos[slots], sin[slots]), cos, sin
+        cos_q, sin_q = pairs[slots].unbind(1)  # one gather for both (static cache), a view otherwise
+        return rotate(q, cos_q, sin_q), pairs[:, 0], pairs[:, 1]
 
     def _query_slots(self, cache, total: int, q_len: int, device):
         """Cache slots of this step's queries (their RoPE positions): the last ``q_len`` filled ones.
@@ -158,6 +159,8 @@ class CompressedAttentionMixin:
         filled = getattr(layers[self.layer_idx], "cumulative_length", None) if layers else None
         if not isinstance(filled, torch.Tensor):
             return slice(total - q_len, total)
+        if q_len == 1:  # decode: one subtraction, no arange
+            return (filled.to(device) - 1).view(1)
         return filled.to(device) - q_len + torch.arange(q_len, device=device)
 
     def _rope_by_relative_position(self, q, k, cache):

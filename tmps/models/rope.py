@@ -21,7 +21,14 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 def rope_tables(rotary, total: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cos, sin)`` of shape ``(total, head_dim)`` in ``like``'s dtype: HF's ``rotary(like, positions)``
-    at cache slots ``0 … total-1``.
+    at cache slots ``0 … total-1`` (views of :func:`rope_pairs`' table; unit stride on head_dim)."""
+    pairs = rope_pairs(rotary, total, like)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def rope_pairs(rotary, total: int, like: torch.Tensor) -> torch.Tensor:
+    """``(total, 2, head_dim)``: cos and sin of cache slots ``0 … total-1`` side by side, so that the rows
+    of a few slots are one gather (``pairs[slots]``), not one for cos and one for sin.
 
     kv mode rotates the keys of the whole cache at every decode step, in every layer; computing the
     table there costs 7 small kernels per layer and step (HF computes its positions' table once per
@@ -34,17 +41,17 @@ def rope_tables(rotary, total: int, like: torch.Tensor) -> tuple[torch.Tensor, t
     def compute(length):
         positions = torch.arange(length, device=like.device).unsqueeze(0)
         cos, sin = rotary(like, positions)
-        return cos[0].to(like.dtype), sin[0].to(like.dtype)
+        return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
 
     rope_type = getattr(rotary, "rope_type", "default")
     inv_freq = getattr(rotary, "inv_freq", None)
     if not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
         return compute(total)
     source = (inv_freq.data_ptr(), inv_freq.dtype, inv_freq._version)
-    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype) -> (source, cos, sin)
+    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype) -> (source, pairs)
     cached = tables.get((like.device, like.dtype))
     if cached is None or cached[0] != source or cached[1].shape[0] < total:
         if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return compute(total)
-        cached = tables[(like.device, like.dtype)] = (source, *compute(1 << max(0, total - 1).bit_length()))
-    return cached[1][:total], cached[2][:total]
+        cached = tables[(like.device, like.dtype)] = (source, compute(1 << max(0, total - 1).bit_length()))
+    return cached[1][:total]
