@@ -12,7 +12,8 @@
 #      on exit
 #   c. correctness on CUDA: pytest tests/kernels (the kernel tests pick CUDA when it is there and
 #      TRITON_INTERPRET is unset); the fused kernel against its float64 reference at model sizes
-#      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts); tmps.compress at full rank on
+#      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts), and the latent decode kernel
+#      at OPT-1.3B (b=1/16) and Llama-3-8B (RoPE) decode shapes over a masked 1040-slot cache; tmps.compress at full rank on
 #      tiny Llama/OPT models, logits against dense, with the Triton path counted
 #   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
 #      no torch.compile; weights, kv_latent and kv_model layouts: the last is kv mode's projection
@@ -204,7 +205,7 @@ step "c1. pytest tests/kernels on CUDA" 180 "$(reserve_after c1)" "$PY" -m pytes
 
 kernel_check() {
   "$PY" - <<'EOF'
-"""The fused kernel against its float64 reference at model sizes, compiled for this GPU."""
+"""The fused kernels against their float64 references at model sizes, compiled for this GPU."""
 import os
 import sys
 import time
@@ -277,11 +278,56 @@ for name, spec in LAYOUTS.items():
             bad += not ok
             print(f"{name:<15} {str(dtype)[6:]:<9} {m:>6} {label:<9} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
+
+# The fused latent decode (tmps.kernels.latent_decode) at the e2e shapes: a static cache of 1040
+# slots whose tail is masked, one new token per sequence; scores computed inside (OPT) or given (RoPE).
+from tmps.kernels import latent_decode as ld  # noqa: E402
+
+DECODE_CASES = {  # name: (b, heads, kv_heads, head_dim, r_k, r_v, scores given)
+    "opt-1.3b b=1": (1, 32, 32, 64, 712, 1328, False),
+    "opt-1.3b b=16": (16, 32, 32, 64, 712, 1328, False),
+    "llama-3-8b b=16": (16, 32, 8, 128, 360, 664, True),
+}
+ONE_PASS = ld.DecodeConfig(chunk=256, block_t=64, block_v=128)  # members of the candidate sets
+SCORES_FIRST = ld.DecodeConfig(chunk=256, block_t=64, block_v=128, scores_first=True)
+T, FILLED = 1040, 1000
+print(f"{'latent decode':<17} {'dtype':<9} {'config':<12} {'rel err':>9} {'tol':>7}  result")
+for name, (b, heads, kv_heads, head_dim, r_k, r_v, given) in DECODE_CASES.items():
+    q64, ck64 = rand(b, heads, max(r_k, 1)), rand(b, T, max(r_k, 1))
+    s64, cv64 = rand(b, heads, T, scale=3.0), rand(b, T, r_v)
+    vu64 = rand(kv_heads * head_dim, r_v, scale=r_v**-0.5)
+    mask = (torch.arange(T, device=DEV) < FILLED).view(1, 1, 1, T).expand(b, 1, 1, T)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cases = [("fp32", None)] if dtype == torch.float32 else [("one-pass", ONE_PASS)]
+        if dtype != torch.float32 and not given:  # RoPE scores arrive computed: scores-first is the same pass
+            cases.append(("scores-first", SCORES_FIRST))
+        if dtype == torch.float16 and name == "opt-1.3b b=1":
+            cases.append(("autotune", None))
+        low = dict(q_latent=None if given else q64.to(dtype), scores=s64.float() if given else None,
+                   c_k=None if given else ck64.to(dtype), c_v=cv64.to(dtype), v_up=vu64.to(dtype))
+        exact = {k: None if v is None else v.double() for k, v in low.items()}
+        for label, config in cases:
+            t0 = time.perf_counter()
+            try:
+                out = ld.latent_decode_attention(**low, mask=mask, scaling=head_dim**-0.5, heads=heads, q_len=1,
+                                                 head_dim=head_dim, config=config)
+                torch.cuda.synchronize()
+                ref = ld.latent_decode_attention_ref(**exact, mask=mask, scaling=head_dim**-0.5, heads=heads,
+                                                     q_len=1, head_dim=head_dim)
+                err = ((out.double() - ref).abs().max() / ref.abs().max()).item() if torch.isfinite(out).all() \
+                    else float("inf")
+                ok = err <= TOL[dtype]
+                verdict = "ok" if ok else "MISMATCH"
+            except Exception as exc:  # report and go on
+                ok, err, verdict = False, float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200]
+            bad += not ok
+            print(f"{name:<17} {str(dtype)[6:]:<9} {label:<12} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
 print(f"kernel check: {bad} failing case(s)")
 sys.exit(1 if bad else 0)
 EOF
 }
-step "c2. fused kernel vs float64 reference (model sizes)" 80 "$(reserve_after c2)" kernel_check
+step "c2. fused kernels vs float64 reference (model sizes)" 100 "$(reserve_after c2)" kernel_check
 
 model_check() {
   "$PY" - <<'EOF'
