@@ -238,6 +238,22 @@ def rand(*shape, scale=1.0):
     return torch.randn(*shape, generator=gen, device=DEV, dtype=torch.float64) * scale
 
 
+def compare(run, reference, tol):
+    """(ok, max|out - ref| / max|ref| over the outputs, verdict) of the kernel call ``run()`` against
+    ``reference()`` (float64 on the kernel's own rounded inputs); an exception is reported, not raised."""
+    try:
+        outs = run()
+        torch.cuda.synchronize()
+        err = 0.0
+        for out, ref in zip(outs, reference()):
+            if not torch.isfinite(out).all():
+                return False, float("inf"), "MISMATCH (non-finite)"
+            err = max(err, ((out.double() - ref).abs().max() / ref.abs().max()).item())
+        return err <= tol, err, "ok" if err <= tol else "MISMATCH"
+    except Exception as exc:  # report and go on
+        return False, float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200]
+
+
 bad = 0
 print(f"{'layout':<15} {'dtype':<9} {'tokens':>6} {'config':<9} {'rel err':>9} {'tol':>7}  result")
 for name, spec in LAYOUTS.items():
@@ -261,20 +277,8 @@ for name, spec in LAYOUTS.items():
             else:
                 config, label = (DECODE, "decode") if m <= 16 else (PREFILL, "prefill")
             t0 = time.perf_counter()
-            try:
-                ys = fused_factored_projection(x, *args, config=config)
-                torch.cuda.synchronize()
-                refs = fused_factored_projection_ref(x.double(), *exact)  # the kernel's own (rounded) inputs
-                err = 0.0
-                for y, ref in zip(ys, refs):
-                    if not torch.isfinite(y).all():
-                        err = float("inf")
-                        break
-                    err = max(err, ((y.double() - ref).abs().max() / ref.abs().max()).item())
-                ok = err <= TOL[dtype]
-                verdict = "ok" if ok else "MISMATCH"
-            except Exception as exc:  # report and go on
-                ok, err, verdict = False, float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200]
+            ok, err, verdict = compare(lambda: fused_factored_projection(x, *args, config=config),
+                                       lambda: fused_factored_projection_ref(x.double(), *exact), TOL[dtype])
             bad += not ok
             print(f"{name:<15} {str(dtype)[6:]:<9} {m:>6} {label:<9} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
@@ -308,18 +312,9 @@ for name, (b, heads, kv_heads, head_dim, r_k, r_v, given) in DECODE_CASES.items(
         exact = {k: None if v is None else v.double() for k, v in low.items()}
         for label, config in cases:
             t0 = time.perf_counter()
-            try:
-                out = ld.latent_decode_attention(**low, mask=mask, scaling=head_dim**-0.5, heads=heads, q_len=1,
-                                                 head_dim=head_dim, config=config)
-                torch.cuda.synchronize()
-                ref = ld.latent_decode_attention_ref(**exact, mask=mask, scaling=head_dim**-0.5, heads=heads,
-                                                     q_len=1, head_dim=head_dim)
-                err = ((out.double() - ref).abs().max() / ref.abs().max()).item() if torch.isfinite(out).all() \
-                    else float("inf")
-                ok = err <= TOL[dtype]
-                verdict = "ok" if ok else "MISMATCH"
-            except Exception as exc:  # report and go on
-                ok, err, verdict = False, float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200]
+            common = dict(mask=mask, scaling=head_dim**-0.5, heads=heads, q_len=1, head_dim=head_dim)
+            ok, err, verdict = compare(lambda: [ld.latent_decode_attention(**low, **common, config=config)],
+                                       lambda: [ld.latent_decode_attention_ref(**exact, **common)], TOL[dtype])
             bad += not ok
             print(f"{name:<17} {str(dtype)[6:]:<9} {label:<12} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
