@@ -75,8 +75,8 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     else:
         q_grouped = (q * scaling if scaling != 1.0 else q).reshape(b, kv_heads, group * q_len, head_dim)
         scores = (key_scores or rope_key_scores_torch)(q_grouped, c_k, k_up, *rope)
-        if values is not None:  # the kernel reads fp32 scores (what the RoPE-score kernel writes)
-            out = values(None, scores.reshape(b, heads * q_len, total).float(), None, c_v, v_up, attention_mask,
+        if values is not None:  # fp32 from the RoPE-score kernel, the latents' dtype from the torch chain
+            out = values(None, scores.reshape(b, heads * q_len, total), None, c_v, v_up, attention_mask,
                          scaling, heads, q_len, head_dim)
             return out, None
     scores = _masked(scores.reshape(b, heads, q_len, total), attention_mask, total)
