@@ -16,8 +16,8 @@ one sequence (see :mod:`tmps.models.latent_attention`)::
 The torch chain runs that as a score GEMM, a mask pass, a softmax, a GEMM by the values, a batched
 GEMM by ``U_v`` and a copy into the attention layout: six or seven launches a layer and decode
 step, each a few microseconds at decode sizes whatever its work. Here it is two (plus the absorbed
-query's small GEMM before them), and the scores, probabilities and ``ō`` never leave the chip
-unnormalised:
+query's small GEMM before them); the scores and probabilities stay on chip, and ``ō`` reaches
+memory only as per-chunk fp32 partials:
 
 1. ``_partials_kernel``, grid ``(chunks, value tiles, b)``, flash-decoding style: a program owns all
    the query rows of one sequence, ``CHUNK`` positions and ``BLOCK_V`` value columns. It walks its
