@@ -326,7 +326,7 @@ step "c2. fused kernels vs float64 reference (model sizes)" 100 "$(reserve_after
 
 model_check() {
   "$PY" - <<'EOF'
-"""tmps.compress at full rank on CUDA: logits against dense, weights mode through the Triton kernel."""
+"""tmps.compress at full rank on CUDA: logits against dense, with the Triton kernels forced and counted."""
 import copy
 import sys
 
@@ -361,6 +361,17 @@ def counting_scores(*args, **kwargs):
 
 
 latent_scores.latent_rope_scores = counting_scores  # the bridge imports it at each kv decode step
+import tmps.kernels.latent_decode as latent_decode  # noqa: E402
+
+decode_kernel = latent_decode.latent_decode_attention
+
+
+def counting_decode(*args, **kwargs):
+    calls["decode"] = calls.get("decode", 0) + 1
+    return decode_kernel(*args, **kwargs)
+
+
+latent_decode.latent_decode_attention = counting_decode  # likewise
 VOCAB, HIDDEN = 512, 256
 ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(
@@ -424,7 +435,7 @@ for arch, dtype, tol in CASES:
                 if isinstance(m, FactoredProjection):
                     m.backend = "triton"
             if want_steps is not None:
-                calls["scores"] = 0
+                calls["scores"] = calls["decode"] = 0
                 with torch.no_grad():
                     err_steps = rel(greedy(model, ids), want_steps)
                 lines.append(f"prefill + 3 cached steps rel {err_steps:.2e}")
@@ -432,6 +443,9 @@ for arch, dtype, tol in CASES:
                 if mode == "kv" and arch == "llama":  # decode over the latents through the RoPE score kernel
                     lines.append(f"latent score kernel calls {calls['scores']}")
                     ok &= calls["scores"] == 3 * model.config.num_hidden_layers
+                if mode == "kv":  # ... and the rest of each decode step through the fused latent decode
+                    lines.append(f"latent decode kernel calls {calls['decode']}")
+                    ok &= calls["decode"] == 3 * model.config.num_hidden_layers
             verdict = "ok" if ok else "MISMATCH"
         except Exception as exc:  # report and go on
             ok, lines, verdict = False, [f"{type(exc).__name__}: {exc}"[:300]], "ERROR"
