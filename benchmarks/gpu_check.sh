@@ -292,8 +292,7 @@ DECODE_CASES = {  # name: (b, heads, kv_heads, head_dim, r_k, r_v, scores given)
     "opt-1.3b b=16": (16, 32, 32, 64, 712, 1328, False),
     "llama-3-8b b=16": (16, 32, 8, 128, 360, 664, True),
 }
-ONE_PASS = ld.DecodeConfig(chunk=256, block_t=64, block_v=128)  # members of the candidate sets
-SCORES_FIRST = ld.DecodeConfig(chunk=256, block_t=64, block_v=128, scores_first=True)
+ONE_PASS, SCORES_FIRST = ld._CONFIGS[0], ld._SCORES_FIRST_CONFIGS[1]  # candidates of the autotuner
 T, FILLED = 1040, 1000
 print(f"{'latent decode':<17} {'dtype':<9} {'config':<12} {'rel err':>9} {'tol':>7}  result")
 for name, (b, heads, kv_heads, head_dim, r_k, r_v, given) in DECODE_CASES.items():
