@@ -130,6 +130,18 @@ def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> floa
     return max((both - flushes) / reps, 1e-6)
 
 
+def kernel_considered(device: torch.device, backend: str) -> bool:
+    """Whether a Triton kernel is a candidate under ``backend``: never for "torch", on CUDA with
+    Triton for "auto", always for "triton" -- which raises a RuntimeError where Triton cannot run."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return kernel_preferred_on(device)  # which implies triton_path_available
+    if not triton_path_available(device):
+        raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
+    return True
+
+
 def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: int = 1):
     """The fused RoPE key-score kernel for kv mode's latent attention, or None for the torch chain.
 
@@ -137,10 +149,8 @@ def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: in
     head fit it), "torch" or "triton" (the kernel, or a RuntimeError saying why it cannot run) -- the
     same switch as ``FactoredProjection.backend``.
     """
-    if backend == "torch" or (backend == "auto" and not kernel_preferred_on(device)):
+    if not kernel_considered(device, backend):
         return None
-    if not triton_path_available(device):
-        raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     from tmps.kernels.latent_scores import MAX_ROWS, latent_rope_scores
 
     return latent_rope_scores if backend == "triton" or rows <= MAX_ROWS else None
@@ -156,10 +166,8 @@ def latent_decode_for(device: torch.device, backend: str = "auto", rows: int = 1
     against the chain), "torch", or "triton" (forced where it can serve; a RuntimeError without
     Triton on the device).
     """
-    if backend == "torch" or (backend == "auto" and not kernel_preferred_on(device)):
+    if not kernel_considered(device, backend):
         return None
-    if not triton_path_available(device):
-        raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
     from tmps.kernels.latent_decode import MAX_ROWS, latent_decode_attention
 
     if need_probs or rows > MAX_ROWS or (not has_mask and q_len != 1):

@@ -81,20 +81,18 @@ class FactoredProjection(nn.Module):
         return all(out is None or max(out.shape) <= 256 for _, out, _ in self.groups)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
         from . import kernels_bridge as bridge
 
+        if not bridge.kernel_considered(x.device, self.backend):
+            return False
         if self.backend == "triton":
-            if not bridge.triton_path_available(x.device):
-                raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1) and triton installed")
             if not self.kernel_fits():
                 shapes = [tuple(out.shape) for _, out, _ in self.groups if out is not None]
                 raise ValueError(f"backend='triton': out factors of shapes {shapes} are larger than the kernel's "
                                  "per-head tiles (at most 256 a side; the svd baseline holds whole-projection "
                                  "factors); use backend='auto' or 'torch' for this model")
             return True
-        if not bridge.kernel_preferred_on(x.device) or not self.kernel_fits():
+        if not self.kernel_fits():
             return False
         d_in = x.shape[-1]
         bucket = bridge.token_bucket(x.numel() // d_in)
