@@ -65,13 +65,12 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     if rope is None:
         q_grouped = q.reshape(b, kv_heads, group * q_len, head_dim)
         q_latent = torch.einsum("bgmd,gdr->bgmr", q_grouped, k_up.view(kv_heads, head_dim, -1))
+        q_latent = q_latent.reshape(b, heads * q_len, -1)  # rows h·q_len + i
         if values is not None:
-            out = values(q_latent.reshape(b, heads * q_len, -1), None, c_k, c_v, v_up, attention_mask, scaling,
-                         heads, q_len, head_dim)
-            return out, None
+            return values(q_latent, None, c_k, c_v, v_up, attention_mask, scaling, heads, q_len, head_dim), None
         # the scale rides on the GEMM (cuBLAS's alpha) instead of a separate multiply of q
-        scores = torch.baddbmm(c_k.new_empty(()).expand(b, heads * q_len, total), q_latent.reshape(b, heads * q_len, -1),
-                               c_k.transpose(1, 2), beta=0, alpha=scaling)
+        scores = torch.baddbmm(c_k.new_empty(()).expand(b, heads * q_len, total), q_latent, c_k.transpose(1, 2),
+                               beta=0, alpha=scaling)
     else:
         q_grouped = (q * scaling if scaling != 1.0 else q).reshape(b, kv_heads, group * q_len, head_dim)
         scores = (key_scores or rope_key_scores_torch)(q_grouped, c_k, k_up, *rope)
