@@ -1,11 +1,11 @@
-"""tmps.models.rope.rope_tables: HF's rotary table at cache slots 0..T-1, computed once and sliced."""
+"""tmps.models.rope.rope_pairs: HF's rotary table at cache slots 0..T-1, computed once and sliced."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from tmps.models.rope import rope_tables
+from tmps.models.rope import rope_pairs
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64, "rope_theta": 10000.0}
@@ -40,7 +40,8 @@ class RecordOps(TorchDispatchMode):
 def test_tables_equal_hf_at_every_length(params, dtype):
     module, like = rotary(params), torch.zeros(1, dtype=dtype)
     for total in (5, 100, 7, 300, 129):  # grows past the cached length twice, shrinks in between
-        got, want = rope_tables(module, total, like), hf_table(module, total, like)
+        pairs = rope_pairs(module, total, like)
+        got, want = (pairs[:, 0], pairs[:, 1]), hf_table(module, total, like)
         for g, w in zip(got, want):
             assert g.shape == (total, 16) and g.dtype == dtype
             torch.testing.assert_close(g, w, rtol=0, atol=1e-6 if dtype == torch.float32 else 8e-3)
@@ -50,9 +51,10 @@ def test_tables_equal_hf_at_every_length(params, dtype):
 
 def test_a_cached_table_is_a_view_without_kernels():
     module, like = rotary(), torch.zeros(1)
-    rope_tables(module, 1024, like)
+    rope_pairs(module, 1024, like)
     with RecordOps() as record:
-        cos, sin = rope_tables(module, 1024, like)
+        pairs = rope_pairs(module, 1024, like)
+        cos, sin = pairs[:, 0], pairs[:, 1]
     assert all(any(view in op for view in ("slice", "select", "alias", "view")) for op in record.ops), record.ops
     with RecordOps() as uncached:
         hf_table(module, 1024, like)
@@ -61,11 +63,11 @@ def test_a_cached_table_is_a_view_without_kernels():
 
 def test_a_changed_inv_freq_is_seen():
     module, like = rotary(), torch.zeros(1)
-    before = rope_tables(module, 50, like)[0].clone()
+    before = rope_pairs(module, 50, like)[:, 0].clone()
     with torch.no_grad():
         module.inv_freq.mul_(0.5)  # in place: same storage, new version
-    after = rope_tables(module, 50, like)
-    torch.testing.assert_close(after[0], hf_table(module, 50, like)[0], rtol=0, atol=1e-6)
-    assert not torch.allclose(after[0], before)
+    after = rope_pairs(module, 50, like)[:, 0]
+    torch.testing.assert_close(after, hf_table(module, 50, like)[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(after, before)
     module.inv_freq = module.inv_freq * 2.0  # replaced: new storage
-    torch.testing.assert_close(rope_tables(module, 50, like)[0], before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rope_pairs(module, 50, like)[:, 0], before, rtol=0, atol=1e-6)

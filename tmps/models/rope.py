@@ -19,16 +19,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_tables(rotary, total: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` of shape ``(total, head_dim)`` in ``like``'s dtype: HF's ``rotary(like, positions)``
-    at cache slots ``0 … total-1`` (views of :func:`rope_pairs`' table; unit stride on head_dim)."""
-    pairs = rope_pairs(rotary, total, like)
-    return pairs[:, 0], pairs[:, 1]
-
-
 def rope_pairs(rotary, total: int, like: torch.Tensor) -> torch.Tensor:
-    """``(total, 2, head_dim)``: cos and sin of cache slots ``0 … total-1`` side by side, so that the rows
-    of a few slots are one gather (``pairs[slots]``), not one for cos and one for sin.
+    """``(total, 2, head_dim)`` in ``like``'s dtype: HF's ``rotary(like, positions)`` cos and sin at cache
+    slots ``0 … total-1`` side by side (``pairs[:, 0]`` is cos, ``pairs[:, 1]`` sin: views with unit
+    stride on head_dim), so that the rows of a few slots are one gather (``pairs[slots]``), not two.
 
     kv mode rotates the keys of the whole cache at every decode step, in every layer; computing the
     table there costs 7 small kernels per layer and step (HF computes its positions' table once per
