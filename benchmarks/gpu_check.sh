@@ -339,38 +339,27 @@ from tmps.projection import FactoredProjection
 DEV = "cuda"
 if not torch.cuda.is_available():
     sys.exit("model check: needs CUDA")
-calls = {"n": 0}
-kernel = bridge.fused_factored_projection
-
-
-def counting(*args, **kwargs):
-    calls["n"] += 1
-    return kernel(*args, **kwargs)
-
-
-bridge.fused_factored_projection = counting  # FactoredProjection looks it up at each call
+import tmps.kernels.latent_decode as latent_decode  # noqa: E402
 import tmps.kernels.latent_scores as latent_scores  # noqa: E402
 
-score_kernel = latent_scores.latent_rope_scores
+calls = {"n": 0, "scores": 0, "decode": 0}
 
 
-def counting_scores(*args, **kwargs):
-    calls["scores"] = calls.get("scores", 0) + 1
-    return score_kernel(*args, **kwargs)
+def count(module, attr, name):
+    """Replace ``module.attr`` by a wrapper that counts its calls in ``calls[name]`` (the library
+    looks each of these up at every call: the bridge's name, the kernels' module attributes)."""
+    kernel = getattr(module, attr)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return kernel(*args, **kwargs)
+
+    setattr(module, attr, counted)
 
 
-latent_scores.latent_rope_scores = counting_scores  # the bridge imports it at each kv decode step
-import tmps.kernels.latent_decode as latent_decode  # noqa: E402
-
-decode_kernel = latent_decode.latent_decode_attention
-
-
-def counting_decode(*args, **kwargs):
-    calls["decode"] = calls.get("decode", 0) + 1
-    return decode_kernel(*args, **kwargs)
-
-
-latent_decode.latent_decode_attention = counting_decode  # likewise
+count(bridge, "fused_factored_projection", "n")
+count(latent_scores, "latent_rope_scores", "scores")
+count(latent_decode, "latent_decode_attention", "decode")
 VOCAB, HIDDEN = 512, 256
 ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(
