@@ -3,12 +3,14 @@
 On a machine without CUDA the kernels run in Triton's interpreter (see conftest.py).
 """
 
+import contextlib
 import copy
 import dataclasses
 import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import tmps
@@ -216,44 +218,76 @@ def test_eager_attention_keeps_the_torch_chain(monkeypatch):
 # Ops that launch no device kernel: views and allocations.
 _NO_KERNEL = ("view", "expand", "permute", "transpose", "slice", "alias", "t.default", "select", "unsqueeze",
               "squeeze", "detach", "as_strided", "empty", "reshape")
+_TRITON_KERNELS = [("fused_projection", "_fused_factored_projection_kernel"), ("latent_decode", "_partials_kernel"),
+                   ("latent_decode", "_combine_kernel"), ("latent_scores", "_latent_rope_scores_kernel")]
+
+
+class _Record(TorchDispatchMode):
+    """The aten ops run inside it (``ops``) and, within :func:`_counting_kernels`, the Triton launches
+    (``triton``); ops inside a launch are not recorded (the interpreter's own tensor traffic is not the GPU's)."""
+
+    paused = False
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.triton = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not _Record.paused:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def kernel_ops(self, no_kernel=_NO_KERNEL):
+        return [op for op in self.ops if not any(name in op for name in no_kernel)]
+
+
+@contextlib.contextmanager
+def _counting_kernels(record):
+    """Every Triton kernel of tmps.kernels stands in for itself: ``kernel[grid](...)`` counts one launch
+    in ``record.triton`` and pauses the recording while it runs."""
+    import importlib
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                record.triton += 1
+                _Record.paused = True
+                try:
+                    return self.kernel[grid](*a, **k)
+                finally:
+                    _Record.paused = False
+            return launch
+
+    modules = [importlib.import_module(f"tmps.kernels.{name}") for name, _ in _TRITON_KERNELS]
+    real = [getattr(module, attr) for module, (_, attr) in zip(modules, _TRITON_KERNELS)]
+    for module, (_, attr), kernel in zip(modules, _TRITON_KERNELS, real):
+        setattr(module, attr, Counted(kernel))
+    try:
+        yield record
+    finally:
+        for module, (_, attr), kernel in zip(modules, _TRITON_KERNELS, real):
+            setattr(module, attr, kernel)
 
 
 @needs_kernel
 def test_no_rope_decode_attention_is_one_gemm_and_two_kernels(monkeypatch):
     """The torch chain launches six device ops for this (tests/test_latent_attention.py); with the kernel:
     the absorbed query's GEMM, then the partials and combine kernels, nothing else."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from tmps.models.latent_attention import latent_attention
 
-    class Record(TorchDispatchMode):
-        """Ops outside the kernel launches (the interpreter's own tensor traffic inside them is not the GPU's)."""
-        ops, paused = [], False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not Record.paused:
-                self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    def launch(*a, launch=ld._launch, **k):
-        calls.append(1)
-        Record.paused = True
-        try:
-            return launch(*a, **k)
-        finally:
-            Record.paused = False
-
-    calls = []
+    calls = _count_launches(monkeypatch)
     monkeypatch.setattr(ld, "_new_workspace", lambda shape, device: torch.empty(shape, device=device))
-    monkeypatch.setattr(ld, "_launch", launch)
     q = torch.randn(2, 8, 1, 16, device=DEVICE, dtype=torch.float16)
     c_k, c_v = torch.randn(2, 40, 24, device=DEVICE).half(), torch.randn(2, 40, 40, device=DEVICE).half()
     k_up, v_up = torch.randn(128, 24, device=DEVICE).half(), torch.randn(128, 40, device=DEVICE).half()
     mask = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=DEVICE)
     fused = functools.partial(latent_decode_attention, config=FIXED)  # on CUDA: no autotuning launches
-    with Record() as record:
+    with _counting_kernels(_Record()) as record, record:
         out, probs = latent_attention(q, c_k, c_v, k_up, v_up, mask, 0.25, values=fused)
-    launched = [op for op in record.ops if not any(name in op for name in _NO_KERNEL)]
+    launched = record.kernel_ops()
     assert launched == ["aten.bmm.default"], launched
     assert len(calls) == 1 and probs is None  # one _launch: the two kernels
     ref, _ = latent_attention(q.double(), c_k.double(), c_v.double(), k_up.double(), v_up.double(), mask, 0.25)
@@ -292,43 +326,10 @@ def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(arch, m
     """Device launches of one static-cache decode step (aten ops that run a kernel, plus Triton launches,
     the interpreter's own tensor traffic inside those not counted): the torch chain's latent decode
     costs more launches than dense attention, the fused kernels fewer."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    monkeypatch.setattr(ld, "_new_workspace", lambda shape, device: torch.empty(shape, device=device))  # no fill
     from transformers import StaticCache
 
-    from tmps.kernels import fused_projection, latent_scores
-
+    monkeypatch.setattr(ld, "_new_workspace", lambda shape, device: torch.empty(shape, device=device))  # no fill
     no_kernel = _NO_KERNEL + ("_unsafe_view", "lift_fresh", "scalar_tensor", "promote_types", "unbind", "split")
-
-    class Record(TorchDispatchMode):
-        paused = False
-
-        def __init__(self):
-            super().__init__()
-            self.launches = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not Record.paused and not any(name in str(func) for name in no_kernel):
-                self.launches += 1
-            return func(*args, **(kwargs or {}))
-
-    class Counted:  # stands in for a @triton.jit kernel: kernel[grid](...) counts one launch
-        def __init__(self, kernel, record):
-            self.kernel, self.record = kernel, record
-
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                self.record.launches += 1
-                Record.paused = True
-                try:
-                    return self.kernel[grid](*a, **k)
-                finally:
-                    Record.paused = False
-            return launch
-
-    kernels = [(fused_projection, "_fused_factored_projection_kernel"), (ld, "_partials_kernel"),
-               (ld, "_combine_kernel"), (latent_scores, "_latent_rope_scores_kernel")]
     if arch == "opt":
         cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
@@ -346,19 +347,11 @@ def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(arch, m
         if backend is not None:
             tmps.set_paths(model, backend=backend)
         cache = StaticCache(config=model.config, max_cache_len=32)
-        record = Record()
         with torch.no_grad():
             nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            real = [getattr(module, attr) for module, attr in kernels]
-            for (module, attr), kernel in zip(kernels, real):
-                setattr(module, attr, Counted(kernel, record))
-            try:
-                with record:
-                    model(nxt, past_key_values=cache, use_cache=True)
-            finally:
-                for (module, attr), kernel in zip(kernels, real):
-                    setattr(module, attr, kernel)
-        launches[name] = record.launches
+            with _counting_kernels(_Record()) as record, record:
+                model(nxt, past_key_values=cache, use_cache=True)
+        launches[name] = len(record.kernel_ops(no_kernel)) + record.triton
     # Everything outside the layers is the same in all three. Counted with transformers 5.24: OPT
     # 59 / 67 / 55, Llama 94 / 114 / 90 (dense / kv torch / kv triton).
     layers = cfg.num_hidden_layers
