@@ -3,15 +3,13 @@
 On a machine without CUDA the kernels run in Triton's interpreter (see conftest.py).
 """
 
-import contextlib
 import copy
 import dataclasses
 import functools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 import tmps
 from tmps.kernels import latent_decode as ld
@@ -170,6 +168,13 @@ def test_bad_arguments_are_explained(change, error, match):
 # --------------------------------------------------------------------------------------------
 
 
+def _tiny_opt(attn="sdpa"):
+    """A 2-layer OPT with random weights (eval)."""
+    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation=attn)
+    return OPTForCausalLM(cfg).eval()
+
+
 def _count_launches(monkeypatch):
     calls = []
     launch = ld._launch
@@ -181,9 +186,7 @@ def _count_launches(monkeypatch):
 def test_kv_opt_decodes_through_the_kernel_like_dense(monkeypatch):
     """At full rank a kv-mode OPT's cached decode step through the fused kernel reproduces the dense
     logits (the prefill rebuilds keys and values and does not use it)."""
-    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
-    dense = OPTForCausalLM(cfg).eval()
+    dense = _tiny_opt()
     model = tmps.compress(copy.deepcopy(dense), torch.randint(0, 64, (4, 16)), mode="kv", ratio=1.0, progress=False)
     model, dense = model.to(DEVICE), dense.to(DEVICE)
     tmps.set_paths(model, backend="triton")
@@ -194,7 +197,7 @@ def test_kv_opt_decodes_through_the_kernel_like_dense(monkeypatch):
         for name, m in (("kv", model), ("dense", dense)):
             first = m(ids, past_key_values=DynamicCache(), use_cache=True)
             logits[name] = m(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits.double().cpu()
-    assert len(calls) == cfg.num_hidden_layers
+    assert len(calls) == dense.config.num_hidden_layers
     err = (logits["kv"] - logits["dense"]).abs().max() / logits["dense"].abs().max()
     assert err < 1e-4
 
@@ -202,9 +205,7 @@ def test_kv_opt_decodes_through_the_kernel_like_dense(monkeypatch):
 @needs_kernel
 def test_eager_attention_keeps_the_torch_chain(monkeypatch):
     """Eager attention returns the probabilities, which the kernel never forms: it is not used there."""
-    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="eager")
-    model = tmps.compress(OPTForCausalLM(cfg).eval(), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
+    model = tmps.compress(_tiny_opt("eager"), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
                           progress=False).to(DEVICE)
     tmps.set_paths(model, backend="triton")
     calls = _count_launches(monkeypatch)
@@ -218,58 +219,18 @@ def test_eager_attention_keeps_the_torch_chain(monkeypatch):
 # Ops that launch no device kernel: views and allocations.
 _NO_KERNEL = ("view", "expand", "permute", "transpose", "slice", "alias", "t.default", "select", "unsqueeze",
               "squeeze", "detach", "as_strided", "empty", "reshape")
-_TRITON_KERNELS = [("fused_projection", "_fused_factored_projection_kernel"), ("latent_decode", "_partials_kernel"),
-                   ("latent_decode", "_combine_kernel"), ("latent_scores", "_latent_rope_scores_kernel")]
 
 
-class _Record(TorchDispatchMode):
-    """The aten ops run inside it (``ops``) and, within :func:`_counting_kernels`, the Triton launches
-    (``triton``); ops inside a launch are not recorded (the interpreter's own tensor traffic is not the GPU's)."""
+def _decode_launches():
+    """benchmarks/decode_launches.py as a module: the launch recorder and the decode-step counts."""
+    import importlib.util
+    from pathlib import Path
 
-    paused = False
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.triton = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not _Record.paused:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def kernel_ops(self, no_kernel=_NO_KERNEL):
-        return [op for op in self.ops if not any(name in op for name in no_kernel)]
-
-
-@contextlib.contextmanager
-def _counting_kernels(record):
-    """Every Triton kernel of tmps.kernels stands in for itself: ``kernel[grid](...)`` counts one launch
-    in ``record.triton`` and pauses the recording while it runs."""
-    import importlib
-
-    class Counted:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*a, **k):
-                record.triton += 1
-                _Record.paused = True
-                try:
-                    return self.kernel[grid](*a, **k)
-                finally:
-                    _Record.paused = False
-            return launch
-
-    modules = [importlib.import_module(f"tmps.kernels.{name}") for name, _ in _TRITON_KERNELS]
-    real = [getattr(module, attr) for module, (_, attr) in zip(modules, _TRITON_KERNELS)]
-    for module, (_, attr), kernel in zip(modules, _TRITON_KERNELS, real):
-        setattr(module, attr, Counted(kernel))
-    try:
-        yield record
-    finally:
-        for module, (_, attr), kernel in zip(modules, _TRITON_KERNELS, real):
-            setattr(module, attr, kernel)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_launches.py"
+    spec = importlib.util.spec_from_file_location("decode_launches", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @needs_kernel
@@ -285,9 +246,10 @@ def test_no_rope_decode_attention_is_one_gemm_and_two_kernels(monkeypatch):
     k_up, v_up = torch.randn(128, 24, device=DEVICE).half(), torch.randn(128, 40, device=DEVICE).half()
     mask = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=DEVICE)
     fused = functools.partial(latent_decode_attention, config=FIXED)  # on CUDA: no autotuning launches
-    with _counting_kernels(_Record()) as record, record:
+    launches = _decode_launches()
+    with launches.counting_kernels(launches.recorder()) as record, record:
         out, probs = latent_attention(q, c_k, c_v, k_up, v_up, mask, 0.25, values=fused)
-    launched = record.kernel_ops()
+    launched = record.kernel_ops(_NO_KERNEL)
     assert launched == ["aten.bmm.default"], launched
     assert len(calls) == 1 and probs is None  # one _launch: the two kernels
     ref, _ = latent_attention(q.double(), c_k.double(), c_v.double(), k_up.double(), v_up.double(), mask, 0.25)
@@ -304,9 +266,7 @@ def test_auto_takes_the_kernel_only_where_it_was_timed_faster(choice, monkeypatc
     asked = []
     monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
     monkeypatch.setattr(bridge, "faster_path", lambda key, *a, **k: asked.append(key) or choice)
-    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
-    model = tmps.compress(OPTForCausalLM(cfg).eval(), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
+    model = tmps.compress(_tiny_opt(), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
                           progress=False).to(DEVICE)
     calls = _count_launches(monkeypatch)
     ids = torch.randint(0, 64, (2, 9), device=DEVICE)
@@ -315,9 +275,9 @@ def test_auto_takes_the_kernel_only_where_it_was_timed_faster(choice, monkeypatc
         assert not [key for key in asked if key[0] == "latent_decode"]  # prefill: rebuild, no question
         model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True)
     keys = [key for key in asked if key[0] == "latent_decode"]
-    assert len(keys) == cfg.num_hidden_layers and len(set(keys)) == 1  # one shape: one timing when cached
+    assert len(keys) == model.config.num_hidden_layers and len(set(keys)) == 1  # one shape: one timing when cached
     assert keys[0][3:6] == (2, 4, 1)  # batch, heads, q_len
-    assert len(calls) == (cfg.num_hidden_layers if choice == "triton" else 0)
+    assert len(calls) == (model.config.num_hidden_layers if choice == "triton" else 0)
 
 
 @needs_kernel
@@ -326,34 +286,11 @@ def test_with_the_kernels_a_kv_decode_step_launches_fewer_ops_than_dense(arch, m
     """Device launches of one static-cache decode step (aten ops that run a kernel, plus Triton launches,
     the interpreter's own tensor traffic inside those not counted): the torch chain's latent decode
     costs more launches than dense attention, the fused kernels fewer."""
-    from transformers import StaticCache
-
     monkeypatch.setattr(ld, "_new_workspace", lambda shape, device: torch.empty(shape, device=device))  # no fill
-    no_kernel = _NO_KERNEL + ("_unsafe_view", "lift_fresh", "scalar_tensor", "promote_types", "unbind", "split")
-    if arch == "opt":
-        cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=64, word_embed_proj_dim=32, attn_implementation="sdpa")
-        dense = OPTForCausalLM(cfg).eval().to(DEVICE)
-    else:  # RoPE, GQA: the RoPE-score kernel, and the query's rotary rows gathered once a layer
-        cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          attn_implementation="sdpa")
-        dense = LlamaForCausalLM(cfg).eval().to(DEVICE)
-    kv = tmps.compress(copy.deepcopy(dense).cpu(), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
-                       progress=False).to(DEVICE)
-    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
-    launches = {}
-    for name, model, backend in (("dense", dense, None), ("kv torch", kv, "torch"), ("kv triton", kv, "triton")):
-        if backend is not None:
-            tmps.set_paths(model, backend=backend)
-        cache = StaticCache(config=model.config, max_cache_len=32)
-        with torch.no_grad():
-            nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            with _counting_kernels(_Record()) as record, record:
-                model(nxt, past_key_values=cache, use_cache=True)
-        launches[name] = len(record.kernel_ops(no_kernel)) + record.triton
-    # Everything outside the layers is the same in all three. Counted with transformers 5.24: OPT
-    # 59 / 67 / 55, Llama 94 / 114 / 90 (dense / kv torch / kv triton).
-    layers = cfg.num_hidden_layers
+    counting = _decode_launches()
+    launches = counting.step_launches(arch, DEVICE)
+    # Everything outside the layers is the same in all three. `python benchmarks/decode_launches.py`
+    # with transformers 5.24: OPT 59 / 67 / 55, Llama 94 / 114 / 90 (dense / kv torch / kv triton).
+    layers = counting.LAYERS
     assert launches["kv torch"] >= launches["dense"] + 4 * layers, launches
     assert launches["kv triton"] <= launches["dense"] - 2 * layers, launches
