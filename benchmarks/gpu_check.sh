@@ -283,43 +283,13 @@ for name, spec in LAYOUTS.items():
             print(f"{name:<15} {str(dtype)[6:]:<9} {m:>6} {label:<9} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
 
-# The fused latent decode (tmps.kernels.latent_decode) at the e2e shapes: a static cache of 1040
-# slots whose tail is masked, one new token per sequence; scores computed inside (OPT) or given (RoPE).
-from tmps.kernels import latent_decode as ld  # noqa: E402
-
-DECODE_CASES = {  # name: (b, heads, kv_heads, head_dim, r_k, r_v, scores given)
-    "opt-1.3b b=1": (1, 32, 32, 64, 712, 1328, False),
-    "opt-1.3b b=16": (16, 32, 32, 64, 712, 1328, False),
-    "llama-3-8b b=16": (16, 32, 8, 128, 360, 664, True),
-}
-ONE_PASS, SCORES_FIRST = ld._CONFIGS[0], ld._SCORES_FIRST_CONFIGS[1]  # candidates of the autotuner
-T, FILLED = 1040, 1000
-print(f"{'latent decode':<17} {'dtype':<9} {'config':<12} {'rel err':>9} {'tol':>7}  result")
-for name, (b, heads, kv_heads, head_dim, r_k, r_v, given) in DECODE_CASES.items():
-    q64, ck64 = rand(b, heads, max(r_k, 1)), rand(b, T, max(r_k, 1))
-    s64, cv64 = rand(b, heads, T, scale=3.0), rand(b, T, r_v)
-    vu64 = rand(kv_heads * head_dim, r_v, scale=r_v**-0.5)
-    mask = (torch.arange(T, device=DEV) < FILLED).view(1, 1, 1, T).expand(b, 1, 1, T)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cases = [("fp32", None)] if dtype == torch.float32 else [("one-pass", ONE_PASS)]
-        if dtype != torch.float32 and not given:  # RoPE scores arrive computed: scores-first is the same pass
-            cases.append(("scores-first", SCORES_FIRST))
-        if dtype == torch.float16 and name == "opt-1.3b b=1":
-            cases.append(("autotune", None))
-        low = dict(q_latent=None if given else q64.to(dtype), scores=s64.float() if given else None,
-                   c_k=None if given else ck64.to(dtype), c_v=cv64.to(dtype), v_up=vu64.to(dtype))
-        exact = {k: None if v is None else v.double() for k, v in low.items()}
-        for label, config in cases:
-            t0 = time.perf_counter()
-            common = dict(mask=mask, scaling=head_dim**-0.5, heads=heads, q_len=1, head_dim=head_dim)
-            ok, err, verdict = compare(lambda: [ld.latent_decode_attention(**low, **common, config=config)],
-                                       lambda: [ld.latent_decode_attention_ref(**exact, **common)], TOL[dtype])
-            bad += not ok
-            print(f"{name:<17} {str(dtype)[6:]:<9} {label:<12} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
 print(f"kernel check: {bad} failing case(s)")
 sys.exit(1 if bad else 0)
 EOF
+  local rc=$?
+  # the fused latent decode at e2e's shapes, beside the torch chain's own error
+  "$PY" benchmarks/latent_decode_check.py --device cuda || rc=1
+  return $rc
 }
 step "c2. fused kernels vs float64 reference (model sizes)" 100 "$(reserve_after c2)" kernel_check
 

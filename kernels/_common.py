@@ -69,8 +69,9 @@ def unit_last(t):
 
 
 def cdiv(a: int, b: int) -> int:
-    """Ceiling division of host integers. (Triton 3.9's ``triton.cdiv`` is a ConstexprFunction: 3.5 us
-    a call from Python on this CPU against 0.05 us; the latent decode launch made three.)"""
+    """Ceiling division of host integers. (Triton 3.9's ``triton.cdiv`` is a ConstexprFunction: each
+    host call unwraps its arguments as constexprs, many times the cost of ``//``; launchers call it
+    on every launch.)"""
     return -(-a // b)
 
 

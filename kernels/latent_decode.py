@@ -29,8 +29,8 @@ memory only as per-chunk fp32 partials:
    the scores with one cuBLAS GEMM first (``b·R·T`` numbers, 1 MB there) and this pass reads them:
    three launches, no recomputation; the tuner keeps whichever is faster per shape, as the
    projection kernel's z-pass. Its scores are rounded to the input dtype before the softmax, as the
-   torch chain's score GEMM rounds them (in fp16 about 1e-3 of the output against float64, where the
-   one-pass configs' fp32 scores give ~3e-4).
+   torch chain's score GEMM rounds them, so its fp16 error is the chain's rather than the one-pass
+   configs' (fp32 scores): ``benchmarks/latent_decode_check.py`` prints both.
 2. ``_combine_kernel``, grid ``(heads, cdiv(b·q_len, BLOCK_B))``: rescales the chunks to their
    common max, sums and divides (``ō``, rounded to the input dtype as the chain's is), multiplies
    by the head's ``U_v,g`` with ``tl.dot`` and stores ``out`` in ``(b, q_len, heads, D)`` order, the

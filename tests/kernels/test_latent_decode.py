@@ -18,8 +18,9 @@ from tmps.kernels.latent_decode import DecodeConfig, latent_decode_attention, la
 DEVICE = "cuda" if torch.cuda.is_available() and not ld._interpreted() else "cpu"
 needs_kernel = pytest.mark.skipif(not ld.triton_available(DEVICE), reason=f"Triton cannot run on {DEVICE}")
 
-# max|error| / max|reference|. The torch chain itself, in fp16 / bf16 against float64, is off by
-# ~6e-4 / ~6e-3 at these sizes (probabilities and ō rounded to the dtype); fp32 runs as 3xTF32 on a GPU.
+# max|error| / max|reference|. The torch chain itself, in fp16 / bf16 against float64, is off by up to
+# 1.6e-3 / 9e-3 at benchmarks/latent_decode_check.py's reduced shapes (probabilities and ō rounded to
+# the dtype); fp32 runs as 3xTF32 on a GPU.
 TOLERANCE = {torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 # Every dtype in the interpreter (CI); on a GPU each specialisation compiles (about a second each, two
 # kernels), so the sweeps run fp16 there and gpu_check's c2 checks all three dtypes at model sizes.
