@@ -327,7 +327,7 @@ def count(module, attr, name):
     setattr(module, attr, counted)
 
 
-count(bridge, "fused_factored_projection", "n")
+count(bridge, "run_fused_projection", "n")
 count(latent_scores, "latent_rope_scores", "scores")
 count(latent_decode, "latent_decode_attention", "decode")
 VOCAB, HIDDEN = 512, 256

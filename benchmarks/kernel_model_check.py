@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         print("kernel_model_check: no CUDA device; run without --device cuda for the interpreter", file=sys.stderr)
         return 2
     calls = {"projection": 0, "scores": 0, "decode": 0}
-    projection, scores = bridge.fused_factored_projection, latent_scores.latent_rope_scores
+    projection, scores = bridge.run_fused_projection, latent_scores.latent_rope_scores
     decode = latent_decode.latent_decode_attention
 
     def count(name, fn):
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             return fn(*a, **k)
         return counted
 
-    bridge.fused_factored_projection = count("projection", projection)  # looked up at each call
+    bridge.run_fused_projection = count("projection", projection)  # looked up at each call
     latent_scores.latent_rope_scores = count("scores", scores)
     latent_decode.latent_decode_attention = count("decode", decode)
 

@@ -84,6 +84,7 @@ from ._common import cdiv, require_runnable, tl, triton, triton_available
 from ._common import interpreted as _interpreted
 
 __all__ = [
+    "FusedProjection",
     "KernelConfig",
     "fused_factored_projection",
     "fused_factored_projection_ref",
@@ -509,13 +510,42 @@ def _validate(x, in_factor, cores, out_factors, biases):
     return d_in, r, tuple(groups)
 
 
-def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: KernelConfig, z=None):
+@functools.lru_cache(maxsize=1024)
+def _launch_meta(config: KernelConfig, r: int, groups: tuple, dtype: torch.dtype):
+    """``(plan, constexpr keyword arguments)`` of a launch: fixed by the config, shapes and dtype, so
+    built once (a decode call is host-bound: rebuilding these ~25 arguments cost ~10 us a launch)."""
+    plan = _make_plan(config, r, groups)
+    meta = dict(
+        HEADS=plan.heads, S=plan.s, O=plan.o, COLS=plan.cols,
+        S_PAD=plan.s_pad, O_PAD=plan.o_pad, HEADS_PER_TILE=plan.heads_per_tile, TILE_START=plan.tile_start,
+        HAS_OUT_FACTOR=tuple(g[3] for g in groups), HAS_BIAS=tuple(g[4] for g in groups),
+        NUM_GROUPS=len(groups),
+        TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
+        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
+        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass,
+        DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32",
+        DOT_UPCAST=dtype == torch.bfloat16 and _interpreted(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return plan, meta
+
+
+def _factor_args(cores, out_factors, biases) -> tuple:
+    """The kernel's factor pointer tuples; an absent out factor or bias passes its core (never read)."""
+    return (tuple(cores),
+            tuple(a if a is not None else c for a, c in zip(out_factors, cores)),
+            tuple(b if b is not None else c for b, c in zip(biases, cores)))
+
+
+def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: KernelConfig, z=None,
+            factor_args=None):
     """Launch the kernel once with ``config``; every argument is already checked.
 
     z: for z-pass configs, ``x2d @ in_factor`` if already at hand ((M, r), contiguous); computed here
     otherwise.  (benchmarks/compile_check.py passes an empty one: it only captures the launch.)
+    factor_args: :func:`_factor_args` of the factors, if a :class:`FusedProjection` holds them.
     """
-    plan = _make_plan(config, r, groups)
+    plan, meta = _launch_meta(config, r, groups, x2d.dtype)
     m, d_in = x2d.shape
     if in_factor is None:  # z = x: the launcher made x2d contiguous
         if not config.z_pass:
@@ -528,24 +558,13 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
     else:
         scratch = torch.empty((plan.col_splits, m, r), device=x2d.device, dtype=x2d.dtype)
     grid = (cdiv(m, config.block_m) * plan.col_splits,)
+    core_args, out_args, bias_args = factor_args or _factor_args(cores, out_factors, biases)
     _fused_factored_projection_kernel[grid](
         x2d, in_factor if in_factor is not None else x2d, scratch,
-        tuple(cores),
-        tuple(a if a is not None else c for a, c in zip(out_factors, cores)),
-        tuple(b if b is not None else c for b, c in zip(biases, cores)),
-        tuple(ys),
+        core_args, out_args, bias_args, tuple(ys),
         m, d_in, r,
         x2d.stride(0), tuple(y.stride(0) for y in ys),
-        HEADS=plan.heads, S=plan.s, O=plan.o, COLS=plan.cols,
-        S_PAD=plan.s_pad, O_PAD=plan.o_pad, HEADS_PER_TILE=plan.heads_per_tile, TILE_START=plan.tile_start,
-        HAS_OUT_FACTOR=tuple(g[3] for g in groups), HAS_BIAS=tuple(g[4] for g in groups),
-        NUM_GROUPS=len(groups),
-        TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
-        BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
-        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass,
-        DOT_PRECISION=FP32_DOT_PRECISION if x2d.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=x2d.dtype == torch.bfloat16 and _interpreted(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **meta,
     )
 
 
@@ -596,6 +615,94 @@ def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> K
     return best
 
 
+class FusedProjection:
+    """:func:`fused_factored_projection` with its factors fixed: they are checked once, at
+    construction, against ``like`` (an input of the dtype, device and width every call will pass);
+    each call then checks only ``x``.
+
+    A compressed attention layer calls its projection with the same factors at every step, and at
+    decode sizes the call is host-bound: re-checking ~10 factor tensors, module attribute lookups and
+    rebuilding the launch's arguments took ~200 us a call on this project's CPU, against ~20 us of
+    device time for the kernel on an H200 (``python benchmarks/host_overhead.py`` measures it).
+    Contiguous factors are held, not copied, so in-place updates (``load_state_dict``) are seen;
+    ``copied`` says whether some factor was not contiguous and a contiguous copy is held instead.
+    """
+
+    def __init__(self, in_factor, cores, out_factors, biases, *, like):
+        d_in, r, groups = _validate(like, in_factor, cores, out_factors, biases)
+        self.dtype, self.device, self.d_in, self.r, self.groups = like.dtype, like.device, d_in, r, groups
+        held_in = in_factor.contiguous() if in_factor is not None else None
+        held_cores = [c.contiguous() for c in cores]
+        held_outs = [a.contiguous() if a is not None else None for a in out_factors]
+        held_biases = [b.contiguous() if b is not None else None for b in biases]
+        given = [in_factor, *cores, *out_factors, *biases]
+        self.copied = any(h is not g for h, g in zip([held_in, *held_cores, *held_outs, *held_biases], given))
+        self.in_factor, self.cores, self.out_factors, self.biases = held_in, held_cores, held_outs, held_biases
+        self.widths = tuple(n * o for n, _, o, _, _ in groups)
+        self._factor_args = _factor_args(held_cores, held_outs, held_biases)
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the factors are {self.dtype}; cast x or the factors")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the factors are on {self.device}; move all tensors to one device")
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected (..., d_in={self.d_in})")
+
+    def __call__(self, x, out=None, *, config=None):
+        """The projections of ``x: (..., d_in)``: a list of P tensors ``(..., n_g * o_g)`` (or ``out``)."""
+        self._check_input(x)
+        if config is not None and not isinstance(config, KernelConfig):
+            raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+        d_in = self.d_in
+        lead = tuple(x.shape[:-1])
+        m = 1
+        for size in lead:
+            m *= size
+        x2d = x.reshape(m, d_in)
+        if x2d.stride(1) != 1 or (self.in_factor is None and m > 1 and x2d.stride(0) != d_in):
+            x2d = x2d.contiguous()  # without an in factor the kernel reads x as the (M, r) matrix z
+
+        widths = self.widths
+        if out is None:
+            out = [torch.empty(lead + (w,), device=x.device, dtype=x.dtype) for w in widths]
+            ys = [y.view(m, w) for y, w in zip(out, widths)]
+        else:
+            out, ys = self._check_out(out, lead, m)
+        require_runnable(x.device, "fused_factored_projection", "fused_factored_projection_ref", "x")
+        if m == 0:
+            return out
+
+        args = (x2d, self.in_factor, self.cores, self.out_factors, self.biases, ys, self.r, self.groups)
+        if config is None:
+            config = _pick_config(*args)
+        _launch(*args, config, factor_args=self._factor_args)
+        return out
+
+    def _check_out(self, out, lead, m):
+        if not isinstance(out, (list, tuple)) or len(out) != len(self.groups):
+            raise ValueError(f"out must be a list of {len(self.groups)} tensors, one per group")
+        out = list(out)
+        ys = []
+        for g, (y, w) in enumerate(zip(out, self.widths)):
+            _check_tensor(f"out[{g}]", y, lead + (w,), self.device)
+            if y.dtype != self.dtype:
+                raise TypeError(f"out[{g}] has dtype {y.dtype}, expected {self.dtype} (the dtype of x)")
+            try:
+                y2d = y.view(m, w)
+            except RuntimeError:
+                y2d = None
+            if y2d is None or (m > 1 and y2d.stride(1) != 1) or (w > 1 and y.stride(-1) != 1):
+                raise ValueError(
+                    f"out[{g}] with strides {tuple(y.stride())} cannot be written as an ({m}, {w}) matrix "
+                    "with unit column stride"
+                )
+            ys.append(y2d)
+        return out, ys
+
+
 def fused_factored_projection(x, in_factor, cores, out_factors, biases, out=None, *, config=None):
     """Compute every group's ``((x @ in_factor) @ core_gᵀ) @ out_factor_gᵀ + bias_g`` in one launch.
 
@@ -615,58 +722,13 @@ def fused_factored_projection(x, in_factor, cores, out_factors, biases, out=None
     All tensors share one device and one dtype (float32, float16 or bfloat16); accumulation is
     fp32, and z and t are rounded to the input dtype between GEMMs like the unfused chain.  On the
     GPU fp32 products run as 3xTF32 (error close to fp32's, not bit-equal to torch's fp32 GEMM).
+    Repeated calls with the same factors: :class:`FusedProjection` checks them once.
 
     Returns
     -------
     list of P Tensors, ``y_g`` of shape ``(..., n_g * o_g)`` (the ``out`` tensors when given).
     """
-    d_in, r, groups = _validate(x, in_factor, cores, out_factors, biases)
-    if config is not None and not isinstance(config, KernelConfig):
-        raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
-
-    lead = tuple(x.shape[:-1])
-    m = 1
-    for size in lead:
-        m *= size
-    x2d = x.reshape(m, d_in)
-    if x2d.stride(1) != 1 or (in_factor is None and m > 1 and x2d.stride(0) != d_in):
-        x2d = x2d.contiguous()  # without an in factor the kernel reads x as the (M, r) matrix z
-    in_factor = in_factor.contiguous() if in_factor is not None else None
-    cores = [c.contiguous() for c in cores]
-    out_factors = [a.contiguous() if a is not None else None for a in out_factors]
-    biases = [b.contiguous() if b is not None else None for b in biases]
-
-    widths = [n * o for n, _, o, _, _ in groups]
-    if out is None:
-        out = [torch.empty(lead + (w,), device=x.device, dtype=x.dtype) for w in widths]
-        ys = [y.view(m, w) for y, w in zip(out, widths)]
-    else:
-        if not isinstance(out, (list, tuple)) or len(out) != len(groups):
-            raise ValueError(f"out must be a list of {len(groups)} tensors, one per group")
-        out = list(out)
-        ys = []
-        for g, (y, w) in enumerate(zip(out, widths)):
-            _check_tensor(f"out[{g}]", y, lead + (w,), x.device)
-            if y.dtype != x.dtype:
-                raise TypeError(f"out[{g}] has dtype {y.dtype}, expected {x.dtype} (the dtype of x)")
-            try:
-                y2d = y.view(m, w)
-            except RuntimeError:
-                y2d = None
-            if y2d is None or (m > 1 and y2d.stride(1) != 1) or (w > 1 and y.stride(-1) != 1):
-                raise ValueError(
-                    f"out[{g}] with strides {tuple(y.stride())} cannot be written as an ({m}, {w}) matrix "
-                    "with unit column stride"
-                )
-            ys.append(y2d)
-    require_runnable(x.device, "fused_factored_projection", "fused_factored_projection_ref", "x")
-    if m == 0:
-        return out
-
-    if config is None:
-        config = _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups)
-    _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config)
-    return out
+    return FusedProjection(in_factor, cores, out_factors, biases, like=x)(x, out, config=config)
 
 
 # --------------------------------------------------------------------------------------------

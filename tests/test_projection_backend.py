@@ -70,12 +70,13 @@ def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, 
     module = projection()
     calls = []
 
-    def fake_kernel(x, in_factor, cores, out_factors, biases):
+    def fake_kernel(launcher, x):
         calls.append(x.shape[:-1])
-        return factored_projection_torch(x, in_factor, list(zip(cores, out_factors, biases)))
+        return factored_projection_torch(x, launcher.in_factor, list(zip(launcher.cores, launcher.out_factors,
+                                                                         launcher.biases)))
 
     monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
-    monkeypatch.setattr(bridge, "fused_factored_projection", fake_kernel)
+    monkeypatch.setattr(bridge, "run_fused_projection", fake_kernel)
     timings = {}
 
     def bench(fn):
@@ -138,3 +139,66 @@ def test_forcing_the_kernel_on_factors_it_cannot_tile_is_a_clear_error(monkeypat
     svd.backend = "triton"
     with pytest.raises(ValueError, match=r"out factors of shapes \[\(300, 6\)\].*backend='auto' or 'torch'"):
         svd(torch.randn(2, 12))
+
+
+def test_the_kernel_launcher_is_built_once_and_rebuilt_when_buffers_are_replaced(monkeypatch):
+    """Decode calls are host-bound: the module keeps its FusedProjection until a buffer is replaced
+    (``.to()``, ``load_state_dict(assign=True)``), and does not keep one holding copies."""
+    built, ran = [], []
+
+    class FakeLauncher:
+        def __init__(self, in_factor, cores, out_factors, biases, like):
+            built.append(1)
+            self.dtype, self.device, self.copied = like.dtype, like.device, in_factor is not None and \
+                not in_factor.is_contiguous()
+            self.factors = (in_factor, list(zip(cores, out_factors, biases)))
+
+    def run(launcher, x):
+        ran.append(launcher)
+        return factored_projection_torch(x, *launcher.factors)
+
+    monkeypatch.setattr(bridge, "triton_path_available", lambda device: True)
+    monkeypatch.setattr(bridge, "fused_projection_launcher", FakeLauncher)
+    monkeypatch.setattr(bridge, "run_fused_projection", run)
+    module = projection()
+    module.backend = "triton"
+    x = torch.randn(2, 12)
+    for _ in range(3):
+        module(x)
+    assert len(built) == 1 and len(ran) == 3 and ran[0] is ran[2]
+    module.double()  # new buffer tensors: a new launcher, for the new dtype
+    ys = module(x.double())
+    assert len(built) == 2 and ran[-1].dtype == torch.float64
+    for y, ref in zip(ys, factored_projection_torch(x.double(), module.in_factor, module.groups)):
+        torch.testing.assert_close(y, ref)
+    state = {k: v.clone() * 2 for k, v in module.state_dict().items()}
+    module.load_state_dict(state, assign=True)
+    module(x.double())
+    assert len(built) == 3
+    module.load_state_dict(state)  # in place: the same tensors, the same launcher
+    module(x.double())
+    assert len(built) == 3
+    module.in_factor = module.in_factor.T.contiguous().T  # a non-contiguous factor: never cached
+    module(x.double()), module(x.double())
+    assert len(built) == 5
+
+
+def test_moving_the_module_releases_the_cached_launcher(monkeypatch):
+    """The cache holds the buffers it was built from: .to() / .half() must not keep the old ones alive."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(bridge, "triton_path_available", lambda device: True)
+    monkeypatch.setattr(bridge, "fused_projection_launcher",
+                        lambda *factors, like: type("L", (), {"dtype": like.dtype, "device": like.device,
+                                                               "copied": False, "factors": factors})())
+    monkeypatch.setattr(bridge, "run_fused_projection",
+                        lambda launcher, x: factored_projection_torch(x, launcher.factors[0],
+                                                                      list(zip(*launcher.factors[1:]))))
+    module = projection()
+    module.backend = "triton"
+    module(torch.randn(2, 12))
+    old = weakref.ref(module.in_factor)
+    module.double()
+    gc.collect()
+    assert old() is None, "the cached launcher kept the float32 factors alive"

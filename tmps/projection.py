@@ -11,6 +11,9 @@ groups output full heads; in ``kv`` mode the k and v groups output the cached la
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -80,43 +83,88 @@ class FactoredProjection(nn.Module):
         whole-projection out factors ``(d_p, r)`` are not (``backend="auto"`` keeps the torch chain)."""
         return all(out is None or max(out.shape) <= 256 for _, out, _ in self.groups)
 
+    # The kernel cache holds the buffers it was built from: drop it when they are replaced, so that
+    # ``model.to("cuda")`` or ``.half()`` does not keep the old copies alive until the next call.
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_kernel_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_kernel_cache", None)
+        super().__setattr__(name, value)
+
+    def _kernel_state(self) -> "_KernelState":
+        """What the kernel path derives from the buffers alone, kept until one of them is replaced.
+
+        At decode sizes a call is host-bound, and rebuilding this (nine buffer lookups through
+        ``nn.Module.__getattr__``, the shape key, the kernel's factor checks) cost more host time than
+        the kernel's device time. ``.to()`` / ``.half()`` and ``load_state_dict(assign=True)`` put new
+        tensors in ``_buffers``, so identity tells a stale state; in-place updates need no rebuild.
+        """
+        buffers = tuple(self._buffers.values())
+        state = self.__dict__.get("_kernel_cache")
+        stale = state is None or len(state.buffers) != len(buffers) or \
+            any(a is not b for a, b in zip(state.buffers, buffers))
+        if stale:
+            shape_key = (None if self.in_factor is None else tuple(self.in_factor.shape),
+                         tuple((tuple(c.shape), None if a is None else tuple(a.shape), b is not None)
+                               for c, a, b in self.groups))
+            state = _KernelState(buffers, self.kernel_fits(), shape_key)
+            self.__dict__["_kernel_cache"] = state
+        return state
+
     def _use_triton(self, x: torch.Tensor) -> bool:
         from . import kernels_bridge as bridge
 
         if not bridge.kernel_considered(x.device, self.backend):
             return False
+        state = self._kernel_state()
         if self.backend == "triton":
-            if not self.kernel_fits():
+            if not state.fits:
                 shapes = [tuple(out.shape) for _, out, _ in self.groups if out is not None]
                 raise ValueError(f"backend='triton': out factors of shapes {shapes} are larger than the kernel's "
                                  "per-head tiles (at most 256 a side; the svd baseline holds whole-projection "
                                  "factors); use backend='auto' or 'torch' for this model")
             return True
-        if not self.kernel_fits():
+        if not state.fits:
             return False
-        d_in = x.shape[-1]
-        bucket = bridge.token_bucket(x.numel() // d_in)
+        bucket = bridge.token_bucket(x.numel() // x.shape[-1])
         if self.in_factor is None and bucket > bridge.token_bucket(1):
             # Without an in factor the kernel is a plain grouped GEMM: at prefill sizes cuBLAS's GEMMs
             # won (H200 run 2: the fused tiles of the kv layout at 0.80x the chain, 4096 tokens), so
             # "auto" keeps the chain there without autotuning ten prefill configs per shape.
             return False
-        key = (x.device, x.dtype, bucket,
-               None if self.in_factor is None else tuple(self.in_factor.shape),
-               tuple((tuple(c.shape), None if a is None else tuple(a.shape), b is not None) for c, a, b in self.groups))
+        key = (x.device, x.dtype, bucket) + state.shape_key
         return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x), device=x.device) == "triton"
 
     def _triton(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from .kernels_bridge import fused_factored_projection
+        from . import kernels_bridge as bridge
 
-        cores, outs, biases = zip(*self.groups)
-        return fused_factored_projection(x, self.in_factor, list(cores), list(outs), list(biases))
+        state = self._kernel_state()
+        launcher = state.launcher
+        if launcher is None or launcher.dtype != x.dtype or launcher.device != x.device:
+            cores, outs, biases = zip(*self.groups)
+            launcher = bridge.fused_projection_launcher(self.in_factor, list(cores), list(outs), list(biases), like=x)
+            if launcher.copied:  # it holds copies of non-contiguous factors: in-place updates would be missed
+                return bridge.run_fused_projection(launcher, x)
+            state.launcher = launcher
+        return bridge.run_fused_projection(launcher, x)
 
     def _torch(self, x: torch.Tensor) -> list[torch.Tensor]:
         return factored_projection_torch(x, self.in_factor, self.groups)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self._triton(x) if self._use_triton(x) else self._torch(x)
+
+
+@dataclass
+class _KernelState:
+    """The kernel path's per-buffers cache: see :meth:`FactoredProjection._kernel_state`."""
+
+    buffers: tuple  # the ``_buffers`` values it was built from (identity marks it stale)
+    fits: bool  # kernel_fits()
+    shape_key: tuple  # the buffers' shapes, for the faster_path key
+    launcher: Any = None  # a FusedProjection, built at the first kernel call
 
 
 def factored_projection_torch(x, in_factor, groups) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 from tmps.kernels import fused_projection as fp
 from tmps.kernels._common import autotune
 from tmps.kernels.fused_projection import (
+    FusedProjection,
     KernelConfig,
     fused_factored_projection,
     fused_factored_projection_ref,
@@ -341,6 +342,61 @@ def test_bad_out_raises():
 
 
 # --------------------------------------------------------------------------------------------
+# FusedProjection: factors checked once, then only x
+# --------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["opt", "kv_latent"])
+def test_launcher_reused_across_inputs_matches_the_reference(layout):
+    x, in_factor, cores, out_factors, biases = make_inputs((5,), 32, 24, 24, layout, torch.float16)
+    launcher = FusedProjection(in_factor, cores, out_factors, biases, like=x)
+    assert not launcher.copied
+    for shape in [(5,), (2, 7), (1,)]:  # new inputs, new leading shapes, one launcher
+        x = torch.randn(*shape, 32, device=DEVICE).half()
+        outs = nan_outputs((x, in_factor, cores, out_factors, biases), shape)
+        ys = launcher(x, outs)
+        assert all(y is o for y, o in zip(ys, outs))
+        for g, (y, ref) in enumerate(zip(ys, reference(x, in_factor, cores, out_factors, biases))):
+            assert_close_to_ref(y, ref, TOLERANCE[torch.float16], name=f"{shape} group {g}")
+
+
+@needs_kernel
+def test_launcher_sees_in_place_factor_updates():
+    """Contiguous factors are held, not copied: ``load_state_dict`` (an in-place copy) needs no new launcher."""
+    x, in_factor, cores, out_factors, biases = make_inputs((3,), 32, 24, 24, "opt", torch.float32)
+    launcher = FusedProjection(in_factor, cores, out_factors, biases, like=x)
+    with torch.no_grad():
+        cores[1].mul_(-2.0)
+        biases[2].add_(1.0)
+    for g, (y, ref) in enumerate(zip(launcher(x), reference(x, in_factor, cores, out_factors, biases))):
+        assert_close_to_ref(y, ref, TOLERANCE[torch.float32], name=f"group {g}")
+
+
+def test_launcher_copies_non_contiguous_factors_and_says_so():
+    x, in_factor, cores, out_factors, biases = _good()
+    assert not FusedProjection(in_factor, cores, out_factors, biases, like=x).copied
+    strided = in_factor.T.contiguous().T  # same values, column-major
+    launcher = FusedProjection(strided, cores, out_factors, biases, like=x)
+    assert launcher.copied and launcher.in_factor.is_contiguous()
+
+
+def test_launcher_checks_each_input_against_its_factors():
+    x, in_factor, cores, out_factors, biases = _good()
+    launcher = FusedProjection(in_factor, cores, out_factors, biases, like=x)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float16 but the factors are torch.float32"):
+        launcher(x.half())
+    with pytest.raises(ValueError, match=r"x has shape \(4, 15\), expected \(\.\.\., d_in=16\)"):
+        launcher(x[:, :-1])
+    with pytest.raises(ValueError, match=r"x is on meta but the factors are on"):
+        launcher(x.to("meta"))
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got list"):
+        launcher([1.0] * 16)
+    with pytest.raises(ValueError, match=r"cores\[1\] has shape"):  # the factors are checked at construction
+        FusedProjection(in_factor, [cores[0], cores[1][:, :, :-1], cores[2]], out_factors, biases, like=x)
+
+
+# --------------------------------------------------------------------------------------------
 # Config space (no launches)
 # --------------------------------------------------------------------------------------------
 
@@ -407,8 +463,8 @@ def test_kv_mode_projection_runs_through_the_kernel(arch, monkeypatch):
     assert len(projections) == cfg.num_hidden_layers and all(p.in_factor is None for p in projections)
     model, dense = model.to(DEVICE), dense.to(DEVICE)
     calls = []
-    kernel = bridge.fused_factored_projection
-    monkeypatch.setattr(bridge, "fused_factored_projection", lambda *a: calls.append(1) or kernel(*a))
+    kernel = bridge.run_fused_projection
+    monkeypatch.setattr(bridge, "run_fused_projection", lambda *a: calls.append(1) or kernel(*a))
     tmps.set_paths(model, backend="triton")
     ids = torch.randint(0, 64, (2, 9), device=DEVICE)
     with torch.no_grad():
