@@ -161,6 +161,9 @@ def step_cases(torch):
                 model(nxt, past_key_values=cache, use_cache=True)
                 cache.crop(-1)
 
+            step()
+            if cache.get_seq_length() != ids.shape[1]:  # crop's meaning changed across transformers 5.x once
+                raise RuntimeError(f"the cache holds {cache.get_seq_length()} tokens after a cropped step")
             cases[(arch, variant, backend)] = (select, step)
     return cases
 
