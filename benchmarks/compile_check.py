@@ -161,8 +161,7 @@ def decode_cases(dtype):
         "smollm2 b=1": (1, 9, 3, 64, 1040, 0, 96, True),
     }
     for name, (b, heads, kv_heads, head_dim, total, r_k, r_v, given) in shapes.items():
-        configs = [ld._FP32_CONFIG] if dtype == torch.float32 else \
-            list(ld._CONFIGS) + ([] if given else list(ld._SCORES_FIRST_CONFIGS))
+        configs = [ld._FP32_CONFIG] if dtype == torch.float32 else list(ld._candidates(given))
         for config in configs:
             def launch(config=config, b=b, heads=heads, kv_heads=kv_heads, head_dim=head_dim, total=total,
                        r_k=r_k, r_v=r_v, given=given):

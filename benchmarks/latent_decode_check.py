@@ -6,8 +6,8 @@
 Cases: OPT-1.3B's decode at batch 1 and 16 (32 heads of 64, no RoPE: scores computed inside,
 r_k / r_v = 712 / 1328) and Llama-3-8B's at batch 16 (32 / 8 heads of 128, RoPE: fp32 scores
 given), over a static cache of 1040 slots whose last 40 are masked, one new token per sequence;
-fp32 / fp16 / bf16 and, in 16-bit, a one-pass and a scores-first candidate (fp16 at batch 1 also
-through the autotuner). Per case: max|out - ref| / max|ref| of the kernel, and of the torch chain
+fp32 / fp16 / bf16 and, in 16-bit, a one-pass and a scores-first candidate (fp16 also one whose
+combine splits head_dim, and at batch 1 the autotuner's pick). Per case: max|out - ref| / max|ref| of the kernel, and of the torch chain
 (``latent_decode_attention_ref`` in the low dtype) on the same rounded inputs, against the float64
 reference. Exit status 1 if the kernel exceeds the tolerance anywhere.
 """
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
             configs = [("fp32", None)] if dtype == torch.float32 else [("one-pass", ld._CONFIGS[0])]
             if dtype != torch.float32 and not given:  # RoPE scores arrive computed: scores-first is the same pass
                 configs.append(("scores-first", ld._SCORES_FIRST_CONFIGS[1]))
+            if dtype == torch.float16:  # the combine over 32-wide head_dim tiles
+                configs.append(("split-d", ld._SPLIT_D_CONFIGS[0]))
             if dtype == torch.float16 and name == "opt-1.3b b=1":
                 configs.append(("autotune", None))
             low = dict(q_latent=None if given else q64.to(dtype), scores=s64.float() if given else None,

@@ -31,10 +31,11 @@ memory only as per-chunk fp32 partials:
    projection kernel's z-pass. Its scores are rounded to the input dtype before the softmax, as the
    torch chain's score GEMM rounds them, so its fp16 error is the chain's rather than the one-pass
    configs' (fp32 scores): ``benchmarks/latent_decode_check.py`` prints both.
-2. ``_combine_kernel``, grid ``(heads, cdiv(b·q_len, BLOCK_B))``: rescales the chunks to their
-   common max, sums and divides (``ō``, rounded to the input dtype as the chain's is), multiplies
-   by the head's ``U_v,g`` with ``tl.dot`` and stores ``out`` in ``(b, q_len, heads, D)`` order, the
-   layout the output projection reads.
+2. ``_combine_kernel``, grid ``(heads, cdiv(b·q_len, BLOCK_B), cdiv(D, BLOCK_D))``: rescales the
+   chunks to their common max, sums and divides (``ō``, rounded to the input dtype as the chain's
+   is), multiplies by ``BLOCK_D`` columns of the head's ``U_v,g`` with ``tl.dot`` and stores ``out``
+   in ``(b, q_len, heads, D)`` order, the layout the output projection reads. ``BLOCK_D`` is the
+   whole padded head unless the config splits it (more programs where heads × row blocks are few).
 
 Shapes and layout
 -----------------
@@ -53,6 +54,7 @@ must be one token each (decode), which is what ``None`` means to HF's sdpa path.
 
 from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +73,10 @@ _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2  # MASK_KIND; masked scores are -1e3
 class DecodeConfig:
     """Tile sizes. chunk: positions per partials program (a multiple of block_t); block_t: positions
     per online-softmax step; block_v: value columns per program; block_k: r_k step of the score
-    product; block_b: rows (sequence × token) per combine program; block_r: r_v step of the combine.
-    scores_first: without RoPE, compute the scores with one GEMM before the partials (which then
-    read them) instead of inside every value tile's program."""
+    product; block_b: rows (sequence × token) per combine program; block_r: r_v step of the combine;
+    block_d: head_dim columns per combine program, 0 for the whole (padded) head. scores_first:
+    without RoPE, compute the scores with one GEMM before the partials (which then read them)
+    instead of inside every value tile's program."""
 
     chunk: int = 256
     block_t: int = 64
@@ -84,9 +87,11 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     scores_first: bool = False
+    block_d: int = 0
 
     def __post_init__(self):
-        check_tile_sizes(self, ("chunk", "block_t", "block_v", "block_k", "block_b", "block_r"))
+        check_tile_sizes(self, ("chunk", "block_t", "block_v", "block_k", "block_b", "block_r")
+                         + (("block_d",) if self.block_d else ()))
         if self.chunk < self.block_t:
             raise ValueError(f"DecodeConfig.chunk ({self.chunk}) must be at least block_t ({self.block_t})")
 
@@ -94,7 +99,9 @@ class DecodeConfig:
 # Candidates, untuned (no GPU has run them yet). The chunk trades programs against workspace: at
 # batch 1 and T = 1024, 128-position chunks give 8 x (r_v / block_v) programs; at batch 16 longer
 # chunks keep the fp32 workspace (b x chunks x rows x r_v) well below the latents' own bytes.
-# Seven candidates in all (each compiles two kernels per specialisation, inside the first decode step):
+# Ten candidates in all with the split-head_dim ones below, six where the scores are given (each
+# compiles two kernels per specialisation inside the first decode step; a split one shares its
+# twin's partials kernel):
 # _CONFIGS[0] is also the untimed pick inside a CUDA-graph capture.
 _CONFIGS = (
     DecodeConfig(chunk=128, block_t=64, block_v=128, num_warps=4),
@@ -110,6 +117,14 @@ _SCORES_FIRST_CONFIGS = tuple(
     DecodeConfig(chunk=chunk, block_t=64, block_v=bv, num_warps=4 if bv <= 128 else 8, scores_first=True)
     for chunk, bv in ((64, 128), (256, 128), (1024, 128))
 )
+# The combine pass runs heads x cdiv(b * q_len, block_b) programs: 32 at OPT-1.3B's shape for batch
+# 1 and for batch 16 alike, a quarter of an H100's or H200's 132 SMs, each reading its head's U_v,g
+# (170 KB there) and its rows' partials. Splitting head_dim into 32-wide tiles doubles the programs
+# (four times at Llama-3-8B's 128) for re-reads of the partials, which L2 serves; U_v is still read
+# once. Untimed: offered beside the configs the batch suits (short chunks for batch 1, long ones for
+# batch 16); the partials kernel of each is the same compile as its whole-head twin's.
+_SPLIT_D_CONFIGS = tuple(dataclasses.replace(config, block_d=32)
+                         for config in (_CONFIGS[0], _CONFIGS[3], _SCORES_FIRST_CONFIGS[2]))
 # fp32 is the accuracy path (3xTF32 dots double the registers): one small config, no autotuning.
 _FP32_CONFIG = DecodeConfig(chunk=128, block_t=32, block_v=64, block_k=32, block_r=32, num_warps=4)
 _INTERPRETER_CONFIG = DecodeConfig(chunk=64, block_t=32, block_v=64, block_k=32, block_b=16, block_r=32,
@@ -206,11 +221,12 @@ def _combine_kernel(
     n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
     stride_u,
     # meta-parameters
-    D_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     head = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (sequence, token) rows
+    pid_d = tl.program_id(2)  # head_dim tile
     n_mask = n < n_rows
     batch = (n // q_len).to(tl.int64)
     rho = head * q_len + n % q_len
@@ -229,10 +245,10 @@ def _combine_kernel(
     inv_l = 1.0 / tl.where(n_mask, big_l, 1.0)
 
     # -- out = ō U_v,gᵀ over r_v in BLOCK_R steps, ō = Σ_c exp(m_c - M) acc_c / L rounded to the dtype
-    d_offs = tl.arange(0, D_PAD)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d_offs < head_dim
     u_rows = vu_ptr + ((head // group) * head_dim + d_offs)[None, :] * stride_u  # U_v,gᵀ columns
-    out = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    out = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for r0 in range(0, r_v, BLOCK_R):
         k = r0 + tl.arange(0, BLOCK_R)
         k_mask = k < r_v
@@ -243,7 +259,7 @@ def _combine_kernel(
             part = tl.load(acc_ptr + (slot * rows + rho)[:, None] * r_v + k[None, :],
                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             o_bar += w[:, None] * part
-        u = tl.load(u_rows + k[:, None], mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_R, D_PAD)
+        u = tl.load(u_rows + k[:, None], mask=k_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_D)
         out = dot(o_bar.to(dtype), u, out, DOT_PRECISION, DOT_UPCAST)
 
     out_offs = ((batch * q_len + n % q_len) * heads + head)[:, None] * head_dim + d_offs[None, :]
@@ -349,16 +365,25 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
         DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     n_rows = b * q_len
-    _combine_kernel[(heads, cdiv(n_rows, config.block_b))](
+    whole = next_pow2(head_dim)
+    block_d = max(16, min(config.block_d, whole) if config.block_d else whole)  # tl.dot's smallest size is 16
+    _combine_kernel[(heads, cdiv(n_rows, config.block_b), cdiv(head_dim, block_d))](
         acc, ml, v_up, out,
         n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
         v_up.stride(0),
-        D_PAD=max(16, next_pow2(head_dim)), BLOCK_B=config.block_b, BLOCK_R=config.block_r,
+        BLOCK_D=block_d, BLOCK_B=config.block_b, BLOCK_R=config.block_r,
         DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=4, num_stages=config.num_stages,
     )
 
 
 _TUNED: dict = {}
+
+
+def _candidates(scores_given: bool) -> tuple:
+    """The configs the tuner times (and benchmarks/compile_check.py compiles): scores-first ones only
+    where the scores are not given."""
+    return tuple(config for config in _CONFIGS + _SCORES_FIRST_CONFIGS + _SPLIT_D_CONFIGS
+                 if not (scores_given and config.scores_first))
 
 
 def _pick_config(args, kind_key) -> DecodeConfig:
@@ -375,8 +400,7 @@ def _pick_config(args, kind_key) -> DecodeConfig:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[0]
-    candidates = _CONFIGS + (_SCORES_FIRST_CONFIGS if scores is None else ())
-    best = autotune(candidates, lambda config: _launch(*args, config),
+    best = autotune(_candidates(scores_given=scores is not None), lambda config: _launch(*args, config),
                     lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
     if best is None:
         raise RuntimeError(f"no latent-decode config fits this GPU for rows={heads * q_len}, r_v={r_v}")

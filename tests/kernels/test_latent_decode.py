@@ -92,11 +92,22 @@ def test_matches_reference(dtype, b, heads, kv_heads, q_len, head_dim, total, r_
     DecodeConfig(chunk=32, block_t=32, block_v=16, block_k=16, block_b=16, block_r=16),  # many small programs
     DecodeConfig(chunk=256, block_t=64, block_v=128, block_k=64, block_b=32, block_r=64),  # one chunk, one tile
     DecodeConfig(chunk=32, block_t=32, block_v=32, block_k=16, block_b=16, block_r=16, scores_first=True),
+    # head_dim split into 16-wide combine tiles: 24 columns over two tiles, the second masked
+    DecodeConfig(chunk=64, block_t=32, block_v=32, block_k=16, block_b=16, block_r=16, block_d=16),
 ])
 @pytest.mark.parametrize("dtype", [d for d in SWEEP_DTYPES if d != torch.bfloat16])
 def test_tilings(config, dtype):
-    low, exact = make_case(2, 6, 2, 2, 16, 100, 40, 72, "bool", False, dtype)
+    low, exact = make_case(2, 6, 2, 2, 24 if config.block_d else 16, 100, 40, 72, "bool", False, dtype)
     check(low, exact, dtype, config=config)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim,block_d", [(64, 32), (40, 16), (8, 32)])
+def test_split_head_dim_combine(head_dim, block_d):
+    """The combine's head_dim tiles together write every column: full tiles, a masked last one, and a
+    tile wider than the head (clamped to it)."""
+    low, exact = make_case(3, 4, 2, 1, head_dim, 70, 24, 40, "bool", True, torch.float16)
+    check(low, exact, torch.float16, config=dataclasses.replace(FIXED, block_d=block_d))
 
 
 @needs_kernel
