@@ -34,14 +34,13 @@ import importlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-TRITON_KERNELS = [("fused_projection", "_fused_factored_projection_kernel"), ("latent_decode", "_partials_kernel"),
-                  ("latent_decode", "_combine_kernel"), ("latent_scores", "_latent_rope_scores_kernel")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_launches import TRITON_KERNELS, tiny_model  # noqa: E402  (the kernels of tmps.kernels, the toy models)
 
 
 @contextlib.contextmanager
@@ -134,9 +133,6 @@ def step_cases(torch):
     from transformers import DynamicCache
 
     import tmps
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from decode_launches import tiny_model
 
     cases = {}
     for arch in ("opt", "llama"):
