@@ -14,7 +14,8 @@
 #      TRITON_INTERPRET is unset); the fused kernel against its float64 reference at model sizes
 #      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts), and the latent decode kernel
 #      at OPT-1.3B (b=1/16) and Llama-3-8B (RoPE) decode shapes over a masked 1040-slot cache; tmps.compress at full rank on
-#      tiny Llama/OPT models, logits against dense, with the Triton path counted
+#      tiny Llama/OPT models, logits against dense, with the Triton path counted (kv mode's cached
+#      steps also under torch.compile(fullgraph=True), the kernels as custom ops)
 #   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
 #      no torch.compile; weights, kv_latent and kv_model layouts: the last is kv mode's projection
 #      without an in factor, one launch against three GEMMs), do_bench and CUDA-graph timings,
@@ -406,6 +407,14 @@ for arch, dtype, tol in CASES:
                 if mode == "kv":  # ... and the rest of each decode step through the fused latent decode
                     lines.append(f"latent decode kernel calls {calls['decode']}")
                     ok &= calls["decode"] == 3 * model.config.num_hidden_layers
+                if mode == "kv":  # the same steps under torch.compile: one graph each, the kernels as custom ops
+                    torch._dynamo.reset()
+                    calls["n"] = 0
+                    with torch.no_grad():
+                        err_compiled = rel(greedy(torch.compile(model, backend="aot_eager", fullgraph=True), ids),
+                                           want_steps)
+                    lines.append(f"torch.compile(fullgraph) rel {err_compiled:.2e}, fused kernel calls {calls['n']}")
+                    ok &= err_compiled < tol and calls["n"] == 4 * model.config.num_hidden_layers
             verdict = "ok" if ok else "MISMATCH"
         except Exception as exc:  # report and go on
             ok, lines, verdict = False, [f"{type(exc).__name__}: {exc}"[:300]], "ERROR"

@@ -2,23 +2,33 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+_AVAILABLE: dict = {}  # device type -> whether the kernels run there
+
+
 def triton_path_available(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device`` (CUDA with triton, or the interpreter when asked).
 
-    Cached: asked at every projection call, and neither Triton's import nor the interpreter flag
-    (read when Triton is imported) changes within a process."""
+    Cached per device type: asked at every projection call, and neither Triton's import nor the
+    interpreter flag (read when Triton is imported) changes within a process."""
+    kind = torch.device(device).type
+    if kind not in _AVAILABLE:
+        _AVAILABLE[kind] = _kernels_run_on(kind)
+    return _AVAILABLE[kind]
+
+
+@torch.compiler.assume_constant_result  # traced code asks it too: a constant, not an import to trace
+def _kernels_run_on(device_type: str) -> bool:
     try:
         from tmps.kernels.fused_projection import triton_available
     except Exception:  # triton missing or broken: the torch path serves
         return False
-    return triton_available(device)
+    return triton_available(device_type)
 
 
 def fused_projection_launcher(in_factor, cores, out_factors, biases, like: torch.Tensor):
@@ -184,3 +194,66 @@ def latent_decode_for(device: torch.device, backend: str = "auto", rows: int = 1
     if need_probs or rows > MAX_ROWS or (not has_mask and q_len != 1):
         return None
     return latent_decode_attention
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: the kernels as opaque custom ops
+# --------------------------------------------------------------------------------------------
+# Dynamo cannot trace the launchers (autotuning, config caches, Triton's interpreter on a CPU), and
+# tracing them failed (a compressed model compiled with backend="triton" raised inside Triton's
+# interpreter). Registered as custom ops, each kernel is one node of the graph with a shape-only
+# fake; its launcher runs when the graph does. Only compiled code calls them: in eager mode a
+# custom op's dispatch would add host time to every call (see benchmarks/host_overhead.py).
+
+
+@torch.library.custom_op("tmps::fused_projection", mutates_args=())
+def fused_projection_op(x: torch.Tensor, in_factor: Optional[torch.Tensor], cores: Sequence[torch.Tensor],
+                        out_factors: Sequence[Optional[torch.Tensor]],
+                        biases: Sequence[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """:func:`tmps.kernels.fused_projection.fused_factored_projection` as one graph node."""
+    launcher = fused_projection_launcher(in_factor, list(cores), list(out_factors), list(biases), like=x)
+    return run_fused_projection(launcher, x)
+
+
+@fused_projection_op.register_fake
+def _(x, in_factor, cores, out_factors, biases):
+    lead = tuple(x.shape[:-1])
+    return [x.new_empty(lead + (core.shape[0] * (core.shape[1] if out is None else out.shape[0]),))
+            for core, out in zip(cores, out_factors)]
+
+
+@torch.library.custom_op("tmps::latent_rope_scores", mutates_args=())
+def latent_rope_scores_op(q: torch.Tensor, c_k: torch.Tensor, k_up: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+    """:func:`tmps.kernels.latent_scores.latent_rope_scores` as one graph node: (b, kv_heads, m, T) fp32."""
+    from tmps.kernels import latent_scores
+
+    return latent_scores.latent_rope_scores(q, c_k, k_up, cos, sin)
+
+
+@latent_rope_scores_op.register_fake
+def _(q, c_k, k_up, cos, sin):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], c_k.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("tmps::latent_decode", mutates_args=())
+def latent_decode_op(q_latent: Optional[torch.Tensor], scores: Optional[torch.Tensor], c_k: Optional[torch.Tensor],
+                     c_v: torch.Tensor, v_up: torch.Tensor, mask: Optional[torch.Tensor], scaling: float,
+                     heads: int, q_len: int, head_dim: int) -> torch.Tensor:
+    """:func:`tmps.kernels.latent_decode.latent_decode_attention` as one graph node (same signature)."""
+    from tmps.kernels import latent_decode
+
+    return latent_decode.latent_decode_attention(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len,
+                                                 head_dim)
+
+
+@latent_decode_op.register_fake
+def _(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, head_dim):
+    return c_v.new_empty((c_v.shape[0], q_len, heads, head_dim))
+
+
+def compiled_kernel(device: torch.device, backend: str) -> bool:
+    """Whether code being compiled takes the kernels (as the custom ops above): only under
+    ``backend="triton"``. Nothing can be timed while tracing, so ``"auto"`` leaves the torch chain
+    to the compiler, which fuses it itself (the ``torch_compile`` provider of the microbenchmark)."""
+    return backend == "triton" and kernel_considered(device, backend)

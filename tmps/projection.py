@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels_bridge as bridge
+
 
 class FactoredProjection(nn.Module):
     """Computes several projections of one input through an optional shared input factor.
@@ -113,18 +115,19 @@ class FactoredProjection(nn.Module):
             self.__dict__["_kernel_cache"] = state
         return state
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        from . import kernels_bridge as bridge
+    def _refuse_unfit_factors(self):
+        shapes = [tuple(out.shape) for _, out, _ in self.groups if out is not None]
+        raise ValueError(f"backend='triton': out factors of shapes {shapes} are larger than the kernel's "
+                         "per-head tiles (at most 256 a side; the svd baseline holds whole-projection "
+                         "factors); use backend='auto' or 'torch' for this model")
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
         if not bridge.kernel_considered(x.device, self.backend):
             return False
         state = self._kernel_state()
         if self.backend == "triton":
             if not state.fits:
-                shapes = [tuple(out.shape) for _, out, _ in self.groups if out is not None]
-                raise ValueError(f"backend='triton': out factors of shapes {shapes} are larger than the kernel's "
-                                 "per-head tiles (at most 256 a side; the svd baseline holds whole-projection "
-                                 "factors); use backend='auto' or 'torch' for this model")
+                self._refuse_unfit_factors()
             return True
         if not state.fits:
             return False
@@ -138,8 +141,6 @@ class FactoredProjection(nn.Module):
         return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x), device=x.device) == "triton"
 
     def _triton(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from . import kernels_bridge as bridge
-
         state = self._kernel_state()
         launcher = state.launcher
         if launcher is None or launcher.dtype != x.dtype or launcher.device != x.device:
@@ -154,7 +155,19 @@ class FactoredProjection(nn.Module):
         return factored_projection_torch(x, self.in_factor, self.groups)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return self._compiled(x)
         return self._triton(x) if self._use_triton(x) else self._torch(x)
+
+    def _compiled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The path traced by ``torch.compile``: the kernel as one opaque op under ``backend="triton"``,
+        else the torch chain for the compiler to fuse (nothing is timed or cached while tracing)."""
+        if not bridge.compiled_kernel(x.device, self.backend):
+            return self._torch(x)
+        if not self.kernel_fits():
+            self._refuse_unfit_factors()
+        cores, outs, biases = zip(*self.groups)
+        return bridge.fused_projection_op(x, self.in_factor, list(cores), list(outs), list(biases))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels_bridge as bridge
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
 from .rope import rope_pairs, rotate
@@ -104,10 +105,11 @@ class CompressedAttentionMixin:
         if self.uses_rope:
             q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache)
             rope = (cos, sin)
-            from ..kernels_bridge import latent_rope_scores_for
-
             rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
-            key_scores = latent_rope_scores_for(q.device, self.qkv.backend, rows)
+            key_scores = bridge.latent_rope_scores_for(q.device, self.qkv.backend, rows)
+            if key_scores is not None and torch.compiler.is_compiling():  # one opaque op, or the chain
+                key_scores = bridge.latent_rope_scores_op if bridge.compiled_kernel(q.device, self.qkv.backend) \
+                    else None
         values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling)
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
                                       rope=rope, key_scores=key_scores, values=values)
@@ -121,12 +123,12 @@ class CompressedAttentionMixin:
         Under ``backend="auto"`` it is timed against the torch chain once per shape and cache-length
         bucket (eagerly and in device time, as the projection is) and kept only where it is faster.
         """
-        from .. import kernels_bridge as bridge
-
         b, heads, q_len, head_dim = q.shape
         backend = self.qkv.backend
         values = bridge.latent_decode_for(q.device, backend, heads * q_len, q_len, attention_mask is not None,
                                           need_probs=self.config._attn_implementation == "eager")
+        if values is not None and torch.compiler.is_compiling():  # traced: one opaque op, or the chain
+            return bridge.latent_decode_op if bridge.compiled_kernel(q.device, backend) else None
         if values is None or backend != "auto":
             return values
         total = c_k.shape[1]

@@ -29,8 +29,8 @@ def rope_pairs(rotary, total: int, like: torch.Tensor) -> torch.Tensor:
     forward). For static RoPE types the table of a position never changes, so it is computed once per
     (device, dtype, inv_freq) for the next power of two of slots and sliced (a view: no kernel). It is
     recomputed whenever ``inv_freq`` is replaced or changed in place, and never grown inside a
-    CUDA-graph capture (the capture would own its memory): there, and for dynamic types, each call
-    computes the table as before.
+    CUDA-graph capture (the capture would own its memory): there, for dynamic types, and in code that
+    ``torch.compile`` traces, each call computes the table as before.
     """
     def compute(length):
         positions = torch.arange(length, device=like.device).unsqueeze(0)
@@ -40,6 +40,8 @@ def rope_pairs(rotary, total: int, like: torch.Tensor) -> torch.Tensor:
     rope_type = getattr(rotary, "rope_type", "default")
     inv_freq = getattr(rotary, "inv_freq", None)
     if not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
+        return compute(total)
+    if torch.compiler.is_compiling():  # the cache's data-pointer check breaks the graph; the compiler fuses compute
         return compute(total)
     source = (inv_freq.data_ptr(), inv_freq.dtype, inv_freq._version)
     tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype) -> (source, pairs)
