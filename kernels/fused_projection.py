@@ -513,7 +513,8 @@ def _validate(x, in_factor, cores, out_factors, biases):
 @functools.lru_cache(maxsize=1024)
 def _launch_meta(config: KernelConfig, r: int, groups: tuple, dtype: torch.dtype):
     """``(plan, constexpr keyword arguments)`` of a launch: fixed by the config, shapes and dtype, so
-    built once (a decode call is host-bound: rebuilding these ~25 arguments cost ~10 us a launch)."""
+    built once (a decode call is host-bound: rebuilding these ~25 arguments took 3.5 us a launch on this
+    project's CPU, the cached lookup 0.5)."""
     plan = _make_plan(config, r, groups)
     meta = dict(
         HEADS=plan.heads, S=plan.s, O=plan.o, COLS=plan.cols,
