@@ -19,7 +19,12 @@ sdpa attention. Timings only depend on shapes, so no checkpoint is needed; quali
   decode, the fused latent decode kernels (``tmps.kernels.latent_decode``), whatever ``auto`` chose;
 * ``kv-rebuild``: the kv model with ``kv_attention = "rebuild"``: decode rebuilds full keys and
   values from the latents at every step instead of attending over the latents (what kv mode did
-  before the latent path); its prefill is the kv variant's (prefill rebuilds in both), not re-timed.
+  before the latent path); its prefill is the kv variant's (prefill rebuilds in both), not re-timed;
+* opt-in, ``--variants``: ``dense-compile``, ``weights-compile``, ``kv-compile`` (``torch.compile``
+  of the model, ``--compile-backend``, inductor by default: the compressed ones hand their torch
+  chain to the compiler) and ``weights-compile-triton``, ``kv-compile-triton`` (compiled with the
+  Triton kernels as custom ops in the graph). Each new shape compiles in the untimed first call of
+  its measurement (inductor takes minutes at these sizes, so they are not in the default run).
 
 Calibration is ``--calib`` random token ids. ``--factors auto`` calibrates under a time limit
 (``--calib-timeout``) and otherwise falls back to random factors of the ranks a uniform allocation
@@ -80,18 +85,28 @@ MAX_POSITIONS = 2048
 # The products (kv, weights: what benchmarks/targets.py judges) before the diagnostics, kv-rebuild
 # (slow: it rebuilds the whole cache every step) last, so that a time budget cuts diagnostics first.
 VARIANTS = ("dense", "kv", "kv-triton", "weights", "weights-triton", "weights-torch", "kv-rebuild")
-# variant -> (compression mode, FactoredProjection.backend, kv_attention); a variant that differs from
-# the previous one only in the switches reuses its model.
+# Opt-in (--variants): torch.compile of the model, the brief's "dense with torch.compile" peer and the
+# compressed models beside it. Inductor compiles each new shape, which costs minutes at these sizes.
+COMPILE_VARIANTS = ("dense-compile", "weights-compile", "weights-compile-triton", "kv-compile", "kv-compile-triton")
+# variant -> (compression mode, FactoredProjection.backend, kv_attention, torch.compile); a variant
+# that differs from the previous one only in the switches reuses its model.
 VARIANT_SETTINGS = {
-    "dense": ("dense", "auto", "auto"),
-    "kv": ("kv", "auto", "auto"),
-    "kv-triton": ("kv", "triton", "auto"),
-    "kv-rebuild": ("kv", "auto", "rebuild"),
-    "weights": ("weights", "auto", "auto"),
-    "weights-triton": ("weights", "triton", "auto"),
-    "weights-torch": ("weights", "torch", "auto"),
+    "dense": ("dense", "auto", "auto", False),
+    "kv": ("kv", "auto", "auto", False),
+    "kv-triton": ("kv", "triton", "auto", False),
+    "kv-rebuild": ("kv", "auto", "rebuild", False),
+    "weights": ("weights", "auto", "auto", False),
+    "weights-triton": ("weights", "triton", "auto", False),
+    "weights-torch": ("weights", "torch", "auto", False),
+    # compiled: "auto" hands the torch chain to the compiler, "triton" keeps the kernels as custom ops
+    "dense-compile": ("dense", "auto", "auto", True),
+    "weights-compile": ("weights", "auto", "auto", True),
+    "weights-compile-triton": ("weights", "triton", "auto", True),
+    "kv-compile": ("kv", "auto", "auto", True),
+    "kv-compile-triton": ("kv", "triton", "auto", True),
 }
-GPU_ONLY_VARIANTS = ("kv-triton", "weights-triton")  # the compiled kernels: no CPU run outside Triton's interpreter
+# the compiled kernels: no CPU run outside Triton's interpreter
+GPU_ONLY_VARIANTS = ("kv-triton", "weights-triton", "weights-compile-triton", "kv-compile-triton")
 RATIO = 0.5
 WARM_STEPS = 2
 MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
@@ -116,8 +131,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the markdown table here (and the raw numbers next to it as .json)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                   help="default: all (--smoke: all but kv-triton and weights-triton, which need a GPU)")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + COMPILE_VARIANTS,
+                   help="default: all but the *-compile ones (--smoke: also without kv-triton and "
+                        "weights-triton, which need a GPU)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the *-compile variants (default inductor; --smoke: aot_eager)")
     p.add_argument("--prefill", nargs="+", type=_pair, default=[(1, 2048), (8, 512)], metavar="BxT")
     p.add_argument("--decode-batch", nargs="+", type=int, default=[1, 16])
     p.add_argument("--context", type=int, default=1024, help="decode context (prefilled tokens)")
@@ -137,6 +155,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.variants is None:
         args.variants = [v for v in VARIANTS if not (args.smoke and v in GPU_ONLY_VARIANTS)]
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.smoke else "inductor"
     if args.smoke:
         args.shapes = list(SMOKE_SHAPE)
         args.prefill = [(1, 32), (2, 16)]
@@ -762,7 +782,7 @@ def run(args) -> list[dict]:
         dense_cost = cost_model(cfg, None)
         model, model_mode, model_note = None, None, {}
         for variant in args.variants:
-            mode, backend, kv_attention = VARIANT_SETTINGS[variant]
+            mode, backend, kv_attention, compiled = VARIANT_SETTINGS[variant]
             record = {"shape": shape_name, "variant": variant, "cells": {}, "bounds": {}, "notes": []}
             results.append(record)
             if left() < MIN_CELL_S * 2:
@@ -796,8 +816,18 @@ def run(args) -> list[dict]:
             from tmps import kernels_bridge
 
             timed_before = set(kernels_bridge._FASTER)
-            measure_variant(model, mode, args, device, record, dense_cost, cost, left,
+            timed = model
+            if compiled:  # each new shape compiles in the untimed first call of its measurement
+                torch._dynamo.reset()
+                # prefill shapes, batches, both caches: more recompiles than dynamo's default limit of
+                # 8 allows, past which it would fall back to eager without saying so in the table
+                limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+                setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+                timed = torch.compile(model, backend=args.compile_backend)
+                record["notes"].append(f"torch.compile(backend={args.compile_backend!r})")
+            measure_variant(timed, mode, args, device, record, dense_cost, cost, left,
                             prefill=variant != "kv-rebuild")
+            timed = None
             if mode != "dense" and backend == "auto":
                 record["notes"].append(f"backend auto chose: {auto_choices(timed_before)}")
             write(args, env, results, started)

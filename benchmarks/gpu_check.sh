@@ -57,6 +57,10 @@
 #      PROFILE_ARGS="--variants dense kv --align-ranks 1 --backend triton" bash benchmarks/gpu_check.sh
 #      (e2e at the raw uniform ranks 717 / 1331, to set beside call 1's, and the kv step's kernels
 #      with the Triton path forced: what is left of its time once the ops are fused)
+#   A lease with time left after these (untried: inductor's compile time at OPT-1.3B is unknown):
+#      GPU_CHECK_SKIP="c d d2 d3 p f" GPU_CHECK_SECONDS=400 E2E_ARGS="--shapes opt-1.3b --variants dense
+#      dense-compile kv-compile-triton --decode-batch 1 16 --prefill 1x2048" bash benchmarks/gpu_check.sh
+#      (dense with torch.compile, the brief's peer, beside kv mode compiled with its kernels as ops)
 #
 # Time: GPU_CHECK_SECONDS (default 465) for all steps together. Each step's cap is the smaller of its
 # own maximum and what is left after the minimum reserved for the steps after it, so a slow early

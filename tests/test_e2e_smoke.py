@@ -42,6 +42,18 @@ def test_smoke_run_measures_every_variant(e2e, tmp_path, factors):
     assert len(notes) == 2 * len(results) and all("for 6/6 steps" in n for n in notes)
 
 
+def test_a_compile_variant_times_the_compiled_model(e2e, tmp_path):
+    """The opt-in *-compile variants wrap the compressed model in torch.compile (aot_eager under
+    --smoke: the plumbing, not inductor's speed); tests/test_compile.py checks the compiled logits."""
+    out = tmp_path / "e2e.md"
+    assert e2e.main(["--smoke", "--factors", "random", "--no-graphs", "--variants", "weights-compile",
+                     "--out", str(out)]) == 0
+    (record,) = json.loads((tmp_path / "e2e.json").read_text())["results"]
+    assert "torch.compile(backend='aot_eager')" in record["notes"]
+    assert set(record["cells"]) == {"prefill", "decode"}
+    assert all(isinstance(v, float) and v > 0 for cells in record["cells"].values() for v in cells.values())
+
+
 def test_kv_graphs_are_not_applicable_by_default(e2e, tmp_path):
     out = tmp_path / "e2e.md"
     assert e2e.main(["--smoke", "--factors", "random", "--variants", "kv", "--out", str(out)]) == 0
