@@ -46,6 +46,8 @@ class CompressedAttentionMixin:
 
     def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
+        # read once: a config attribute costs ~3 us (HF's __getattribute__), and decode is host-bound
+        implementation = self.config._attn_implementation
         q, k, v = self.qkv(hidden_states)
         q = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         scaling = self.scaling
@@ -54,9 +56,10 @@ class CompressedAttentionMixin:
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
-            if self._reads_latents(q.shape[1], q.shape[2], attention_mask):
+            if self._reads_latents(q.shape[1], q.shape[2], attention_mask, implementation):
                 # the whole scale (OPT's query prescale too) rides on the latent score GEMM
-                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape, cache)
+                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape, cache,
+                                            implementation)
         if self.query_prescale:  # as the dense model: q scaled in its dtype, attention at scale 1
             q, scaling = q * self.scaling, 1.0
         if self.mode == "kv":
@@ -75,7 +78,7 @@ class CompressedAttentionMixin:
                 k, v = cache.update(k, v, self.layer_idx)
         kwargs.pop("position_embeddings", None)
 
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_fallback)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager_fallback)
         out, weights = interface(
             self, q, k, v, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout_p,
@@ -84,23 +87,23 @@ class CompressedAttentionMixin:
         out = out.reshape(*input_shape, -1).contiguous()
         return self.output_projection(out), weights
 
-    def _reads_latents(self, num_heads: int, q_len: int, attention_mask) -> bool:
+    def _reads_latents(self, num_heads: int, q_len: int, attention_mask, implementation: str) -> bool:
         """Whether this kv-mode step attends over the latent cache directly (see ``kv_attention``)."""
         if self.kv_attention not in KV_ATTENTION:  # set directly rather than through tmps.set_paths
             raise ValueError(f"kv_attention must be 'auto', 'latent' or 'rebuild', got {self.kv_attention!r}")
         if self.kv_attention == "rebuild":
             return False
-        readable = (self.config._attn_implementation in LATENT_IMPLEMENTATIONS
+        readable = (implementation in LATENT_IMPLEMENTATIONS
                     and (attention_mask is None or attention_mask.dim() == 4))
         if self.kv_attention == "latent":
             if not readable:
                 raise ValueError(
                     f"kv_attention='latent' reads sdpa/eager attention masks, not those of "
-                    f"attn_implementation={self.config._attn_implementation!r}: use 'auto' or 'rebuild'")
+                    f"attn_implementation={implementation!r}: use 'auto' or 'rebuild'")
             return True
         return not self.training and readable and prefers_latent(num_heads, q_len, self.k_up.shape[0])
 
-    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache):
+    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache, implementation):
         rope = key_scores = None
         if self.uses_rope:
             q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache)
@@ -110,14 +113,15 @@ class CompressedAttentionMixin:
             if key_scores is not None and torch.compiler.is_compiling():  # one opaque op, or the chain
                 key_scores = bridge.latent_rope_scores_op if bridge.compiled_kernel(q.device, self.qkv.backend) \
                     else None
-        values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling)
+        values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling,
+                                     need_probs=implementation == "eager")
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
                                       rope=rope, key_scores=key_scores, values=values)
-        weights = probs.to(q.dtype) if self.config._attn_implementation == "eager" else None
+        weights = probs.to(q.dtype) if implementation == "eager" else None
         out = out.reshape(*input_shape, -1).contiguous()
         return self.output_projection(out), weights
 
-    def _latent_values(self, q, c_k, c_v, attention_mask, rope, key_scores, scaling):
+    def _latent_values(self, q, c_k, c_v, attention_mask, rope, key_scores, scaling, need_probs: bool):
         """The fused latent decode kernel when it serves this step (see ``latent_decode_for``), else None.
 
         Under ``backend="auto"`` it is timed against the torch chain once per shape and cache-length
@@ -126,7 +130,7 @@ class CompressedAttentionMixin:
         b, heads, q_len, head_dim = q.shape
         backend = self.qkv.backend
         values = bridge.latent_decode_for(q.device, backend, heads * q_len, q_len, attention_mask is not None,
-                                          need_probs=self.config._attn_implementation == "eager")
+                                          need_probs=need_probs)
         if values is not None and torch.compiler.is_compiling():  # traced: one opaque op, or the chain
             return bridge.latent_decode_op if bridge.compiled_kernel(q.device, backend) else None
         if values is None or backend != "auto":
