@@ -623,8 +623,8 @@ class FusedProjection:
 
     A compressed attention layer calls its projection with the same factors at every step, and at
     decode sizes the call is host-bound: re-checking ~10 factor tensors, module attribute lookups and
-    rebuilding the launch's arguments took the projection module 125-194 us a call on this project's
-    CPU (at 0bd237e; 67-90 with this launcher), against ~20 us of device time for the kernel on an
+    rebuilding the launch's arguments took the projection module 128-185 us a call on this project's
+    CPU (at 0bd237e; 42-77 with this launcher), against ~20 us of device time for the kernel on an
     H200 (``python benchmarks/host_overhead.py`` measures the host side).
     Contiguous factors are held, not copied, so in-place updates (``load_state_dict``) are seen;
     ``copied`` says whether some factor was not contiguous and a contiguous copy is held instead.

@@ -99,7 +99,7 @@ class FactoredProjection(nn.Module):
         """What the kernel path derives from the buffers alone, kept until one of them is replaced.
 
         At decode sizes a call is host-bound, and rebuilding this (nine buffer lookups through
-        ``nn.Module.__getattr__``, the shape key, the kernel's factor checks) took 125-194 us of host
+        ``nn.Module.__getattr__``, the shape key, the kernel's factor checks) took 128-185 us of host
         time a call on this project's CPU, the kernel ~20 us of device time on an H200. ``.to()`` / ``.half()`` and ``load_state_dict(assign=True)`` put new
         tensors in ``_buffers``, so identity tells a stale state; in-place updates need no rebuild.
         """
