@@ -168,13 +168,14 @@ def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: in
 
     backend: "auto" (the kernel on CUDA when Triton runs there and the ``rows`` query rows per key
     head fit it), "torch" or "triton" (the kernel, or a RuntimeError saying why it cannot run) -- the
-    same switch as ``FactoredProjection.backend``.
+    same switch as ``FactoredProjection.backend``. In traced code, see :func:`_traced`.
     """
     if not kernel_considered(device, backend):
         return None
     from tmps.kernels.latent_scores import MAX_ROWS, latent_rope_scores
 
-    return latent_rope_scores if backend == "triton" or rows <= MAX_ROWS else None
+    return _traced(latent_rope_scores if backend == "triton" or rows <= MAX_ROWS else None,
+                   latent_rope_scores_op, backend)
 
 
 def latent_decode_for(device: torch.device, backend: str = "auto", rows: int = 1, q_len: int = 1,
@@ -185,7 +186,7 @@ def latent_decode_for(device: torch.device, backend: str = "auto", rows: int = 1
     eager attention: ``need_probs``), decode row counts (``rows = heads·q_len``), and a missing mask
     only for one new token. backend: "auto" (a candidate on CUDA with Triton; the caller times it
     against the chain), "torch", or "triton" (forced where it can serve; a RuntimeError without
-    Triton on the device).
+    Triton on the device). In traced code, see :func:`_traced`.
     """
     if not kernel_considered(device, backend):
         return None
@@ -193,7 +194,16 @@ def latent_decode_for(device: torch.device, backend: str = "auto", rows: int = 1
 
     if need_probs or rows > MAX_ROWS or (not has_mask and q_len != 1):
         return None
-    return latent_decode_attention
+    return _traced(latent_decode_attention, latent_decode_op, backend)
+
+
+def _traced(kernel, op, backend: str):
+    """What a ``*_for`` chooser returns: ``kernel`` itself, except while ``torch.compile`` traces:
+    then its custom op under ``backend="triton"``, and None (the torch chain, for the compiler to
+    fuse) under ``"auto"``, since nothing can be timed while tracing."""
+    if kernel is None or not torch.compiler.is_compiling():
+        return kernel
+    return op if backend == "triton" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +263,8 @@ def _(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, head_dim):
 
 
 def compiled_kernel(device: torch.device, backend: str) -> bool:
-    """Whether code being compiled takes the kernels (as the custom ops above): only under
-    ``backend="triton"``. Nothing can be timed while tracing, so ``"auto"`` leaves the torch chain
-    to the compiler, which fuses it itself (the ``torch_compile`` provider of the microbenchmark)."""
+    """Whether code being compiled takes the projection kernel (as its custom op): only under
+    ``backend="triton"``, as :func:`_traced` decides for the latent kernels. Nothing can be timed while
+    tracing, so ``"auto"`` leaves the torch chain to the compiler, which fuses it itself (the
+    ``torch_compile`` provider of the microbenchmark)."""
     return backend == "triton" and kernel_considered(device, backend)

@@ -110,9 +110,6 @@ class CompressedAttentionMixin:
             rope = (cos, sin)
             rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
             key_scores = bridge.latent_rope_scores_for(q.device, self.qkv.backend, rows)
-            if key_scores is not None and torch.compiler.is_compiling():  # one opaque op, or the chain
-                key_scores = bridge.latent_rope_scores_op if bridge.compiled_kernel(q.device, self.qkv.backend) \
-                    else None
         values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling,
                                      need_probs=implementation == "eager")
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
@@ -131,9 +128,7 @@ class CompressedAttentionMixin:
         backend = self.qkv.backend
         values = bridge.latent_decode_for(q.device, backend, heads * q_len, q_len, attention_mask is not None,
                                           need_probs=need_probs)
-        if values is not None and torch.compiler.is_compiling():  # traced: one opaque op, or the chain
-            return bridge.latent_decode_op if bridge.compiled_kernel(q.device, backend) else None
-        if values is None or backend != "auto":
+        if values is None or backend != "auto":  # (traced code: "auto" got None, see bridge._traced)
             return values
         total = c_k.shape[1]
         mask_kind = None if attention_mask is None else attention_mask.dtype
