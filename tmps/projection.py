@@ -121,27 +121,28 @@ class FactoredProjection(nn.Module):
                          "per-head tiles (at most 256 a side; the svd baseline holds whole-projection "
                          "factors); use backend='auto' or 'torch' for this model")
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
+    def _kernel_path(self, x: torch.Tensor) -> "_KernelState | None":
+        """The kernel state when the kernel serves ``x`` (so the call does not look it up twice), else None."""
         if not bridge.kernel_considered(x.device, self.backend):
-            return False
+            return None
         state = self._kernel_state()
         if self.backend == "triton":
             if not state.fits:
                 self._refuse_unfit_factors()
-            return True
+            return state
         if not state.fits:
-            return False
+            return None
         bucket = bridge.token_bucket(x.numel() // x.shape[-1])
         if self.in_factor is None and bucket > bridge.token_bucket(1):
             # Without an in factor the kernel is a plain grouped GEMM: at prefill sizes cuBLAS's GEMMs
             # won (H200 run 2: the fused tiles of the kv layout at 0.80x the chain, 4096 tokens), so
             # "auto" keeps the chain there without autotuning ten prefill configs per shape.
-            return False
+            return None
         key = (x.device, x.dtype, bucket) + state.shape_key
-        return bridge.faster_path(key, lambda: self._triton(x), lambda: self._torch(x), device=x.device) == "triton"
+        faster = bridge.faster_path(key, lambda: self._triton(x, state), lambda: self._torch(x), device=x.device)
+        return state if faster == "triton" else None
 
-    def _triton(self, x: torch.Tensor) -> list[torch.Tensor]:
-        state = self._kernel_state()
+    def _triton(self, x: torch.Tensor, state: "_KernelState") -> list[torch.Tensor]:
         launcher = state.launcher
         if launcher is None or launcher.dtype != x.dtype or launcher.device != x.device:
             cores, outs, biases = zip(*self.groups)
@@ -157,7 +158,8 @@ class FactoredProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if torch.compiler.is_compiling():
             return self._compiled(x)
-        return self._triton(x) if self._use_triton(x) else self._torch(x)
+        state = self._kernel_path(x)
+        return self._triton(x, state) if state is not None else self._torch(x)
 
     def _compiled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The path traced by ``torch.compile``: the kernel as one opaque op under ``backend="triton"``,
