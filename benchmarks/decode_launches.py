@@ -76,12 +76,20 @@ def counting_kernels(record):
                     record.paused = False
             return launch
 
+    with replaced_kernels(Counted):
+        yield record
+
+
+@contextlib.contextmanager
+def replaced_kernels(stand_in):
+    """Every Triton kernel of tmps.kernels (:data:`TRITON_KERNELS`) is ``stand_in(kernel)`` inside the
+    block, and itself again after it (the launchers look each up at every launch)."""
     modules = [importlib.import_module(f"tmps.kernels.{name}") for name, _ in TRITON_KERNELS]
     real = [getattr(module, attr) for module, (_, attr) in zip(modules, TRITON_KERNELS)]
     for module, (_, attr), kernel in zip(modules, TRITON_KERNELS, real):
-        setattr(module, attr, Counted(kernel))
+        setattr(module, attr, stand_in(kernel))
     try:
-        yield record
+        yield
     finally:
         for module, (_, attr), kernel in zip(modules, TRITON_KERNELS, real):
             setattr(module, attr, kernel)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
 import json
 import os
 import platform
@@ -40,7 +39,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_launches import TRITON_KERNELS, tiny_model  # noqa: E402  (the kernels of tmps.kernels, the toy models)
+from decode_launches import replaced_kernels, tiny_model  # noqa: E402  (kernel stand-ins, the toy models)
 
 
 @contextlib.contextmanager
@@ -50,20 +49,16 @@ def stubbed_kernels():
     counter = {"launches": 0}
 
     class NoLaunch:
+        def __init__(self, kernel):
+            pass
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 counter["launches"] += 1
             return launch
 
-    modules = [importlib.import_module(f"tmps.kernels.{name}") for name, _ in TRITON_KERNELS]
-    real = [getattr(module, attr) for module, (_, attr) in zip(modules, TRITON_KERNELS)]
-    for module, (_, attr) in zip(modules, TRITON_KERNELS):
-        setattr(module, attr, NoLaunch())
-    try:
+    with replaced_kernels(NoLaunch):
         yield counter
-    finally:
-        for module, (_, attr), kernel in zip(modules, TRITON_KERNELS, real):
-            setattr(module, attr, kernel)
 
 
 def best_us(fn, calls: int, rounds: int = 7) -> float:
