@@ -203,7 +203,7 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # ------------------------------------------------------------------------------------------ c
-PYTEST_ARGS=(-q -rfEs tests/kernels -p no:cacheprovider)
+PYTEST_ARGS=(-q -rfEs --durations=15 tests/kernels -p no:cacheprovider)  # durations: where c1's compiles go
 if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS+=(-n 8); fi
 if ! "$PY" -c "import pytest_benchmark" 2>/dev/null; then PYTEST_ARGS+=(-o "addopts="); fi
 step "c1. pytest tests/kernels on CUDA" 180 "$(reserve_after c1)" "$PY" -m pytest "${PYTEST_ARGS[@]}"
