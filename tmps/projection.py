@@ -147,9 +147,8 @@ class FactoredProjection(nn.Module):
         if launcher is None or launcher.dtype != x.dtype or launcher.device != x.device:
             cores, outs, biases = zip(*self.groups)
             launcher = bridge.fused_projection_launcher(self.in_factor, list(cores), list(outs), list(biases), like=x)
-            if launcher.copied:  # it holds copies of non-contiguous factors: in-place updates would be missed
-                return bridge.run_fused_projection(launcher, x)
-            state.launcher = launcher
+            if not launcher.copied:  # one holding copies of non-contiguous factors would miss in-place updates
+                state.launcher = launcher
         return bridge.run_fused_projection(launcher, x)
 
     def _torch(self, x: torch.Tensor) -> list[torch.Tensor]:
