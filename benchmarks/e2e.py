@@ -85,9 +85,6 @@ MAX_POSITIONS = 2048
 # The products (kv, weights: what benchmarks/targets.py judges) before the diagnostics, kv-rebuild
 # (slow: it rebuilds the whole cache every step) last, so that a time budget cuts diagnostics first.
 VARIANTS = ("dense", "kv", "kv-triton", "weights", "weights-triton", "weights-torch", "kv-rebuild")
-# Opt-in (--variants): torch.compile of the model, the brief's "dense with torch.compile" peer and the
-# compressed models beside it. Inductor compiles each new shape, which costs minutes at these sizes.
-COMPILE_VARIANTS = ("dense-compile", "weights-compile", "weights-compile-triton", "kv-compile", "kv-compile-triton")
 # variant -> (compression mode, FactoredProjection.backend, kv_attention, torch.compile); a variant
 # that differs from the previous one only in the switches reuses its model.
 VARIANT_SETTINGS = {
@@ -105,8 +102,11 @@ VARIANT_SETTINGS = {
     "kv-compile": ("kv", "auto", "auto", True),
     "kv-compile-triton": ("kv", "triton", "auto", True),
 }
-# the compiled kernels: no CPU run outside Triton's interpreter
-GPU_ONLY_VARIANTS = ("kv-triton", "weights-triton", "weights-compile-triton", "kv-compile-triton")
+# Opt-in (--variants): torch.compile of the model, the brief's "dense with torch.compile" peer and the
+# compressed models beside it. Inductor compiles each new shape, which costs minutes at these sizes.
+COMPILE_VARIANTS = tuple(v for v, (_, _, _, compiled) in VARIANT_SETTINGS.items() if compiled)
+# the kernels forced: compiled for the GPU, no CPU run outside Triton's interpreter
+GPU_ONLY_VARIANTS = tuple(v for v, (_, backend, _, _) in VARIANT_SETTINGS.items() if backend == "triton")
 RATIO = 0.5
 WARM_STEPS = 2
 MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
