@@ -3,6 +3,7 @@
 Nothing is imported at module level beyond the standard library: some scripts must set
 TRITON_INTERPRET before torch or Triton load.
 """
+import argparse
 import os
 import sys
 
@@ -36,3 +37,18 @@ def cuda_missing(script: str) -> bool:
     print(f"{script}: no CUDA device; this benchmark needs a GPU (run with --smoke for a CPU check of the script)",
           file=sys.stderr)
     return True
+
+
+def device_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by ``doc``'s first paragraph, with ``--device cpu|cuda`` (default
+    cpu: see :func:`interpret_on_cpu`)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    return p
+
+
+def interpret_on_cpu(device: str) -> None:
+    """``--device cpu`` runs the Triton kernels in Triton's interpreter: sets TRITON_INTERPRET=1, which
+    Triton reads when it is imported, so call this before torch or Triton is imported."""
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"

@@ -14,11 +14,9 @@ ordering this prints: kv with the kernels below dense, the torch path above.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import importlib
-import os
 import sys
 
 # Ops that launch no device kernel: views, allocations, dtype queries, the CPU scalar of a where().
@@ -135,11 +133,10 @@ def step_launches(arch: str, device: str, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = p.parse_args(argv)
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+    from _bench_common import device_parser, interpret_on_cpu  # here: tests load this file by its path
+
+    args = device_parser(__doc__).parse_args(argv)
+    interpret_on_cpu(args.device)
     import torch
     import transformers
 

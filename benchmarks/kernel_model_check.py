@@ -14,15 +14,14 @@ Exit status 1 if a difference exceeds ``--tolerance`` or a kernel was not called
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 
+from _bench_common import device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p = device_parser(__doc__)
     p.add_argument("--modes", nargs="+", choices=("kv", "weights"), default=["kv", "weights"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tokens", type=int, default=24)
@@ -32,8 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+    interpret_on_cpu(args.device)
     import torch
     from transformers import DynamicCache
 

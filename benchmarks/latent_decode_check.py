@@ -13,10 +13,10 @@ reference. Exit status 1 if the kernel exceeds the tolerance anywhere.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
+
+from _bench_common import device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
 
 # name: (b, heads, kv_heads, head_dim, r_k, r_v, scores given); r_k 0: RoPE, the scores arrive computed
 CASES = {
@@ -34,11 +34,8 @@ SMALL_SLOTS, SMALL_FILLED = 300, 280
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = p.parse_args(argv)
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+    args = device_parser(__doc__).parse_args(argv)
+    interpret_on_cpu(args.device)
     import torch
 
     from tmps.kernels import latent_decode as ld
