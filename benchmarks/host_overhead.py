@@ -14,9 +14,11 @@ a GPU.
 Two tables:
 
 1. **Calls at real decode shapes** (OPT-1.3B, ratio 0.5, ranks aligned to 8; Llama-3-8B's RoPE
-   layout for the key scores): µs per call of the projection kernel's function (which checks
-   every factor at each call) and its :class:`FusedProjection` launcher (factors checked once),
-   of the projection module (weights and kv layouts, ``backend="triton"``), the latent decode
+   layout for the key scores): µs per call of the projection kernel's function (a launcher built
+   per call; its factor checks kept per shapes), of its custom op ``tmps::fused_projection`` (the
+   same, plus torch's op dispatch: what a compiled graph calls), of its :class:`FusedProjection`
+   launcher (built once), of the projection module (weights and kv layouts,
+   ``backend="triton"``), the latent decode
    kernel and the RoPE key-score kernel, each the best of 7 rounds (on a shared machine other work
    only adds time).
 2. **A whole decode step** of the 2-layer random OPT and Llama of ``decode_launches.py`` (one new
@@ -79,6 +81,7 @@ def call_cases(torch):
     from tmps.kernels.fused_projection import FusedProjection, fused_factored_projection
     from tmps.kernels.latent_decode import latent_decode_attention
     from tmps.kernels.latent_scores import latent_rope_scores
+    from tmps import kernels_bridge as bridge
     from tmps.projection import FactoredProjection
 
     dt = torch.float16
@@ -97,9 +100,11 @@ def call_cases(torch):
     factors = (weights.in_factor, *map(list, zip(*weights.groups)))
     launcher = FusedProjection(*factors, like=x)
     cases = {
-        "fused_factored_projection, weights layout (factors checked every call)":
+        "fused_factored_projection, weights layout (a launcher per call)":
             (lambda: fused_factored_projection(x, *factors), 1),
-        "FusedProjection launcher, weights layout (factors checked once)": (lambda: launcher(x), 1),
+        "tmps::fused_projection op, weights layout (a compiled graph's call)":
+            (lambda: bridge.fused_projection_op(x, *factors), 1),
+        "FusedProjection launcher, weights layout (built once)": (lambda: launcher(x), 1),
         "projection module, weights layout": (lambda: weights(x), 1),
         "projection module, kv layout": (lambda: kv(x), 1),
     }

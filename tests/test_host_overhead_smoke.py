@@ -15,7 +15,7 @@ def test_short_run_times_every_call_and_step(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads(out.read_text())
     # the script itself fails when a case launches the wrong number of (stubbed) kernels
-    assert len(results["calls"]) == 9 and all(us > 0 for us in results["calls"].values())
+    assert len(results["calls"]) == 10 and all(us > 0 for us in results["calls"].values())
     assert set(results["steps"]) == {f"{arch}: {variant}" for arch in ("opt", "llama")
                                      for variant in ("dense", "kv, torch path", "kv, kernels (stubbed)")}
     assert all(ms > 0 for ms in results["steps"].values())

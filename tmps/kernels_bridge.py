@@ -220,7 +220,10 @@ def _traced(kernel, op, backend: str):
 def fused_projection_op(x: torch.Tensor, in_factor: Optional[torch.Tensor], cores: Sequence[torch.Tensor],
                         out_factors: Sequence[Optional[torch.Tensor]],
                         biases: Sequence[Optional[torch.Tensor]]) -> list[torch.Tensor]:
-    """:func:`tmps.kernels.fused_projection.fused_factored_projection` as one graph node."""
+    """:func:`tmps.kernels.fused_projection.fused_factored_projection` as one graph node.
+
+    An op has nowhere to keep a launcher, so it builds one per call; the factor checks it would
+    repeat are kept per shapes, dtypes and devices (``fused_projection._signature``)."""
     launcher = fused_projection_launcher(in_factor, list(cores), list(out_factors), list(biases), like=x)
     return run_fused_projection(launcher, x)
 

@@ -396,6 +396,33 @@ def test_launcher_checks_each_input_against_its_factors():
         FusedProjection(in_factor, [cores[0], cores[1][:, :, :-1], cores[2]], out_factors, biases, like=x)
 
 
+
+
+def test_factor_checks_run_once_per_signature_and_never_hide_an_error(monkeypatch):
+    """The compiled graph's op builds a launcher per call: the checks are kept per shapes, dtypes and
+    devices, so new tensors of known shapes skip them, and anything else is checked in full."""
+    calls = []
+    real = fp._validate
+    monkeypatch.setattr(fp, "_validate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fp, "_CHECKED", {})
+    x, in_factor, cores, out_factors, biases = _good()
+    FusedProjection(in_factor, cores, out_factors, biases, like=x)
+    fresh = [t.clone() if t is not None else None for t in (x, in_factor, *cores, *out_factors, *biases)]
+    FusedProjection(fresh[1], fresh[2:5], fresh[5:8], fresh[8:], like=fresh[0])  # same signature
+    assert len(calls) == 1
+    FusedProjection(in_factor, cores, out_factors, biases, like=x[:2])  # x's rows do not count
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="float32, float16, bfloat16"):  # another dtype: another verdict
+        FusedProjection(in_factor, cores, out_factors, biases, like=x.double())
+    assert len(calls) == 2
+    cores[1].data = cores[1].data[:, :, :-1]  # same tensor object, new shape: checked again, and refused
+    with pytest.raises(ValueError, match=r"cores\[1\] has shape \(2, 24, 23\)"):
+        FusedProjection(in_factor, cores, out_factors, biases, like=x)
+    with pytest.raises(ValueError, match=r"cores\[1\] has shape \(2, 24, 23\)"):  # a failure is not kept
+        FusedProjection(in_factor, cores, out_factors, biases, like=x)
+    assert len(calls) == 4
+
+
 # --------------------------------------------------------------------------------------------
 # Config space (no launches)
 # --------------------------------------------------------------------------------------------
