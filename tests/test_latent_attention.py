@@ -242,12 +242,21 @@ def test_no_rope_decode_launches_at_most_six_ops():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_softmax_equals_float_softmax_then_cast(dtype):
-    """What lets the latent path drop the upcast and the cast back: same numbers, one kernel."""
+    """What lets the latent path drop the upcast and the cast back: one rounding of the fp32 softmax,
+    in one kernel. Bit-equal on some CPUs; on an AVX-512 EPYC a few outputs land one unit in the last
+    place the other way, so the check is at most one unit apart (positive floats of one dtype are
+    ordered like their bit patterns), and never further from the exact softmax than the cast."""
     from tmps.models.latent_attention import _softmax
 
     scores = (torch.randn(64, 8, 1, 1000) * 4).to(dtype)
     want = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-    torch.testing.assert_close(_softmax(scores, dtype), want, rtol=0, atol=0)
+    got = _softmax(scores, dtype)
+    assert got.dtype == dtype
+    units_apart = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+    assert int(units_apart.max()) <= 1
+    exact = torch.softmax(scores.double(), dim=-1)
+    spacing = torch.finfo(dtype).eps * exact + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    assert bool(((got.double() - exact).abs() <= spacing).all())
 
 
 def test_rope_decode_computes_the_rotary_table_once_per_step():

@@ -113,8 +113,10 @@ def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
 def _softmax(scores, dtype):
     """Softmax over the last dim in float32 at least (as HF's eager attention), returned in ``dtype``.
 
-    torch's half / bfloat16 softmax accumulates in float32 and rounds its output once: the same
-    numbers as an fp32 softmax followed by a cast, in one kernel instead of two.
+    torch's half / bfloat16 softmax accumulates in float32 and rounds its output once, in one kernel
+    instead of two: an fp32 softmax followed by a cast, up to which way an output lands that sits
+    within rounding of a tie (on an AVX-512 AMD EPYC, ~2 in 100,000 outputs one unit in the last
+    place apart; bit-equal on the CPUs of earlier CI runs).
     """
     if scores.dtype == dtype and dtype in (torch.float16, torch.bfloat16):
         return torch.softmax(scores, dim=-1)
