@@ -185,7 +185,8 @@ def run(args):
     try:
         from tmps.kernels import latent_decode, latent_scores
         kernel, fused = latent_scores.latent_rope_scores, latent_decode.latent_decode_attention
-        triton_version = latent_scores.triton.__version__
+        import triton
+        triton_version = triton.__version__
     except Exception as exc:  # noqa: BLE001: the torch providers still run
         print(f"latent_attention_bench: no Triton kernel ({type(exc).__name__}: {exc})", file=sys.stderr)
         kernel, fused, triton_version = None, None, "absent"

@@ -80,7 +80,8 @@ from typing import Optional
 import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
-from ._common import cdiv, require_runnable, tl, triton, triton_available
+from ._common import cdiv, require_runnable, tl, triton_available
+from ._common import decode_bench, eager_ms
 from ._common import interpreted as _interpreted
 
 __all__ = [
@@ -615,6 +616,13 @@ def _heuristic_config(m: int, z_given: bool) -> KernelConfig:
     return pool[2] if m <= _DECODE_MAX_M else pool[3]
 
 
+def _tuning_bench(m: int):
+    """How the tuner times candidates for ``m`` rows: device time at decode sizes, where eager timing
+    is host-bound (:func:`decode_bench`), ``do_bench``'s eager median at prefill sizes, where the
+    launch is a rounding error of a compute-bound call."""
+    return decode_bench if m <= _DECODE_MAX_M else eager_ms
+
+
 def _tune_key(device, dtype, m, d_in, r, groups, z_given=False):
     return (torch.device(device).index, dtype, _m_bucket(m), d_in, r, groups, z_given)
 
@@ -642,7 +650,7 @@ def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> K
     best = autotune(
         candidates,
         lambda config: _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config),
-        lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"),
+        _tuning_bench(m),
     )
     if best is None:
         raise RuntimeError(f"no fused projection config fits this GPU for d_in={d_in}, r={r}, groups={groups}")

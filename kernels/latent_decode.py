@@ -60,7 +60,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
-from ._common import cdiv, require_runnable, tl, triton, triton_available, unit_last
+from ._common import cdiv, require_runnable, tl, triton_available, unit_last
+from ._common import decode_bench
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "DecodeConfig", "latent_decode_attention", "latent_decode_attention_ref", "triton_available"]
@@ -401,7 +402,7 @@ def _pick_config(args, kind_key) -> DecodeConfig:
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[0]
     best = autotune(_candidates(scores_given=scores is not None), lambda config: _launch(*args, config),
-                    lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+                    decode_bench)  # a decode kernel: device time (see decode_bench)
     if best is None:
         raise RuntimeError(f"no latent-decode config fits this GPU for rows={heads * q_len}, r_v={r_v}")
     _TUNED[key] = best

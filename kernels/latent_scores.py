@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
-from ._common import cdiv, require_runnable, tl, triton, triton_available, unit_last
+from ._common import cdiv, require_runnable, tl, triton_available, unit_last
+from ._common import decode_bench
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
@@ -218,7 +219,7 @@ def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[2]
     best = autotune(_CONFIGS, lambda config: _launch(q, c_k, k_up, cos, sin, out, config),
-                     lambda fn: triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+                     decode_bench)  # a decode kernel: device time (see decode_bench)
     if best is None:
         raise RuntimeError(f"no latent-scores config fits this GPU for head_dim={head_dim}, r={c_k.shape[2]}")
     _TUNED[key] = best

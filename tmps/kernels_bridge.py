@@ -105,50 +105,17 @@ def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None, devic
 
 
 def _median_ms(fn) -> float:
-    import triton.testing
+    from tmps.kernels._common import eager_ms
 
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    return eager_ms(fn)
 
 
 def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> float:
-    """Device time of one ``fn()`` in ms, host overhead excluded: ``reps`` calls captured in one
-    CUDA graph, the median of ``rounds`` replays divided by ``reps``.
+    """:func:`tmps.kernels._common.device_ms`: device time of one ``fn()`` in ms, CUDA graphs
+    (imported when called: tmps imports without Triton)."""
+    from tmps.kernels._common import device_ms as measure
 
-    flush_bytes > 0 zeroes a buffer of that size before every call (``do_bench`` flushes L2 with
-    256 MiB) and subtracts a graph of the flushes alone, so the operands come from HBM.  ``fn`` must
-    be capturable: no host syncs, no CPU tensors read on the device.
-    """
-    flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda") if flush_bytes else None
-
-    def capture(body):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, allocator)
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                body()
-        return graph
-
-    def replay_ms(graph):
-        graph.replay()
-        times = []
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
-    if flush is None:
-        return replay_ms(capture(fn)) / reps
-    both = replay_ms(capture(lambda: (flush.zero_(), fn())))
-    flushes = replay_ms(capture(flush.zero_))
-    return max((both - flushes) / reps, 1e-6)
+    return measure(fn, reps, rounds, flush_bytes)
 
 
 def kernel_considered(device: torch.device, backend: str) -> bool:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tmps.kernels import fused_projection as fp
+from tmps.kernels import _common
 from tmps.kernels._common import autotune
 from tmps.kernels.fused_projection import (
     FusedProjection,
@@ -435,11 +436,40 @@ def test_autotune_keeps_fastest_fitting_config():
 
     def run(config):
         if config is too_big:
-            raise fp.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            raise _common.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
         return times[config]
 
     assert autotune(fp._PREFILL_CONFIGS, run, lambda fn: fn()) is fp._PREFILL_CONFIGS[1]
     assert autotune([too_big], run, lambda fn: fn()) is None
+
+
+def test_tuners_time_decode_sizes_on_the_device_and_prefill_eagerly(monkeypatch):
+    """At decode sizes an eager timing is mostly the host's launch; the tuners time those candidates
+    in device time (CUDA graphs), and fall back to the eager median where no graph can be captured."""
+    pytest.importorskip("triton")
+    from tmps.kernels import latent_decode, latent_scores
+
+    assert fp._tuning_bench(1) is fp._tuning_bench(16) is _common.decode_bench
+    assert fp._tuning_bench(17) is fp._tuning_bench(4096) is _common.eager_ms
+    assert latent_decode.decode_bench is latent_scores.decode_bench is _common.decode_bench
+
+    timed = []
+    monkeypatch.setattr(_common, "eager_ms", lambda fn: timed.append("eager") or 0.5)
+    monkeypatch.setattr(_common, "device_ms", lambda fn, flush_bytes: timed.append(("device", flush_bytes)) or 0.02)
+    assert _common.decode_bench(lambda: None) == 0.02 and timed == [("device", 256 << 20)]  # L2 flushed
+
+    def no_capture(fn, flush_bytes):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_common, "device_ms", no_capture)
+    assert _common.decode_bench(lambda: None) == 0.5 and timed[-1] == "eager"
+
+    def too_big(fn, flush_bytes):  # a config that does not fit is skipped by autotune, not timed eagerly
+        raise _common.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(_common, "device_ms", too_big)
+    assert autotune(fp._DECODE_CONFIGS[:2], lambda config: None, _common.decode_bench) is None
+    assert timed[-1] == "eager" and len(timed) == 2
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 4096])
