@@ -78,10 +78,10 @@ def best_us(fn, calls: int, rounds: int = 7) -> float:
 
 def call_cases(torch):
     """``{name: (fn, launches per call)}`` at real decode shapes (fp16 tensors on the CPU; nothing is computed)."""
+    from tmps import kernels_bridge as bridge
     from tmps.kernels.fused_projection import FusedProjection, fused_factored_projection
     from tmps.kernels.latent_decode import latent_decode_attention
     from tmps.kernels.latent_scores import latent_rope_scores
-    from tmps import kernels_bridge as bridge
     from tmps.projection import FactoredProjection
 
     dt = torch.float16

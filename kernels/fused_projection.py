@@ -511,7 +511,6 @@ def _validate(x, in_factor, cores, out_factors, biases):
     return d_in, r, tuple(groups)
 
 
-
 _CHECKED: dict = {}  # _signature(...) -> _validate(...): what passed once passes again
 
 
@@ -544,6 +543,7 @@ def _validated(x, in_factor, cores, out_factors, biases):
         if key is not None:
             _CHECKED[key] = checked
     return checked
+
 
 @functools.lru_cache(maxsize=1024)
 def _launch_meta(config: KernelConfig, r: int, groups: tuple, dtype: torch.dtype):
