@@ -95,14 +95,15 @@ def compile_call(kernel, call, target, ptxas):
 
 def projection_cases(dtype):
     """(label, config, launch) for the fused projection: decode and prefill configs at model-like shapes."""
-    shapes = [  # (rows, d_in, r, groups ((n, s, o, has_out, has_bias), ...))
-        (16, 4096, 1024, ((32, 128, 128, True, False),) * 3),   # Llama-7B-like decode, weights mode
-        (4096, 2048, 512, ((32, 64, 64, True, True),) * 3),     # OPT-1.3B-like prefill, weights mode
-        # kernel_microbench.py at hidden 4096, ratio 0.5 (gpu_check's subset): weights and kv_latent layouts
-        (16, 4096, 2048, ((64, 64, 64, True, True),) * 3),
-        (4096, 4096, 2048, ((64, 64, 64, True, True),) * 3),
-        (16, 4096, 2048, ((64, 64, 64, False, False),) * 3),
-        (4096, 4096, 2048, ((64, 64, 64, False, False),) * 3),
+    shapes = [  # (rows, d_in, r, groups ((n, s, o, has_out, has_bias), ...)): what gpu_check.sh runs
+        # kernel_microbench.py's subset (hidden 4096, ratio 0.25): the out_factor and weights_model layouts
+        (16, 4096, 1024, ((64, 64, 64, True, True),) * 3),
+        (4096, 4096, 1024, ((64, 64, 64, True, True),) * 3),
+        (16, 4096, 1024, ((64, 64, 64, False, True),) * 3),
+        (4096, 4096, 1024, ((64, 64, 64, False, True),) * 3),
+        # e2e.py's weights mode at OPT-1.3B's shape, ratio 0.5 (r = 768; 2048 and 4096 prefill rows share a bucket)
+        (16, 2048, 768, ((32, 64, 64, False, True),) * 3),
+        (4096, 2048, 768, ((32, 64, 64, False, True),) * 3),
     ]
     if dtype == torch.float32:
         configs = {16: [fp._FP32_DECODE_CONFIG], 4096: [fp._FP32_PREFILL_CONFIG]}

@@ -17,8 +17,9 @@
 #      tiny Llama/OPT models, logits against dense, with the Triton path counted (kv mode's cached
 #      steps also under torch.compile(fullgraph=True), the kernels as custom ops)
 #   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
-#      no torch.compile; weights, kv_latent and kv_model layouts: the last is kv mode's projection
-#      without an in factor, one launch against three GEMMs), do_bench and CUDA-graph timings,
+#      no torch.compile; out_factor (the full factor-core-factor chain), weights_model and kv_model
+#      (weights and kv mode's projections as tmps.compress builds them: the latter without an in
+#      factor, one launch against three GEMMs), do_bench and CUDA-graph timings,
 #      each row checked against the chain;
 #      d2. benchmarks/latent_attention_bench.py: one kv decode step over the latent cache against
 #      the dense cache and the rebuild (OPT-1.3B and Llama-3-8B shapes, batch 1/16, context 1k,
@@ -30,7 +31,7 @@
 #      runs tmps.compress on CUDA). --kv-graphs: kv mode's latents do fit HF's StaticCache (the
 #      CPU smoke run checks that its greedy tokens equal the eager decode's), so its graphs are tried.
 #   d3. (after e: it compiles, slowly) torch.compile of the unfused chain at 1 and 4096 tokens
-#      (weights layout), timed like d and merged into kernels.json / kernels.md for the targets
+#      (weights_model layout: weights mode's), timed like d and merged into kernels.json / kernels.md
 #   p. benchmarks/profile_step.py: the kernels of one static-cache decode step (dense, kv, weights;
 #      OPT-1.3B shape, batch 16, context 1024) and of a 1x2048 prefill, device time per kernel
 #      (profile.md); PROFILE_ARGS is appended to its arguments
@@ -434,7 +435,7 @@ step "c3. compressed models at full rank on CUDA" 90 "$(reserve_after c3)" model
 # ------------------------------------------------------------------------------------------ d
 step "d. kernel microbenchmark (subset)" 150 "$(reserve_after d)" \
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --hidden 4096 --tokens 1 16 4096 \
-  --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights kv_latent kv_model --no-compile
+  --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts out_factor weights_model kv_model --no-compile
 
 step "d2. latent attention microbenchmark (kv decode)" 90 "$(reserve_after d2)" \
   "$PY" benchmarks/latent_attention_bench.py --out "$OUT/latent_attention.md" --shapes opt-1.3b llama-3-8b \
@@ -450,7 +451,7 @@ step "e. end-to-end benchmark" "$E2E_CAP" "$(reserve_after e)" \
 D3_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after d3) - 5 ))
 step "d3. torch.compile of the chain (merged into kernels.json)" "$D3_CAP" "$(reserve_after d3)" \
   "$PY" benchmarks/kernel_microbench.py --out "$OUT/kernels.md" --merge --providers torch_compile \
-  --hidden 4096 --tokens 1 4096 --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights
+  --hidden 4096 --tokens 1 4096 --ratios ${GPU_CHECK_RATIOS:-0.25} --layouts weights_model
 
 # ------------------------------------------------------------------------------------------ p
 P_CAP=$(( START + TOTAL - $(date +%s) - $(reserve_after p) - 5 ))

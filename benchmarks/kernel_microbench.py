@@ -7,9 +7,13 @@ Shapes follow OPT-like attention: hidden h in {768, 2048, 4096}, n = h / 64 head
 three groups (q, k, v).  Rank ratio rho in {0.5, 0.25, 0.125} defines the shared rank
 ``r = rho * h``; the per-head core width is ``s = head_dim = 64``.  Three layouts:
 
-* ``weights``: every group has an out factor (64, 64) and a bias (OPT's q/k/v biases),
-  output (M, h) per group;
-* ``kv_latent``: no out factors and no biases, output = the per-head latents (M, n * 64);
+* ``out_factor``: the whole factor-core-factor chain: every group has a per-head out factor
+  (64, 64) and a bias (OPT's q/k/v biases), output (M, h) per group. ``tmps.compress`` keeps an out
+  factor only where ``hooi_ranks`` asks for ``r_out < head_dim`` (a square one is folded into the
+  cores), so this is the kernel's full path rather than a default model's; run 2 called it ``weights``;
+* ``weights_model``: what ``tmps.compress``'s weights mode runs on OPT: the in factor ``(h, r)``,
+  per-head cores ``(n, 64, r)`` with the square out factor folded in, no out factor, OPT's biases,
+  output (M, h) per group (run 2's ``kv_latent`` rows were this without the biases);
 * ``kv_model``: what ``tmps.compress``'s kv mode runs: no in factor (``z = x``), a dense per-head Q
   (n, 64, h) with its bias, and the K / V latent projections (1, r_k, h), (1, r_v, h), biased too,
   with ``r_k + r_v = 2 rho h`` (the KV cache kept is rho), split 0.35 / 0.65 and rounded down to
@@ -50,7 +54,7 @@ from _bench_common import cuda_missing, write_lines  # benchmarks/ is sys.path[0
 HIDDEN = (768, 2048, 4096)
 TOKENS = (1, 16, 512, 4096, 16384)
 RATIOS = (0.5, 0.25, 0.125)
-LAYOUTS = ("weights", "kv_latent", "kv_model")
+LAYOUTS = ("out_factor", "weights_model", "kv_model")
 K_SHARE = 0.35  # kv_model: the share of the latent width given to K (tmps.compress's k_share)
 HEAD_DIM = 64
 DECODE_MAX_TOKENS = 16
@@ -104,15 +108,11 @@ def make_case(hidden, tokens, ratio, layout, dtype, device, torch):
                     dense_bias=rand(3 * hidden, scale=0.1))
     in_factor = rand(hidden, r, scale=hidden**-0.5)
     cores = [rand(n, s, r, scale=r**-0.5) for _ in range(3)]
-    if layout == "weights":
-        out_factors = [rand(HEAD_DIM, s, scale=s**-0.5) for _ in range(3)]
-        biases = [rand(n * HEAD_DIM, scale=0.1) for _ in range(3)]
-    else:
-        out_factors = [None] * 3
-        biases = [None] * 3
+    out_factors = [rand(HEAD_DIM, s, scale=s**-0.5) if layout == "out_factor" else None for _ in range(3)]
+    biases = [rand(n * HEAD_DIM, scale=0.1) for _ in range(3)]  # OPT's q/k/v biases
     widths = [n * (s if a is None else a.shape[0]) for a in out_factors]
     dense_weight = rand(sum(widths), hidden, scale=hidden**-0.5)
-    dense_bias = torch.cat(biases) if biases[0] is not None else None
+    dense_bias = torch.cat(biases)
     return dict(x=x, in_factor=in_factor, cores=cores, out_factors=out_factors, biases=biases, r=r, n=n, s=s,
                 widths=widths, dense_weight=dense_weight, dense_bias=dense_bias)
 

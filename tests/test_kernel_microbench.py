@@ -30,12 +30,12 @@ def test_smoke_run_writes_its_table_and_json(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "triton matches the reference in all 3 layouts" in out.read_text()
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert [r["layout"] for r in rows] == ["weights", "kv_latent", "kv_model"]
+    assert [r["layout"] for r in rows] == ["out_factor", "weights_model", "kv_model"]
     assert all(set(r["ms"]) == {"torch_dense", "torch_factored", "triton"} for r in rows)
     assert rows[2]["config"].endswith("z-pass")  # no in factor: the kernel reads x as z
 
 
-def row(tokens, ms, ms_graph=None, layout="weights"):
+def row(tokens, ms, ms_graph=None, layout="weights_model"):
     out = dict(hidden=4096, layout=layout, ratio=0.25, r=1024, tokens=tokens, ms=ms)
     if ms_graph is not None:
         out["ms_graph"] = ms_graph

@@ -22,7 +22,7 @@ def kernel_row(hidden, ratio, tokens, triton, factored, dense, compiled=None, ro
     ms = {"torch_dense": dense, "torch_factored": factored, "triton": triton}
     if compiled is not None:
         ms["torch_compile"] = compiled
-    return dict(hidden=hidden, layout="weights", ratio=ratio, r=int(ratio * hidden), tokens=tokens, ms=ms,
+    return dict(hidden=hidden, layout="weights_model", ratio=ratio, r=int(ratio * hidden), tokens=tokens, ms=ms,
                 triton_tflops=None, triton_gbps=None, roofline_pct=roof, config="c")
 
 
@@ -37,7 +37,7 @@ def test_kernel_targets_take_the_worst_case(targets):
             kernel_row(768, 0.25, 1, triton=1.0, factored=2.0, dense=1.1, roof=55.0)]  # hidden < 2048: no dense target
     got = by_name(targets.kernel_targets({"rows": rows}))
     chain = got["kernel vs unfused chain, decode"]
-    assert len(chain.cases) == 3 and chain.worst == ("hidden 4096 weights ratio 0.25 tokens 16", pytest.approx(1.4))
+    assert len(chain.cases) == 3 and chain.worst == ("hidden 4096 weights_model ratio 0.25 tokens 16", pytest.approx(1.4))
     assert chain.met is False
     assert got["kernel vs torch.compile, decode"].met is True  # 1.5 and 1.3 (the 768 row has no compile)
     assert got["kernel vs unfused chain, prefill"].met is True and got["kernel vs torch.compile, prefill"].met is True
@@ -100,4 +100,4 @@ def test_plain_gemm_rows_stay_out_of_the_kernel_targets(targets):
     plain = dict(kernel_row(4096, 0.25, 1, triton=1.0, factored=1.1, dense=1.2), layout="kv_model")
     got = by_name(targets.kernel_targets({"rows": [fused, plain]}))
     chain = got["kernel vs unfused chain, decode"]
-    assert chain.cases == [("hidden 4096 weights ratio 0.25 tokens 1", 2.0)] and chain.met
+    assert chain.cases == [("hidden 4096 weights_model ratio 0.25 tokens 1", 2.0)] and chain.met

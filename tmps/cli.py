@@ -1029,7 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=_positive_int, nargs="+", default=None, metavar="H", help="hidden sizes (cuda)")
     p.add_argument("--tokens", type=_positive_int, nargs="+", default=None, metavar="M", help="token counts (cuda)")
     p.add_argument("--ratios", type=_fraction, nargs="+", default=None, metavar="R", help="rank ratios (cuda)")
-    p.add_argument("--layouts", nargs="+", choices=("weights", "kv_latent"), default=None, help="layouts (cuda)")
+    p.add_argument("--layouts", nargs="+", choices=("out_factor", "weights_model", "kv_model"), default=None,
+                   help="layouts (cuda): the full factor chain, weights mode's and kv mode's projections")
     p.add_argument("--no-compile", action="store_true", help="skip the torch_compile provider")
     p.add_argument("--no-e2e", action="store_true", help="only the kernel microbenchmarks")
     p.set_defaults(func=cmd_bench)

@@ -135,7 +135,7 @@ class FactoredProjection(nn.Module):
         bucket = bridge.token_bucket(x.numel() // x.shape[-1])
         if self.in_factor is None and bucket > bridge.token_bucket(1):
             # Without an in factor the kernel is a plain grouped GEMM: at prefill sizes cuBLAS's GEMMs
-            # won (H200 run 2: the fused tiles of the kv layout at 0.80x the chain, 4096 tokens), so
+            # won (H200 run 2: no-out-factor fused tiles at 0.80x the chain, 4096 tokens, z given), so
             # "auto" keeps the chain there without autotuning ten prefill configs per shape.
             return None
         key = (x.device, x.dtype, bucket) + state.shape_key
