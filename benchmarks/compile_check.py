@@ -7,8 +7,10 @@
 Each kernel launch is captured instead of run (the launcher builds its real arguments from
 empty tensors of the given shapes), then compiled ahead of time with ``triton.compile`` for the
 target and assembled with the ptxas that ships with Triton. Per config it prints shared memory,
-registers per thread, spill stores and compile time, so a config that does not compile, needs
-too much shared memory or spills is seen before a GPU is lent. Uses Triton internals
+registers per thread, spill stores, 2-byte global loads and compile time, so a config that does
+not compile, needs too much shared memory, spills, or loads 16-bit operands one element at a time
+(rows Triton cannot prove 16-byte aligned; a failure here, as every shape's rows are multiples of 8
+elements) is seen before a GPU is lent. Uses Triton internals
 (``create_function_from_signature``, ``JITFunction._pack_args``) checked on Triton 3.6 and 3.9;
 exit status 3 when this Triton cannot compile ahead of time, 1 when a config fails.
 """
@@ -70,8 +72,15 @@ def captured_calls(module, names, launch):
     return {name: capture.call for name, capture in captures.items()}
 
 
+def two_byte_loads(ptx: str) -> int:
+    """Global loads of one 16-bit element at a time in ``ptx`` (``ld.global[.nc].b16``, not vectors):
+    what an operand whose row stride Triton cannot prove 16-byte aligned compiles to, in place of
+    16-byte ``cp.async`` copies (see ``kernels/_common.aligned``)."""
+    return sum(1 for op in re.findall(r"ld\.global[\w.]*", ptx) if ".v" not in op and op.endswith(("b16", "u16")))
+
+
 def compile_call(kernel, call, target, ptxas):
-    """Compile a recorded call: (shared bytes, registers, spill store bytes, seconds)."""
+    """Compile a recorded call: (shared bytes, registers, spill store bytes, 2-byte global loads, seconds)."""
     args, kwargs = call
     kwargs = dict(kwargs)
     backend = make_backend(target)
@@ -90,12 +99,17 @@ def compile_call(kernel, call, target, ptxas):
         os.unlink(f.name)
     registers = int(re.findall(r"Used (\d+) registers", report)[0])
     spills = int(re.findall(r"(\d+) bytes spill stores", report)[0])
-    return compiled.metadata.shared, registers, spills, seconds
+    return compiled.metadata.shared, registers, spills, two_byte_loads(compiled.asm["ptx"]), seconds
 
 
 def projection_cases(dtype):
     """(label, config, launch) for the fused projection: decode and prefill configs at model-like shapes."""
+    llama_8b = ((32, 128, 128, False, False), (8, 128, 128, False, False), (8, 128, 128, False, False))
     shapes = [  # (rows, d_in, r, groups ((n, s, o, has_out, has_bias), ...)): what gpu_check.sh runs
+        # weights mode at Llama-3-8B's shape, ratio 0.5 (head_dim 128, 32 / 8 / 8 heads): not run by gpu_check,
+        # but a Llama user's layout; first, so that --first compiles a rank of 8 x odd (r = 1224)
+        (16, 4096, 1224, llama_8b),
+        (4096, 4096, 1224, llama_8b),
         # kernel_microbench.py's subset (hidden 4096, ratio 0.25): the out_factor and weights_model layouts
         (16, 4096, 1024, ((64, 64, 64, True, True),) * 3),
         (4096, 4096, 1024, ((64, 64, 64, True, True),) * 3),
@@ -140,7 +154,9 @@ def projection_cases(dtype):
 
 def scores_cases(dtype):
     """(label, config, launch) for the RoPE latent-scores kernel at Llama-3-8B and SmolLM2 decode shapes."""
-    shapes = {"llama-3-8b": (1, 8, 4, 128, 4096, 358), "smollm2": (1, 3, 3, 64, 1024, 67)}
+    # r_k as tmps.compress rounds it (multiples of 8): Llama-3-8B's uniform 0.5, and a SmolLM2 layer of the
+    # demo's allocation (120 = 8 x 15: rows Triton cannot see are 16-byte aligned without the hint)
+    shapes = {"llama-3-8b": (1, 8, 4, 128, 4096, 352), "smollm2": (1, 3, 3, 64, 1024, 120)}
     configs = [ls._FP32_CONFIG] if dtype == torch.float32 else list(ls._CONFIGS)
     for name, (b, kv, m, hd, total, r) in shapes.items():
         for config in configs:
@@ -194,7 +210,8 @@ def main(argv=None) -> int:
         print(f"compile_check: no ptxas under {bindir}", file=sys.stderr)
         return 3
     limit = SHARED_LIMIT.get(args.arch)
-    print(f"triton {triton.__version__}, target sm_{args.arch}; columns: shared bytes, registers, spill bytes, compile s")
+    print(f"triton {triton.__version__}, target sm_{args.arch}; columns: shared bytes, registers, spill bytes, "
+          "2-byte global loads, compile s")
     failures = 0
     sources = {"projection": (projection_cases, fp, ("_fused_factored_projection_kernel",)),
                "scores": (scores_cases, ls, ("_latent_rope_scores_kernel",)),
@@ -218,12 +235,16 @@ def main(argv=None) -> int:
                 for attr in attrs:
                     name = f"{label} {attr.strip('_').removesuffix('_kernel')}" if len(attrs) > 1 else label
                     try:
-                        shared, registers, spills, seconds = compile_call(getattr(module, attr), calls[attr],
-                                                                          target, ptxas)
-                        verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
+                        shared, registers, spills, narrow, seconds = compile_call(getattr(module, attr), calls[attr],
+                                                                                  target, ptxas)
+                        verdict = "ok"
+                        if limit is not None and shared > limit:
+                            verdict = f"TOO MUCH SHARED MEMORY (> {limit})"
+                        elif narrow and dtype != torch.float32:  # every shape here has rows of 8k elements
+                            verdict = "UNALIGNED LOADS (2-byte ld.global)"
                         failures += verdict != "ok"
-                        print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {seconds:.1f}  {verdict}",
-                              flush=True)
+                        print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {narrow} {seconds:.1f}  "
+                              f"{verdict}", flush=True)
                     except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
                         failures += 1
                         print(f"{name} {dtype_name} {config}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)

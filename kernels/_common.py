@@ -34,6 +34,27 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@jit
+def aligned(n, ALIGN: tl.constexpr):
+    # n itself, stated to be a multiple of ALIGN (its launcher checked): Triton specializes integer
+    # arguments on divisibility by 16 only, so a row stride of 8 x odd elements (a rank rounded to a
+    # multiple of 8, e.g. kv mode's r_k = 712) left every load of those rows 2 bytes wide, without
+    # cp.async (sm_90 PTX of the projection at r = 1224: 120 ld.global.b16 against 45 16-byte
+    # cp.async at r = 1232). (n // ALIGN) * ALIGN is n, and the compiler can see the factor.
+    if ALIGN > 1:
+        return (n // ALIGN) * ALIGN
+    else:
+        return n
+
+
+def alignment(*sizes) -> int:
+    """The ``ALIGN`` for :func:`aligned` of row strides ``sizes`` (in elements): 8 where all are
+    multiples of 8 and some is not of 16 (Triton already specializes those), else 1."""
+    if all(n % 16 == 0 for n in sizes) or any(n % 8 for n in sizes):
+        return 1
+    return 8
+
+
 def interpreted() -> bool:
     """Whether the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 when Triton was imported)."""
     return triton is not None and type(dot).__name__ == "InterpretedFunction"

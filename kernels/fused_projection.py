@@ -81,7 +81,7 @@ import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
 from ._common import cdiv, require_runnable, tl, triton_available
-from ._common import decode_bench, eager_ms
+from ._common import aligned, alignment, decode_bench, eager_ms
 from ._common import interpreted as _interpreted
 
 __all__ = [
@@ -382,9 +382,12 @@ def _fused_factored_projection_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr,
     Z_IN_REGS: tl.constexpr,
     Z_GIVEN: tl.constexpr,  # z_scratch_ptr holds z = x @ B, (M, r), computed before the launch
+    R_ALIGN: tl.constexpr,  # r is a multiple of it (see _common.aligned)
     DOT_PRECISION: tl.constexpr,  # FP32_DOT_PRECISION for fp32, ignored for 16-bit
     DOT_UPCAST: tl.constexpr,  # interpreter + bf16 only, see _common.dot
 ):
+    # -- r is the row stride of z, B and the cores: with the divisibility the launcher checked
+    r = aligned(r, R_ALIGN)
     # -- program -> (row tile, column split); splits of one row tile are adjacent so that their
     #    x tile and B stay hot in L2
     pid = tl.program_id(0)
@@ -558,7 +561,7 @@ def _launch_meta(config: KernelConfig, r: int, groups: tuple, dtype: torch.dtype
         NUM_GROUPS=len(groups),
         TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
-        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass,
+        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass, R_ALIGN=alignment(r),
         DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32",
         DOT_UPCAST=dtype == torch.bfloat16 and _interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -61,7 +61,7 @@ import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
 from ._common import cdiv, require_runnable, tl, triton_available, unit_last
-from ._common import decode_bench
+from ._common import aligned, alignment, decode_bench
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "DecodeConfig", "latent_decode_attention", "latent_decode_attention_ref", "triton_available"]
@@ -151,7 +151,12 @@ def _partials_kernel(
     SCORES_GIVEN: tl.constexpr, MASK_KIND: tl.constexpr,
     R_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,  # the latents' strides, r_k and r_v are multiples of it (see _common.aligned)
 ):
+    stride_qb, stride_qm = aligned(stride_qb, ALIGN), aligned(stride_qm, ALIGN)
+    stride_ckb, stride_ckt = aligned(stride_ckb, ALIGN), aligned(stride_ckt, ALIGN)
+    stride_cvb, stride_cvt = aligned(stride_cvb, ALIGN), aligned(stride_cvt, ALIGN)
+    r_k, r_v = aligned(r_k, ALIGN), aligned(r_v, ALIGN)  # the masks' bounds; r_v is the workspace's row stride
     pid_c = tl.program_id(0)
     pid_v = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
@@ -224,7 +229,9 @@ def _combine_kernel(
     # meta-parameters
     BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,  # r_v and stride_u are multiples of it (see _common.aligned)
 ):
+    r_v, stride_u = aligned(r_v, ALIGN), aligned(stride_u, ALIGN)
     head = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # flat (sequence, token) rows
     pid_d = tl.program_id(2)  # head_dim tile
@@ -351,6 +358,9 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
     ml = _new_workspace((b, chunks, 2, rows), c_v.device)
     mask_t, kind, (smb, smh, smi, smt) = _mask_args(mask, b, heads, q_len, total)
     given = scores is not None
+    latent_strides = (c_v.stride(0), c_v.stride(1), r_v) + (() if given else (
+        q_latent.stride(0), q_latent.stride(1), c_k.stride(0), c_k.stride(1), c_k.shape[2]))
+    align = alignment(*latent_strides)
     precision = FP32_DOT_PRECISION if c_v.dtype == torch.float32 else "tf32"
     upcast = c_v.dtype == torch.bfloat16 and _interpreted()
     _partials_kernel[(chunks, v_tiles, b)](
@@ -363,7 +373,8 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
         smb, smh, smi, smt,
         SCORES_GIVEN=given, MASK_KIND=kind, R_PAD=max(16, next_pow2(rows)), CHUNK=config.chunk,
         BLOCK_T=config.block_t, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION=precision, DOT_UPCAST=upcast, ALIGN=align, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     n_rows = b * q_len
     whole = next_pow2(head_dim)
@@ -373,7 +384,8 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
         n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
         v_up.stride(0),
         BLOCK_D=block_d, BLOCK_B=config.block_b, BLOCK_R=config.block_r,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast, num_warps=4, num_stages=config.num_stages,
+        DOT_PRECISION=precision, DOT_UPCAST=upcast, ALIGN=alignment(r_v, v_up.stride(0)), num_warps=4,
+        num_stages=config.num_stages,
     )
 
 

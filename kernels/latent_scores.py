@@ -43,7 +43,7 @@ import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
 from ._common import cdiv, require_runnable, tl, triton_available, unit_last
-from ._common import decode_bench
+from ._common import aligned, alignment, decode_bench
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
@@ -96,7 +96,10 @@ def _latent_rope_scores_kernel(
     # meta-parameters
     M_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ALIGN: tl.constexpr,  # r and the row strides of the key latents and U_k are multiples of it (_common.aligned)
 ):
+    stride_cb, stride_ct, stride_u = aligned(stride_cb, ALIGN), aligned(stride_ct, ALIGN), aligned(stride_u, ALIGN)
+    r = aligned(r, ALIGN)  # the masks' bound
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
     batch = (pid_bg // kv_heads).to(tl.int64)
@@ -199,6 +202,7 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
         BLOCK_T=config.block_t, BLOCK_R=config.block_r,
         DOT_PRECISION=FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=q.dtype == torch.bfloat16 and _interpreted(),
+        ALIGN=alignment(c_k.stride(0), c_k.stride(1), k_up.stride(0), r),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

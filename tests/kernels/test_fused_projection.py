@@ -443,6 +443,24 @@ def test_autotune_keeps_fastest_fitting_config():
     assert autotune([too_big], run, lambda fn: fn()) is None
 
 
+def test_alignment_hint_only_where_every_size_is_a_multiple_of_8_and_some_not_of_16():
+    """The kernels restate such sizes as (n // 8) * 8 so that Triton sees them 16-byte aligned (it
+    specializes only multiples of 16); a hint on a size that is not a multiple of 8 would change it."""
+    assert _common.alignment(712, 712 * 1040, 1328) == 8  # kv mode's r_k at OPT-1.3B
+    assert _common.alignment(1024, 2048) == 1  # Triton's own specialization covers these
+    assert _common.alignment(712, 717) == 1  # an unaligned rank: no hint at all
+    assert _common.alignment(24, 0) == 8  # absent strides pass 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("r", [24, 32, 44])  # hint 8, Triton's 16, none
+def test_projection_is_exact_whatever_the_rank_alignment(r):
+    x, in_factor, cores, out_factors, biases = make_inputs((5,), 16, r, 24, "opt", torch.float32)
+    for g, (y, ref) in enumerate(zip(fused_factored_projection(x, in_factor, cores, out_factors, biases),
+                                     reference(x, in_factor, cores, out_factors, biases))):
+        assert_close_to_ref(y, ref, TOLERANCE[torch.float32], name=f"r={r} group {g}")
+
+
 def test_tuners_time_decode_sizes_on_the_device_and_prefill_eagerly(monkeypatch):
     """At decode sizes an eager timing is mostly the host's launch; the tuners time those candidates
     in device time (CUDA graphs), and fall back to the eager median where no graph can be captured."""
