@@ -7,9 +7,9 @@
 Each kernel launch is captured instead of run (the launcher builds its real arguments from
 empty tensors of the given shapes), then compiled ahead of time with ``triton.compile`` for the
 target and assembled with the ptxas that ships with Triton. Per config it prints shared memory,
-registers per thread, spill stores, 2-byte global loads and compile time, so a config that does
-not compile, needs too much shared memory, spills, or loads 16-bit operands one element at a time
-(rows Triton cannot prove 16-byte aligned) is seen before a GPU is lent. Uses Triton internals
+registers per thread, spill stores, 2-byte global loads and stores and compile time, so a config
+that does not compile, needs too much shared memory, spills, or moves 16-bit rows one element at a
+time (rows Triton cannot prove 16-byte aligned) is seen before a GPU is lent. Uses Triton internals
 (``create_function_from_signature``, ``JITFunction._pack_args``) checked on Triton 3.6 and 3.9;
 exit status 3 when this Triton cannot compile ahead of time, 1 when a config fails.
 """
@@ -71,15 +71,16 @@ def captured_calls(module, names, launch):
     return {name: capture.call for name, capture in captures.items()}
 
 
-def two_byte_loads(ptx: str) -> int:
-    """Global loads of one 16-bit element at a time in ``ptx`` (``ld.global[.nc].b16``, not vectors):
-    what an operand whose row stride Triton cannot prove 16-byte aligned compiles to, in place of
-    16-byte ``cp.async`` copies (see ``kernels/_common.aligned``)."""
-    return sum(1 for op in re.findall(r"ld\.global[\w.]*", ptx) if ".v" not in op and op.endswith(("b16", "u16")))
+def two_byte_accesses(ptx: str) -> int:
+    """Global loads and stores of one 16-bit element at a time in ``ptx`` (``ld.global[.nc].b16``,
+    ``st.global.b16``, not vectors): what rows whose stride Triton cannot prove 16-byte aligned
+    compile to, in place of 16-byte ``cp.async`` copies and vector stores (see ``kernels/_common.aligned``)."""
+    ops = re.findall(r"(?:ld|st)\.global[\w.]*", ptx)
+    return sum(1 for op in ops if ".v" not in op and op.endswith(("b16", "u16")))
 
 
 def compile_call(kernel, call, target, ptxas):
-    """Compile a recorded call: (shared bytes, registers, spill store bytes, 2-byte global loads, seconds)."""
+    """Compile a recorded call: (shared bytes, registers, spill store bytes, 2-byte global accesses, seconds)."""
     args, kwargs = call
     kwargs = dict(kwargs)
     backend = make_backend(target)
@@ -98,7 +99,7 @@ def compile_call(kernel, call, target, ptxas):
         os.unlink(f.name)
     registers = int(re.findall(r"Used (\d+) registers", report)[0])
     spills = int(re.findall(r"(\d+) bytes spill stores", report)[0])
-    return compiled.metadata.shared, registers, spills, two_byte_loads(compiled.asm["ptx"]), seconds
+    return compiled.metadata.shared, registers, spills, two_byte_accesses(compiled.asm["ptx"]), seconds
 
 
 def projection_cases(dtype):
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
         return 3
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__}, target sm_{args.arch}; columns: shared bytes, registers, spill bytes, "
-          "2-byte global loads, compile s")
+          "2-byte global loads and stores, compile s")
     failures = narrow_cases = 0
     sources = {"projection": (projection_cases, fp, ("_fused_factored_projection_kernel",)),
                "scores": (scores_cases, ls, ("_latent_rope_scores_kernel",)),
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
                     except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
                         failures += 1
                         print(f"{name} {dtype_name} {config}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
-    print(f"compile_check: {narrow_cases} case(s) with 2-byte global loads")
+    print(f"compile_check: {narrow_cases} case(s) with 2-byte global loads or stores")
     print(f"compile_check: {failures} failing config(s)")
     return 1 if failures else 0
 

@@ -307,9 +307,10 @@ def _project_tile(
     HEADS_PER_TILE: tl.constexpr, HAS_OUT_FACTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, R_PAD: tl.constexpr, Z_IN_REGS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, Y_ALIGN: tl.constexpr,
 ):
     dtype = y_ptr.dtype.element_ty
+    stride_ym = aligned(stride_ym, Y_ALIGN)  # e.g. kv mode's 712-wide latent rows
     # -- latent columns of the tile: heads head0 .. head0 + HEADS_PER_TILE, features padded to S_PAD
     t_cols = tl.arange(0, HEADS_PER_TILE * S_PAD)
     t_head = head0 + t_cols // S_PAD
@@ -383,6 +384,7 @@ def _fused_factored_projection_kernel(
     Z_IN_REGS: tl.constexpr,
     Z_GIVEN: tl.constexpr,  # z_scratch_ptr holds z = x @ B, (M, r), computed before the launch
     R_ALIGN: tl.constexpr,  # r is a multiple of it (see _common.aligned)
+    Y_ALIGN: tl.constexpr,  # so is every output's row stride
     DOT_PRECISION: tl.constexpr,  # FP32_DOT_PRECISION for fp32, ignored for 16-bit
     DOT_UPCAST: tl.constexpr,  # interpreter + bf16 only, see _common.dot
 ):
@@ -431,7 +433,7 @@ def _fused_factored_projection_kernel(
                 z, z_base, core_ptrs[g], out_factor_ptrs[g], bias_ptrs[g], y_ptrs[g],
                 rows64, row_mask, (tile - TILE_START[g]) * HEADS_PER_TILE[g], r, y_row_strides[g],
                 HEADS[g], S[g], O[g], COLS[g], S_PAD[g], O_PAD[g], HEADS_PER_TILE[g], HAS_OUT_FACTOR[g], HAS_BIAS[g],
-                BLOCK_M, BLOCK_R, R_PAD, Z_IN_REGS, DOT_PRECISION, DOT_UPCAST,
+                BLOCK_M, BLOCK_R, R_PAD, Z_IN_REGS, DOT_PRECISION, DOT_UPCAST, Y_ALIGN,
             )
 
 
@@ -550,10 +552,12 @@ def _validated(x, in_factor, cores, out_factors, biases):
 
 @functools.lru_cache(maxsize=1024)
 def _launch_meta(config: KernelConfig, r: int, groups: tuple, dtype: torch.dtype):
-    """``(plan, constexpr keyword arguments)`` of a launch: fixed by the config, shapes and dtype, so
-    built once (a decode call is host-bound: rebuilding these ~25 arguments took 3.5 us a launch on this
-    project's CPU, the cached lookup 0.5)."""
+    """``(plan, constexpr keyword arguments, output widths)`` of a launch: fixed by the config, shapes
+    and dtype, so built once (a decode call is host-bound: rebuilding these ~25 arguments took 3.5 us
+    a launch on this project's CPU, the cached lookup 0.5). ``Y_ALIGN`` assumes contiguous outputs,
+    rows of these widths; :func:`_launch` restates it for other row strides."""
     plan = _make_plan(config, r, groups)
+    widths = tuple(n * o for n, _, o, _, _ in groups)
     meta = dict(
         HEADS=plan.heads, S=plan.s, O=plan.o, COLS=plan.cols,
         S_PAD=plan.s_pad, O_PAD=plan.o_pad, HEADS_PER_TILE=plan.heads_per_tile, TILE_START=plan.tile_start,
@@ -561,12 +565,12 @@ def _launch_meta(config: KernelConfig, r: int, groups: tuple, dtype: torch.dtype
         NUM_GROUPS=len(groups),
         TILES_PER_PROGRAM=plan.tiles_per_program, COL_SPLITS=plan.col_splits,
         BLOCK_M=config.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, R_PAD=plan.r_pad,
-        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass, R_ALIGN=alignment(r),
+        Z_IN_REGS=plan.z_in_regs, Z_GIVEN=config.z_pass, R_ALIGN=alignment(r), Y_ALIGN=alignment(*widths),
         DOT_PRECISION=FP32_DOT_PRECISION if dtype == torch.float32 else "tf32",
         DOT_UPCAST=dtype == torch.bfloat16 and _interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return plan, meta
+    return plan, meta, widths
 
 
 def _factor_args(cores, out_factors, biases) -> tuple:
@@ -584,8 +588,11 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
     otherwise.  (benchmarks/compile_check.py passes an empty one: it only captures the launch.)
     factor_args: :func:`_factor_args` of the factors, if a :class:`FusedProjection` holds them.
     """
-    plan, meta = _launch_meta(config, r, groups, x2d.dtype)
+    plan, meta, widths = _launch_meta(config, r, groups, x2d.dtype)
     m, d_in = x2d.shape
+    y_strides = tuple(y.stride(0) for y in ys)
+    if y_strides != widths:  # outputs that are views of a wider buffer
+        meta = {**meta, "Y_ALIGN": alignment(*y_strides)}
     if in_factor is None:  # z = x: the launcher made x2d contiguous
         if not config.z_pass:
             raise ValueError(f"in_factor=None reads x as z: it needs a z-pass config, got {config}")
@@ -602,7 +609,7 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         x2d, in_factor if in_factor is not None else x2d, scratch,
         core_args, out_args, bias_args, tuple(ys),
         m, d_in, r,
-        x2d.stride(0), tuple(y.stride(0) for y in ys),
+        x2d.stride(0), y_strides,
         **meta,
     )
 
