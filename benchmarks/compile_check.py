@@ -3,6 +3,7 @@
     python benchmarks/compile_check.py                 # sm_90 (H100/H200), every kernel
     python benchmarks/compile_check.py --arch 80       # sm_80 (A100)
     python benchmarks/compile_check.py --first         # one config per kernel and dtype (the unit suite's check)
+    python benchmarks/compile_check.py --first --no-align-hints   # as before the alignment hints
 
 Each kernel launch is captured instead of run (the launcher builds its real arguments from
 empty tensors of the given shapes), then compiled ahead of time with ``triton.compile`` for the
@@ -201,7 +202,13 @@ def main(argv=None) -> int:
                    default=["float16", "bfloat16", "float32"])
     p.add_argument("--first", action="store_true",
                    help="only the first case of each kernel (with and without an in factor) and dtype (CI)")
+    p.add_argument("--no-align-hints", action="store_true",
+                   help="compile without the kernels' alignment hints (kernels/_common.aligned), as before them: "
+                        "the 2-byte accesses they remove")
     args = p.parse_args(argv)
+    if args.no_align_hints:
+        for module in (fp, ld, ls):
+            module.alignment = lambda *sizes: 1
     target = GPUTarget("cuda", args.arch, 32)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas = next((os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))),

@@ -38,9 +38,10 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 def aligned(n, ALIGN: tl.constexpr):
     # n itself, stated to be a multiple of ALIGN (its launcher checked): Triton specializes integer
     # arguments on divisibility by 16 only, so a row stride of 8 x odd elements (a rank rounded to a
-    # multiple of 8, e.g. kv mode's r_k = 712) left every load of those rows 2 bytes wide, without
-    # cp.async (sm_90 PTX of the projection at r = 1224: 120 ld.global.b16 against 45 16-byte
-    # cp.async at r = 1232). (n // ALIGN) * ALIGN is n, and the compiler can see the factor.
+    # multiple of 8, e.g. kv mode's r_k = 712) left every access to those rows 2 bytes wide, without
+    # cp.async (`compile_check.py --no-align-hints`: 48 in the latent decode partials at r_k = 712,
+    # 96-480 in the projection at r = 1224; 0 with the hint). (n // ALIGN) * ALIGN is n, and the
+    # compiler can see the factor.
     if ALIGN > 1:
         return (n // ALIGN) * ALIGN
     else:

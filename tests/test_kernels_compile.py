@@ -24,3 +24,15 @@ def test_one_config_of_each_kernel_compiles_for_sm90():
     # first latent decode case r_k = 712, multiples of 8 that Triton sees as such only through the
     # kernels' alignment hint (kernels/_common.aligned)
     assert "compile_check: 0 case(s) with 2-byte global loads or stores" in run.stdout
+
+
+def test_without_the_alignment_hints_those_cases_move_2_bytes_at_a_time():
+    """What the zero above rests on: compiled as before the hints, the same --first cases count
+    2-byte accesses (the projection at r = 1224, kv mode's 712-wide output, the latent decode at 712)."""
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--first", "--arch", "90",
+                          "--dtypes", "float16", "--no-align-hints"], capture_output=True, text=True, timeout=600)
+    if run.returncode == 3:
+        pytest.skip(run.stderr.strip().splitlines()[-1])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "compile_check: 3 case(s) with 2-byte global loads or stores" in run.stdout
