@@ -154,7 +154,7 @@ def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> floa
 
 
 # do_bench's L2 flush: the tuners time weights read from HBM, as a model's step reads them
-_FLUSH_BYTES = 256 << 20
+L2_FLUSH_BYTES = 256 << 20
 
 
 def decode_bench(fn) -> float:
@@ -167,7 +167,7 @@ def decode_bench(fn) -> float:
     (a RuntimeError from the capture) the eager median stands in.
     """
     try:
-        return device_ms(fn, flush_bytes=_FLUSH_BYTES)
+        return device_ms(fn, flush_bytes=L2_FLUSH_BYTES)
     except RuntimeError:
         return eager_ms(fn)
 

@@ -55,6 +55,17 @@ def test_device_timing_failure_falls_back_to_the_eager_choice():
     assert bridge._FASTER["key"] == bridge.PathChoice("torch", "torch")
 
 
+def test_default_device_timing_flushes_l2(monkeypatch):
+    """Both paths are timed in device time with L2 flushed, as do_bench and the kernels' decode tuners
+    flush it: a model step reads each layer's factors from HBM, not from a cache warmed by the timing."""
+    from tmps.kernels._common import L2_FLUSH_BYTES
+
+    flushes = []
+    monkeypatch.setattr(bridge, "device_ms", lambda fn, **kwargs: flushes.append(kwargs.get("flush_bytes")) or 1.0)
+    bridge.faster_path("key", lambda: None, lambda: None, lambda fn: 1.0)
+    assert flushes == [L2_FLUSH_BYTES] * 2 and L2_FLUSH_BYTES >= 256 << 20
+
+
 def test_no_timing_during_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
