@@ -98,7 +98,7 @@ def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, 
         return kernel_ms if which == "triton" else torch_ms
 
     monkeypatch.setattr(bridge, "_median_ms", bench)
-    monkeypatch.setattr(bridge, "device_ms", lambda fn: 1.0)  # not capturing here: the eager timing decides
+    monkeypatch.setattr(bridge, "device_ms", lambda fn, **kw: 1.0)  # not capturing here: the eager timing decides
     x = torch.randn(2, 7, 12)
     for _ in range(3):
         calls.clear()
@@ -107,18 +107,22 @@ def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, 
             torch.testing.assert_close(y, ref)
     assert timings == {"triton": 1, "torch": 1}  # timed on the first call only
     assert bool(calls) == kernel_runs
-    # Another token bucket is timed anew; 2 x 7 and 14 x 1 rows share one.
+    # Another row count is timed anew: 2 x 7 and 14 x 1 rows share one, decode sizes are timed per
+    # row count (batch 16 against batch 1), prefill sizes per token bucket
     module(torch.randn(14, 12))
     assert timings == {"triton": 1, "torch": 1}
-    module(torch.randn(300, 12))
+    module(torch.randn(1, 12))
     assert timings == {"triton": 2, "torch": 2}
+    module(torch.randn(300, 12))
+    module(torch.randn(290, 12))
+    assert timings == {"triton": 3, "torch": 3}
 
 
 def test_forced_backends_are_not_timed(monkeypatch):
     module = projection()
     monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
     monkeypatch.setattr(bridge, "_median_ms", lambda fn: pytest.fail("a forced backend was timed"))
-    monkeypatch.setattr(bridge, "device_ms", lambda fn: pytest.fail("a forced backend was timed"))
+    monkeypatch.setattr(bridge, "device_ms", lambda fn, **kw: pytest.fail("a forced backend was timed"))
     module.backend = "torch"
     module(torch.randn(3, 12))
     assert bridge._FASTER == {}

@@ -132,13 +132,16 @@ class FactoredProjection(nn.Module):
             return state
         if not state.fits:
             return None
-        bucket = bridge.token_bucket(x.numel() // x.shape[-1])
+        m = x.numel() // x.shape[-1]
+        bucket = bridge.token_bucket(m)
         if self.in_factor is None and bucket > bridge.token_bucket(1):
             # Without an in factor the kernel is a plain grouped GEMM: at prefill sizes cuBLAS's GEMMs
             # won (H200 run 2: no-out-factor fused tiles at 0.80x the chain, 4096 tokens, z given), so
             # "auto" keeps the chain there without autotuning ten prefill configs per shape.
             return None
-        key = (x.device, x.dtype, bucket) + state.shape_key
+        # decode sizes are timed per row count: batch 16 reads the same factors as batch 1 but does 16x
+        # the chain's GEMM work, so the two can pick differently (the kernel's tuner shares one bucket)
+        key = (x.device, x.dtype, m if bucket == bridge.token_bucket(1) else bucket) + state.shape_key
         faster = bridge.faster_path(key, lambda: self._triton(x, state), lambda: self._torch(x), device=x.device)
         return state if faster == "triton" else None
 
