@@ -5,6 +5,8 @@ Nothing here launches anything; each kernel file keeps its own config space, lau
 
 from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
 
+import warnings
+
 import torch
 
 try:
@@ -111,6 +113,39 @@ def eager_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
+# Why CUDA-graph timing is off in this process (a capture failed), or None.  A failed capture is not
+# retried: torch.cuda.graph's exit skips restoring the caller's stream when capture_end raises, and
+# on torch < 2.12 capture_end's error also skips ending the allocator's capture (pytorch#180395), so
+# a later empty_cache() -- every capture begins with one -- can abort the process on an assertion.
+_graph_timing_off = None
+
+
+def _captured(body, reps: int):
+    """A CUDA graph of ``reps`` calls of ``body``, after one eager call on a side stream (compiles,
+    cuBLAS workspaces, allocations: an error there is ``body``'s own and propagates as it is).  A
+    failed capture raises RuntimeError and turns graph timing off for the rest of the process."""
+    global _graph_timing_off
+    caller = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(caller)
+    with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, allocator)
+        body()
+    caller.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                body()
+    except Exception as exc:
+        _graph_timing_off = f"{type(exc).__name__}: {exc}"[:300]
+        warnings.warn(f"a CUDA-graph capture for timing failed; device timings fall back to eager ones for the "
+                      f"rest of this process: {_graph_timing_off}", RuntimeWarning, stacklevel=3)
+        raise RuntimeError(f"CUDA-graph capture failed: {_graph_timing_off}") from exc
+    finally:
+        torch.cuda.set_stream(caller)  # the graph's exit leaves its capture stream current when it raises
+    return graph
+
+
 def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> float:
     """Device time of one ``fn()`` in ms, host overhead excluded: ``reps`` calls captured in one
     CUDA graph, the median of ``rounds`` replays divided by ``reps``.
@@ -119,20 +154,11 @@ def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> floa
     256 MiB) and subtracts a graph of the flushes alone, so the operands come from HBM.  ``fn`` must
     be capturable: no host syncs, no CPU tensors read on the device.  Its first call runs eagerly on
     a side stream (compiles, cuBLAS workspaces, allocations), so an error there is ``fn``'s own.
+    RuntimeError where the capture fails, and from then on in this process (see ``_captured``).
     """
+    if _graph_timing_off is not None:
+        raise RuntimeError(f"CUDA-graph timing is off in this process since a capture failed ({_graph_timing_off})")
     flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda") if flush_bytes else None
-
-    def capture(body):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS workspaces, allocator)
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                body()
-        return graph
 
     def replay_ms(graph):
         graph.replay()
@@ -147,9 +173,9 @@ def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> floa
         return sorted(times)[len(times) // 2]
 
     if flush is None:
-        return replay_ms(capture(fn)) / reps
-    both = replay_ms(capture(lambda: (flush.zero_(), fn())))
-    flushes = replay_ms(capture(flush.zero_))
+        return replay_ms(_captured(fn, reps)) / reps
+    both = replay_ms(_captured(lambda: (flush.zero_(), fn()), reps))
+    flushes = replay_ms(_captured(flush.zero_, reps))
     return max((both - flushes) / reps, 1e-6)
 
 
