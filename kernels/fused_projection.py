@@ -618,8 +618,8 @@ _TUNED: dict = {}
 
 
 def _heuristic_config(m: int, z_given: bool) -> KernelConfig:
-    """The untimed pick (inside a CUDA-graph capture): 256-column decode tiles, 64 x 128 prefill tiles;
-    without an in factor the first z-pass candidate of the regime."""
+    """The untimed pick (inside a CUDA-graph capture): 128-column decode tiles, one program each;
+    64 x 128 prefill tiles, one split; without an in factor the first z-pass candidate of the regime."""
     pool = _DECODE_CONFIGS if m <= _DECODE_MAX_M else _PREFILL_CONFIGS
     if z_given:
         return next(config for config in pool if config.z_pass)

@@ -400,7 +400,8 @@ def _candidates(scores_given: bool) -> tuple:
 
 
 def _pick_config(args, kind_key) -> DecodeConfig:
-    """Autotune once per (device, dtype, batch, rows, sizes, T bucket, path) and cache the winner."""
+    """Autotune once per (device, dtype, batch, rows, sizes (U_v's rows: the kv heads), T bucket, path) and
+    cache the winner."""
     q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out = args
     if c_v.device.type != "cuda" or _interpreted():
         return _INTERPRETER_CONFIG
@@ -408,7 +409,7 @@ def _pick_config(args, kind_key) -> DecodeConfig:
         return _FP32_CONFIG
     b, total, r_v = c_v.shape
     key = (c_v.device.index, c_v.dtype, b, heads, q_len, 0 if c_k is None else c_k.shape[2], r_v, out.shape[-1],
-           min(next_pow2(total), 1 << 20), kind_key)
+           v_up.shape[0], min(next_pow2(total), 1 << 20), kind_key)
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture

@@ -211,13 +211,14 @@ _TUNED: dict = {}
 
 
 def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
-    """Autotune once per (device, dtype, rows, head_dim, r, T bucket) and cache the winner."""
+    """Autotune once per (device, dtype, batch, kv heads, rows, head_dim, r, T bucket) and cache the winner
+    (the grid is T tiles x batch x kv heads: batch 16 wants other tiles than batch 1)."""
     if q.device.type != "cuda" or _interpreted():
         return _INTERPRETER_CONFIG
     if q.dtype == torch.float32:
         return _FP32_CONFIG
     b, kv_heads, m, head_dim = q.shape
-    key = (q.device.index, q.dtype, m, head_dim, c_k.shape[2], min(next_pow2(c_k.shape[1]), 1 << 16))
+    key = (q.device.index, q.dtype, b, kv_heads, m, head_dim, c_k.shape[2], min(next_pow2(c_k.shape[1]), 1 << 16))
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
