@@ -44,6 +44,7 @@ time``, plus speedups ``provider_ms / triton_ms``.  The GPU's name heads the out
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -220,7 +221,9 @@ def triton_rates(ms, flops, nbytes, peak_tflops, peak_gbps):
     return flops / (t * 1e-3) / 1e12, nbytes / (t * 1e-3) / 1e9, 100 * roof_ms / t
 
 
-def run_cuda(args):
+def run_cuda(args, progress=None):
+    """(markdown lines, JSON data) of the sweep; ``progress(lines, data)``, if given, gets the tables
+    as they stand after every row (so a run cut short keeps what it measured)."""
     import torch
     import triton
     import triton.testing
@@ -239,9 +242,29 @@ def run_cuda(args):
         f"Ceilings measured in this run: fp16 8192^3 matmul {peak_tflops:.1f} TFLOP/s, 1 GiB copy "
         f"{peak_gbps:.0f} GB/s. r = ratio * hidden, s = head_dim = {HEAD_DIM}, 3 groups of hidden/64 heads.",
     ]
-    records, mismatches = [], []
+    records, mismatches, done = [], [], []  # done: the finished regimes' table lines
     regimes = (("Decode", [t for t in args.tokens if t <= DECODE_MAX_TOKENS]),
                ("Prefill", [t for t in args.tokens if t > DECODE_MAX_TOKENS]))
+    rule = "|" + "---|" * (HEADER.count("|") - 1)
+
+    def tables(regime, eager_rows, graph_rows):
+        out = ["", f"## {regime} ({device_name}): do_bench, host launch included", "", HEADER, rule] + eager_rows
+        if graph_rows:
+            out += ["", f"## {regime} ({device_name}): CUDA graph replay, device time", "", HEADER, rule]
+            out += graph_rows
+        return out
+
+    def result(partial_tables=()):
+        body = lines + done + list(partial_tables)
+        body += ["", f"Every row's kernel output was checked against the unfused chain's (fp16): "
+                 f"{len(mismatches)} of {len(records)} beyond max|diff|/max|chain| = {MAX_REL_ERR:g}."]
+        body += [f"- MISMATCH {m}" for m in mismatches]
+        if partial_tables:
+            body += ["", "Partial: the run stopped before its last row."]
+        meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype="float16",
+                    peak_tflops=peak_tflops, peak_gbps=peak_gbps, mismatches=list(mismatches), providers=wanted)
+        return body, dict(meta=meta, rows=list(records))
+
     for regime, tokens_list in regimes:
         if not tokens_list:
             continue
@@ -290,17 +313,10 @@ def run_cuda(args):
                         records.append(record(hidden, layout, ratio, case["r"], tokens, ms, *rates, cfg, graph=graph))
                         records[-1]["rel_err_vs_chain"] = err
                         del case
-        rule = "|" + "---|" * (HEADER.count("|") - 1)
-        lines += ["", f"## {regime} ({device_name}): do_bench, host launch included", "", HEADER, rule] + eager_rows
-        if graph_rows:
-            lines += ["", f"## {regime} ({device_name}): CUDA graph replay, device time", "", HEADER, rule]
-            lines += graph_rows
-    lines += ["", f"Every row's kernel output was checked against the unfused chain's (fp16): "
-              f"{len(mismatches)} of {len(records)} beyond max|diff|/max|chain| = {MAX_REL_ERR:g}."]
-    lines += [f"- MISMATCH {m}" for m in mismatches]
-    meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, dtype="float16",
-                peak_tflops=peak_tflops, peak_gbps=peak_gbps, mismatches=mismatches, providers=wanted)
-    return lines, dict(meta=meta, rows=records)
+                        if progress is not None:
+                            progress(*result(tables(regime, eager_rows, graph_rows)))
+        done.extend(tables(regime, eager_rows, graph_rows))
+    return result()
 
 
 def run_smoke(args):
@@ -373,26 +389,44 @@ def merge_runs(old: dict, new: dict) -> dict:
     return old
 
 
+def writer(args):
+    """``save(lines, data)`` writing ``--out`` and its JSON twin (None without ``--out``).  With
+    ``--merge`` the earlier run is read once, here, and every save folds into a fresh copy of it."""
+    if not args.out:
+        return None
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    earlier = None
+    if args.merge and os.path.exists(json_path):
+        with open(json_path) as f:
+            earlier = json.load(f)
+        with open(args.out) as f:
+            earlier_lines = f.read().rstrip("\n").split("\n")
+
+    def save(lines, data):
+        if earlier is not None:
+            data = merge_runs(copy.deepcopy(earlier), data)
+            lines = earlier_lines + ["", f"## Merged run: {', '.join(args.providers)}"] + lines[1:]
+        write_lines(args.out, lines)
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
+        return data
+
+    return save
+
+
 def main(argv=None):
     args = parse_args(argv)
+    save = writer(args)
     if args.smoke:
         lines, data = run_smoke(args)
     elif cuda_missing("kernel_microbench"):
         return 2
     else:
-        lines, data = run_cuda(args)
-    if args.out:
-        json_path = os.path.splitext(args.out)[0] + ".json"
-        if args.merge and os.path.exists(json_path):
-            with open(json_path) as f:
-                data = merge_runs(json.load(f), data)
-            with open(args.out) as f:
-                lines = f.read().rstrip("\n").split("\n") + ["", f"## Merged run: {', '.join(args.providers)}"] + lines[1:]
-        write_lines(args.out, lines)
-        with open(json_path, "w") as f:
-            json.dump(data, f, indent=1)
+        lines, data = run_cuda(args, progress=save)
+    if save is not None:
+        save(lines, data)
         print(f"wrote {args.out} and its .json twin" + (" (merged)" if args.merge else ""))
-    if data["meta"].get("mismatches"):
+    if data["meta"].get("mismatches"):  # this run's (a merged file also lists the earlier run's)
         print("kernel_microbench: the kernel disagreed with the chain:", *data["meta"]["mismatches"], sep="\n  ",
               file=sys.stderr)
         return 1

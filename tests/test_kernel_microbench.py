@@ -61,3 +61,23 @@ def test_merge_needs_out(bench, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(["--merge"])
     assert exit_.value.code == 2 and "--merge needs --out" in capsys.readouterr().err
+
+
+def test_saves_during_a_merged_run_each_fold_into_the_earlier_run_once(bench, tmp_path):
+    """The run saves after every row (a run cut short keeps its rows); with --merge each save starts
+    from the earlier run as it was, so no row or table is added twice."""
+    out = tmp_path / "kernels.md"
+    out.write_text("# earlier run\n| earlier row |\n")
+    (tmp_path / "kernels.json").write_text(json.dumps({"meta": {"mismatches": []},
+                                                       "rows": [row(1, {"triton": 0.02})]}))
+    save = bench.writer(bench.parse_args(["--out", str(out), "--merge", "--providers", "torch_compile"]))
+    for n in (1, 2):  # a progress save after the first row, then the final one after the second
+        rows = [row(1, {"torch_compile": 0.03}), row(4096, {"torch_compile": 0.5})][:n]
+        save(["# this run", f"| {n} row(s) |"], {"meta": {"providers": ["torch_compile"], "mismatches": []},
+                                                 "rows": rows})
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert [r["tokens"] for r in data["rows"]] == [1, 4096]
+    assert data["rows"][0]["ms"] == {"triton": 0.02, "torch_compile": 0.03}
+    assert data["meta"]["merged_providers"] == [["torch_compile"]]
+    text = out.read_text()
+    assert text.count("earlier row") == 1 and "| 2 row(s) |" in text and "| 1 row(s) |" not in text
