@@ -11,8 +11,11 @@ kernels is the device time a CUDA-graph replay of the step needs at least (a rep
 gaps between kernels).  ``--prefill BxT`` adds one forward of that many tokens.  On the CPU
 (``--smoke``) the rows are aten operators and their self CPU time.
 
-The summary also gives each step's eager wall time (host and device together, no profiler), and on
-CUDA a second table per variant lists the host side: the operators with the most self CPU time.
+The static step runs with the paths a CUDA-graph capture of it takes (``backend="auto"``'s
+device-time choices, ``tmps.kernels_bridge.graphed_choices``), not the eager winners: on the H200
+the two differed at decode sizes.  The summary also gives each step's eager wall time (host and
+device together, no profiler), and on CUDA a second table per variant lists the host side: the
+operators with the most self CPU time.  The file is rewritten after every variant.
 ``--cache dynamic`` profiles e2e.py's eager ``DynamicCache`` step instead (on the H200 its dense
 decode ran at 18 tokens/s against the compressed variants' 54-66, a gap no byte count explains).
 """
@@ -117,9 +120,13 @@ def table(title: str, rows, top: int, unit: str) -> list[str]:
     return lines + [""]
 
 
-def run(args) -> list[str]:
+def run(args, progress=None) -> list[str]:
+    """The report's lines; ``progress(lines)``, if given, gets them as they stand after every variant."""
+    import contextlib
+
     import torch
     import tmps
+    import tmps.kernels_bridge as bridge
 
     cuda = not args.smoke
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -134,7 +141,7 @@ def run(args) -> list[str]:
              f"{str(dtype)[6:]}; random weights, ratio {e2e.RATIO}"
              f"{f', ranks rounded to multiples of {args.align_ranks}' if args.align_ranks > 1 else ''}; "
              f"backend {args.backend}. "
-             + ("Static-cache decode step (the one e2e.py captures in a CUDA graph)" if args.cache == "static"
+             + ("Static-cache decode step (the one e2e.py captures in a CUDA graph, on the paths its capture takes)" if args.cache == "static"
                 else "DynamicCache decode step (e2e.py's eager decode)")
              + f", run eagerly {args.steps} times under torch.profiler after 2 warm-up steps.", ""]
     summary = ["## Summary", "", f"| variant | launches per step | {unit} | eager wall ms per step |",
@@ -149,10 +156,12 @@ def run(args) -> list[str]:
             step, _, cache = e2e.static_decoder(model, args.batch, args.context, 2 + 2 * args.steps, device, seed=0)
         else:
             step, cache = e2e.dynamic_decoder(model, args.batch, args.context, device, seed=0)
-        for _ in range(2):  # Triton autotuning, backend="auto" timing, allocator warm-up
-            step()
-        wall = wall_ms(step, args.steps, cuda)
-        prof = profiled(step, args.steps, cuda)
+        # the static step as its CUDA graph would run it: backend="auto"'s device-time choices
+        with bridge.graphed_choices() if args.cache == "static" else contextlib.nullcontext():
+            for _ in range(2):  # Triton autotuning, backend="auto" timing, allocator warm-up
+                step()
+            wall = wall_ms(step, args.steps, cuda)
+            prof = profiled(step, args.steps, cuda)
         rows = kernel_rows(prof, cuda, args.steps)
         summary.append(f"| {variant} | {sum(n for _, n, _ in rows):.0f} | {sum(us for _, _, us in rows):,.1f} | "
                        f"{wall:.2f} |")
@@ -176,6 +185,8 @@ def run(args) -> list[str]:
         if cuda:
             torch.cuda.empty_cache()
         print(summary[-1], flush=True)
+        if progress is not None:
+            progress(lines + summary + [""] + sections)
     return lines + summary + [""] + sections
 
 
@@ -183,7 +194,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.smoke and cuda_missing("profile_step"):
         return 2
-    lines = run(args)
+    lines = run(args, progress=(lambda partial: write_lines(args.out, partial)) if args.out else None)
     print("\n".join(lines))
     if args.out:
         write_lines(args.out, lines)

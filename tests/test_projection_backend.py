@@ -45,6 +45,18 @@ def test_faster_path_times_once_and_caches(monkeypatch, eager, graphed):
     assert bridge.faster_path("key", run_kernel, run_torch, bench, device_bench) == graphed
 
 
+def test_graphed_choices_give_eager_calls_the_device_time_winner():
+    """profile_step runs the static step eagerly under the profiler: it must run the kernels a CUDA
+    graph of that step would, not the eager winners (on the H200 the two differed at decode sizes)."""
+    run_kernel, run_torch = labelled(lambda: None, "triton"), labelled(lambda: None, "torch")
+    eager, device = fake_bench({"triton": 3.0, "torch": 2.0}, []), fake_bench({"triton": 0.02, "torch": 0.04}, [])
+    with bridge.graphed_choices():
+        assert bridge.faster_path("new key", run_kernel, run_torch, eager, device) == "triton"  # timed here
+        assert bridge.faster_path("new key", run_kernel, run_torch, eager, device) == "triton"  # cached
+    assert bridge.faster_path("new key", run_kernel, run_torch, eager, device) == "torch"
+    assert not bridge._graphed_everywhere
+
+
 def test_device_timing_failure_falls_back_to_the_eager_choice():
     def no_graphs(fn):
         raise RuntimeError("CUDA graphs are not supported here")

@@ -70,6 +70,19 @@ class PathChoice:
 
 
 _FASTER: dict = {}  # key -> PathChoice
+_graphed_everywhere = False  # set by graphed_choices()
+
+
+@contextlib.contextmanager
+def graphed_choices():
+    """Within it, eager calls take the choices a CUDA-graph capture takes (the device-time winners):
+    to run, eagerly and under a profiler, the step a captured graph replays."""
+    global _graphed_everywhere
+    before, _graphed_everywhere = _graphed_everywhere, True
+    try:
+        yield
+    finally:
+        _graphed_everywhere = before
 
 
 def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None, device=None) -> str:
@@ -79,14 +92,15 @@ def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None, devic
     the kernel loses, e.g. where cuBLAS's GEMMs beat the fused tile loop.  Both paths are timed eagerly
     (``bench(fn) -> ms``, default ``triton.testing.do_bench``'s median) and in device time
     (``device_bench``, default :func:`device_ms` with L2 flushed, CUDA graphs); a call made while a CUDA graph is
-    being captured gets the device-time choice, any other call the eager one.  Nothing can be timed
+    being captured (or made within :func:`graphed_choices`) gets the device-time choice, any other call
+    the eager one.  Nothing can be timed
     during a capture: an untimed key then takes the kernel, without caching.  ``device``: the CUDA
     device the paths run on (the graphs are captured there; default the current one).
     """
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     choice = _FASTER.get(key)
     if choice is not None:
-        return choice.graphed if capturing else choice.eager
+        return choice.graphed if capturing or _graphed_everywhere else choice.eager
     if capturing:
         return "triton"
     bench = bench or _median_ms
@@ -101,7 +115,7 @@ def faster_path(key, run_kernel, run_torch, bench=None, device_bench=None, devic
         except RuntimeError:  # no capture possible here (kernels._common warns once): the eager timing decides both
             graphed = eager
     _FASTER[key] = PathChoice(eager, graphed)
-    return eager
+    return graphed if _graphed_everywhere else eager
 
 
 def _median_ms(fn) -> float:
