@@ -57,8 +57,10 @@ Bounds (per case, from shapes and ``tmps.summary(model.tmps_info)``; fp16 = 2 by
 
 The measured speedup is dense time / variant time (decode: variant tokens/s / dense tokens/s, graphs
 against graphs) and "% of bound" = speedup / bound. Every cell is measured in its own try/except: a
-failure writes "failed: <reason>" and the run goes on. The markdown (and a .json twin) is rewritten
-after every variant, so a run killed by a time limit leaves what it measured.
+failure writes "failed: <reason>" and the run goes on (the exit status is 1 when a cell failed). The
+markdown (and a .json twin) is rewritten after every cell, and on SIGTERM (``timeout``'s signal), so
+a run killed by a time limit leaves what it measured. ``--budget-s`` counts from the process's
+start, imports included, as the ``timeout`` around it does.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ import statistics
 import sys
 import time
 import traceback
+
+_PROCESS_T0 = time.perf_counter()  # --budget-s counts from here: torch's import and CUDA's start count too
 
 SHAPES = {
     "opt-1.3b": dict(hidden=2048, layers=24, heads=32, ffn=8192),
@@ -292,13 +296,14 @@ def random_factors(model, mode: str, ratio: float, k_share: float = 0.35, align:
                        "layers": info}
 
 
-def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
+def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict, time_left: float = math.inf):
     """Build a fresh model and compress it; returns (model, note) where note says how.
 
     ``calib_history[mode]`` is ``(hidden, layers, seconds)`` of the last calibration that finished,
     or the reason one failed. With ``--factors auto`` a larger shape skips calibrating (random
     factors) when a smaller one failed, or when its time scaled by ``layers · hidden³`` exceeds
-    ``--calib-timeout``.
+    ``--calib-timeout``. ``time_left``: seconds left of ``--budget-s``; ``--factors auto``'s
+    calibration stops in time to leave the variant ``2 * MIN_CELL_S`` of it for its cells.
     """
     import torch
 
@@ -322,12 +327,16 @@ def make_variant(cfg, mode: str, args, dtype, device, calib_history: dict):
             note["why"] = (f"calibration predicted to take {predicted:.0f} s > --calib-timeout "
                            f"(scaled from {seconds:.0f} s at hidden {hidden}, {layers} layers)")
             factors = "random"
+    limit = min(args.calib_timeout or math.inf, time_left - 2 * MIN_CELL_S)  # the variant's cells need time too
+    if factors == "auto" and limit <= 0:
+        note["why"] = "no time left of --budget-s to calibrate"
+        factors = "random"
     if factors in ("auto", "calibrated"):
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         n, t = args.calib
         calib = torch.randint(4, cfg.vocab_size, (n, t), generator=gen).to(device)
         t0 = time.perf_counter()
-        cancel = _alarm(args.calib_timeout if factors == "auto" else None)
+        cancel = _alarm(limit if factors == "auto" and math.isfinite(limit) else None)
         try:
             tmps.compress(model, calib, mode=mode, ratio=RATIO, progress=False)
             seconds = time.perf_counter() - t0
@@ -448,9 +457,11 @@ class _Clock:
 
 
 def _cache_kw(model) -> str:
-    """The forward's cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    """The forward's cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before (a
+    ``torch.compile`` wrapper is asked about the model it wraps: its own forward takes ``*args``)."""
     import inspect
 
+    model = getattr(model, "_orig_mod", model)
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
@@ -764,7 +775,7 @@ def run(args) -> list[dict]:
 
     import tmps
 
-    started = time.perf_counter()
+    started = _PROCESS_T0
     deadline = None if args.budget_s is None else started + args.budget_s
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.float16
@@ -777,6 +788,34 @@ def run(args) -> list[dict]:
     def left():
         return float("inf") if deadline is None else deadline - time.perf_counter()
 
+    def save():
+        write(args, env, results, started)
+
+    # timeout(1) stops a run with SIGTERM, which would kill Python at once: make it an exit, so the
+    # finally below writes what was measured (the cell in progress is lost; the finished ones are not)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _run_shapes(args, env, shapes, results, calib_history, left, save, device, dtype)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        lines = write(args, env, results, started)
+    print("\n".join(lines), flush=True)
+    if args.out:
+        print(f"wrote {args.out}")
+    return results
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _run_shapes(args, env, shapes, results, calib_history, left, save, device, dtype):
+    """Build, set up and measure every (shape, variant), appending a record per variant to ``results``
+    and saving after every cell."""
+    import torch
+
+    import tmps
+
     for shape_name in args.shapes:
         cfg = opt_config(shapes[shape_name], args.smoke)
         dense_cost = cost_model(cfg, None)
@@ -787,7 +826,7 @@ def run(args) -> list[dict]:
             results.append(record)
             if left() < MIN_CELL_S * 2:
                 record["factors"] = "skipped: time budget"
-                write(args, env, results, started)
+                save()
                 continue
             try:
                 if mode != "dense" and model is not None and model_mode == mode:
@@ -796,7 +835,7 @@ def run(args) -> list[dict]:
                     model = None
                     gc.collect()
                     _empty_cache(device)
-                    model, note = make_variant(cfg, mode, args, dtype, device, calib_history)
+                    model, note = make_variant(cfg, mode, args, dtype, device, calib_history, left())
                     model_mode, model_note = mode, note
                 if mode != "dense":
                     tmps.set_paths(model, backend=backend, kv_attention=kv_attention)
@@ -804,7 +843,7 @@ def run(args) -> list[dict]:
                 record["factors"] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 traceback.print_exc()
                 model = None
-                write(args, env, results, started)
+                save()
                 continue
             record["factors"] = note.get("factors", "dense" if mode == "dense" else "")
             record["notes"] += [f"{k} = {v}" for k, v in note.items() if k != "factors"]
@@ -826,23 +865,27 @@ def run(args) -> list[dict]:
                 timed = torch.compile(model, backend=args.compile_backend)
                 record["notes"].append(f"torch.compile(backend={args.compile_backend!r})")
             measure_variant(timed, mode, args, device, record, dense_cost, cost, left,
-                            prefill=variant != "kv-rebuild")
+                            prefill=variant != "kv-rebuild", save=save)
             timed = None
             if mode != "dense" and backend == "auto":
                 record["notes"].append(f"backend auto chose: {auto_choices(timed_before)}")
-            write(args, env, results, started)
+            save()
         model = None
         gc.collect()
         _empty_cache(device)
-    lines = write(args, env, results, started)
-    print("\n".join(lines), flush=True)
-    if args.out:
-        print(f"wrote {args.out}")
-    return results
 
 
-def _attempt(record, kind, key, left, fn):
-    """Run one measurement; its value, or a 'failed: ...' / 'skipped: ...' string, goes into the record."""
+def _attempt(record, kind, key, left, fn, save=None):
+    """Run one measurement; its value, or a 'failed: ...' / 'skipped: ...' string, goes into the record,
+    which ``save()`` (if given) then writes out."""
+    try:
+        return _measure(record, kind, key, left, fn)
+    finally:
+        if save is not None:
+            save()
+
+
+def _measure(record, kind, key, left, fn):
     import torch
 
     cells = record["cells"].setdefault(kind, {})
@@ -866,12 +909,12 @@ def _attempt(record, kind, key, left, fn):
     return value
 
 
-def measure_variant(model, mode, args, device, record, dense_cost, cost, left, prefill=True):
+def measure_variant(model, mode, args, device, record, dense_cost, cost, left, prefill=True, save=None):
     for b, t in args.prefill if prefill else ():
         key = f"{b}x{t}"
         record["bounds"].setdefault("prefill", {})[key] = (prefill_flops(dense_cost, b, t, True)
                                                            / prefill_flops(cost, b, t, mode == "dense"))
-        _attempt(record, "prefill", key, left, lambda: prefill_ms(model, b, t, device, args.seed))
+        _attempt(record, "prefill", key, left, lambda: prefill_ms(model, b, t, device, args.seed), save)
     eager_tokens = {}
     for b in args.decode_batch:
         bound = decode_bytes(dense_cost, b, args.context, True) / decode_bytes(cost, b, args.context, mode == "dense")
@@ -890,7 +933,7 @@ def measure_variant(model, mode, args, device, record, dense_cost, cost, left, p
             eager_tokens[b] = tokens
             return tps
 
-        _attempt(record, "decode", str(b), left, eager)
+        _attempt(record, "decode", str(b), left, eager, save)
     if args.no_graphs:
         return
     for b in args.decode_batch:
@@ -907,7 +950,7 @@ def measure_variant(model, mode, args, device, record, dense_cost, cost, left, p
                 raise RuntimeError(f"static-cache decode diverged from the eager decode ({same} steps agree)")
             return tps
 
-        _attempt(record, "graph", str(b), left, static)
+        _attempt(record, "graph", str(b), left, static, save)
         _empty_cache(device)
 
 
@@ -925,8 +968,8 @@ def main(argv=None):
               for kind, cells in r["cells"].items() for key, value in cells.items()
               if isinstance(value, str) and value.startswith("failed")]
     failed += [f"{r['shape']} {r['variant']}: {r['factors']}" for r in results if r["factors"].startswith("failed")]
-    if args.smoke and failed:
-        print("e2e --smoke: failed cells:\n  " + "\n  ".join(failed), file=sys.stderr)
+    if failed:  # the table has them too; a failed cell is a failed run (gpu_check's step says so)
+        print("e2e: failed cells:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
     return 0
 

@@ -111,3 +111,48 @@ def test_random_factors_align_their_ranks_like_compress(e2e):
                 assert ranks and all(r % 8 == 0 for r in ranks), (mode, ranks)
             elif mode == "kv":  # the raw uniform ranks: 0.35 / 0.65 of half of 2 x 64
                 assert ranks == [22, 42] * cfg.num_hidden_layers
+
+
+def test_a_run_stopped_by_sigterm_keeps_the_cells_it_finished(tmp_path):
+    """gpu_check runs e2e under timeout(1), whose SIGTERM would kill Python before any last write: the
+    tables are saved after every cell, and SIGTERM becomes an exit that writes them once more."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "e2e.md"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--smoke", "--factors", "random",
+                             "--no-graphs", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    json_path, deadline = tmp_path / "e2e.json", time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:  # until a cell of a compressed variant is saved
+            if json_path.exists():
+                results = json.loads(json_path.read_text())["results"]
+                if len(results) >= 2 and results[1]["cells"]:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the smoke run ended before it could be stopped:\n" + proc.stdout.read()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    results = json.loads(json_path.read_text())["results"]
+    assert results[0]["variant"] == "dense" and set(results[0]["cells"]) == {"prefill", "decode"}
+    assert all(isinstance(v, float) for v in results[0]["cells"]["prefill"].values())
+    assert results[1]["cells"] and "| dense |" in out.read_text()
+
+
+def test_the_budget_counts_from_the_process_start(e2e, tmp_path):
+    """--budget-s is what the timeout around the run allows: imports count, so a budget they already
+    used up measures nothing (and says so)."""
+    out = tmp_path / "e2e.md"
+    e2e._PROCESS_T0 -= 3600  # as if an hour had gone to imports
+    try:
+        assert e2e.main(["--smoke", "--factors", "random", "--budget-s", "60", "--out", str(out)]) == 0
+    finally:
+        e2e._PROCESS_T0 += 3600
+    results = json.loads((tmp_path / "e2e.json").read_text())["results"]
+    assert results and all(r["factors"] == "skipped: time budget" for r in results)
