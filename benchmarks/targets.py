@@ -16,7 +16,8 @@ Reads the JSON twins that ``kernel_microbench.py --out`` and ``e2e.py --out`` wr
 
 Each target reports how many cases it covers, the worst one and whether every case meets it; a
 target with no measured case says so instead of passing. Exit status 0 when every measured target
-is met, 1 otherwise, 2 when neither file exists.
+is met, 3 when some is missed (a result, not an error: gpu_check.sh tells it from a crash, which
+exits 1), 2 when neither file exists.
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ def render(targets: list[Target], sources: dict) -> list[str]:
     return lines
 
 
+MISSED = 3  # exit status when a target is missed (1 is Python's for an uncaught exception)
+
+
 def _load(path):
     if not path or not os.path.exists(path):
         return None
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
-    return 0 if all(t.met is not False for t in targets) else 1
+    return 0 if all(t.met is not False for t in targets) else MISSED
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_unmeasured_targets_say_so_and_exit_codes(targets, tmp_path, capsys):
     assert "| kernel vs unfused chain, prefill | >= 1.1x | 0 | not measured | | n/a |" in text
     assert "end to end" not in text
     path.write_text(json.dumps({"rows": [kernel_row(4096, 0.5, 1, triton=1.0, factored=1.0, dense=2.0)]}))
-    assert targets.main(["--kernels", str(path), "--e2e", str(tmp_path / "missing.json")]) == 1
+    assert targets.main(["--kernels", str(path), "--e2e", str(tmp_path / "missing.json")]) == 3  # missed
     assert "**no**" in capsys.readouterr().out
 
 
