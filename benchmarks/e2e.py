@@ -114,6 +114,9 @@ GPU_ONLY_VARIANTS = tuple(v for v, (_, backend, _, _) in VARIANT_SETTINGS.items(
 RATIO = 0.5
 WARM_STEPS = 2
 MIN_CELL_S = 8.0  # a cell is skipped when less than this is left of --budget-s
+# CUDA errors after which the context is unusable: every later cell would fail the same way
+STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "device-side assert",
+                      "misaligned address")
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +174,8 @@ def parse_args(argv=None):
             p.error(f"--{name} must be positive")
     if any(b < 1 for b in args.decode_batch):
         p.error("--decode-batch values must be positive")
-    longest = max([t for _, t in args.prefill] + [args.context + args.steps + WARM_STEPS + 16])
+    # the static cache: context, the warm-up, one untimed replay and the timed steps, +1, in 16s
+    longest = max([t for _, t in args.prefill] + [-(-(args.context + WARM_STEPS + 1 + args.steps + 1) // 16) * 16])
     limit = 128 if args.smoke else MAX_POSITIONS
     if longest > limit:
         p.error(f"sequences up to {longest} tokens exceed OPT's {limit} learned positions")
@@ -563,21 +567,23 @@ def static_decoder(model, batch, context, total, device, seed):
 
 
 def decode_static(model, batch, context, steps, device, seed, graph: bool):
-    """(tokens/s, greedy tokens) with a StaticCache; the decode step is captured in a CUDA graph
-    when ``graph`` (else run eagerly: the CPU smoke test checks this path's tokens)."""
-    import torch
+    """(tokens/s, greedy tokens (batch, WARM_STEPS + steps)) with a StaticCache; the decode step is
+    captured in a CUDA graph when ``graph`` (else run eagerly: the CPU smoke test checks this path's
+    tokens). The graph's first replay (which uploads it) is not timed.
 
-    step, tokens, cache = static_decoder(model, batch, context, WARM_STEPS + steps, device, seed)
+    The capture is ``tmps.kernels._common.capture_graph``'s: after a failed one (on torch 2.11 a
+    later capture could abort the process, see there) no graph cell is tried again."""
+    from tmps.kernels._common import capture_graph, graph_capture_failed
+
+    untimed = 1 if graph else 0
+    step, tokens, cache = static_decoder(model, batch, context, WARM_STEPS + untimed + steps, device, seed)
     if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARM_STEPS):  # eager: tunes Triton, fills the allocator, advances the cache
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            step()  # recorded, not run
+        if graph_capture_failed():
+            raise RuntimeError(f"not captured: a CUDA-graph capture failed earlier ({graph_capture_failed()})")
+        for _ in range(WARM_STEPS - 1):  # eager: tunes Triton, fills the allocator, advances the cache
+            step()
+        cuda_graph = capture_graph(step, reps=1)  # the last warm-up step (side stream), then the capture
+        cuda_graph.replay()
         run = cuda_graph.replay
     else:
         for _ in range(WARM_STEPS):
@@ -588,7 +594,7 @@ def decode_static(model, batch, context, steps, device, seed, graph: bool):
     for _ in range(steps):
         run()
     seconds = clock.stop()
-    result = batch * steps / seconds, tokens.cpu()
+    result = batch * steps / seconds, tokens[:, :WARM_STEPS + steps].cpu()
     if graph:
         del cuda_graph
     del cache
@@ -867,6 +873,8 @@ def _run_shapes(args, env, shapes, results, calib_history, left, save, device, d
             measure_variant(timed, mode, args, device, record, dense_cost, cost, left,
                             prefill=variant != "kv-rebuild", save=save)
             timed = None
+            if compiled:  # dynamo's caches hold the compiled graphs, and with them the model's tensors
+                torch._dynamo.reset()
             if mode != "dense" and backend == "auto":
                 record["notes"].append(f"backend auto chose: {auto_choices(timed_before)}")
             save()
@@ -903,6 +911,9 @@ def _measure(record, kind, key, left, fn):
         cells[key] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:160]
         print(f"e2e: {record['shape']} {record['variant']} {kind} {key}:", flush=True)
         traceback.print_exc()
+        if any(text in str(exc) for text in STICKY_CUDA_ERRORS):
+            raise RuntimeError(f"e2e stopped: {kind} {key} of {record['variant']} left the CUDA context unusable "
+                               f"({exc})".splitlines()[0]) from exc
         return None
     cells[key] = value
     print(f"e2e: {record['shape']} {record['variant']} {kind} {key}: {value:.3f}", flush=True)

@@ -120,10 +120,16 @@ def eager_ms(fn) -> float:
 _graph_timing_off = None
 
 
-def _captured(body, reps: int):
-    """A CUDA graph of ``reps`` calls of ``body``, after one eager call on a side stream (compiles,
-    cuBLAS workspaces, allocations: an error there is ``body``'s own and propagates as it is).  A
-    failed capture raises RuntimeError and turns graph timing off for the rest of the process."""
+def graph_capture_failed():
+    """Why a capture of :func:`capture_graph` failed in this process (device timing is off since), or None."""
+    return _graph_timing_off
+
+
+def capture_graph(body, reps: int):
+    """A CUDA graph of ``reps`` calls of ``body`` (recorded, not run), after one eager call on a side
+    stream (compiles, cuBLAS workspaces, allocations: an error there is ``body``'s own and
+    propagates as it is).  A failed capture raises RuntimeError, with the caller's stream current
+    again, and turns graph timing off for the rest of the process (:func:`graph_capture_failed`)."""
     global _graph_timing_off
     caller = torch.cuda.current_stream()
     side = torch.cuda.Stream()
@@ -154,7 +160,7 @@ def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> floa
     256 MiB) and subtracts a graph of the flushes alone, so the operands come from HBM.  ``fn`` must
     be capturable: no host syncs, no CPU tensors read on the device.  Its first call runs eagerly on
     a side stream (compiles, cuBLAS workspaces, allocations), so an error there is ``fn``'s own.
-    RuntimeError where the capture fails, and from then on in this process (see ``_captured``).
+    RuntimeError where the capture fails, and from then on in this process (see :func:`capture_graph`).
     """
     if _graph_timing_off is not None:
         raise RuntimeError(f"CUDA-graph timing is off in this process since a capture failed ({_graph_timing_off})")
@@ -173,9 +179,9 @@ def device_ms(fn, reps: int = 20, rounds: int = 5, flush_bytes: int = 0) -> floa
         return sorted(times)[len(times) // 2]
 
     if flush is None:
-        return replay_ms(_captured(fn, reps)) / reps
-    both = replay_ms(_captured(lambda: (flush.zero_(), fn()), reps))
-    flushes = replay_ms(_captured(flush.zero_, reps))
+        return replay_ms(capture_graph(fn, reps)) / reps
+    both = replay_ms(capture_graph(lambda: (flush.zero_(), fn()), reps))
+    flushes = replay_ms(capture_graph(flush.zero_, reps))
     return max((both - flushes) / reps, 1e-6)
 
 

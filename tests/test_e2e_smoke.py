@@ -156,3 +156,39 @@ def test_the_budget_counts_from_the_process_start(e2e, tmp_path):
         e2e._PROCESS_T0 += 3600
     results = json.loads((tmp_path / "e2e.json").read_text())["results"]
     assert results and all(r["factors"] == "skipped: time budget" for r in results)
+
+
+def test_the_graph_path_times_replays_after_an_untimed_one_and_keeps_the_eager_tokens(e2e, monkeypatch):
+    """decode_static's CUDA-graph bookkeeping on the CPU: a stand-in 'graph' whose replay runs the
+    step. The warm-up, the untimed first replay and the timed ones must decode the tokens the eager
+    static step does, and a failed capture earlier in the process stops further captures."""
+    from tmps.kernels import _common
+
+    class Replays:  # what capture_graph returns: its replay runs the captured step
+        def __init__(self, step):
+            self.replay, self.count = self._counted(step), 0
+
+        def _counted(self, step):
+            def replay():
+                self.count += 1
+                step()
+            return replay
+
+    graphs = []
+
+    def capture_graph(step, reps):  # as the real one: one eager warm-up call, then the recorded graph
+        step()
+        graphs.append(Replays(step))
+        return graphs[-1]
+
+    monkeypatch.setattr(_common, "capture_graph", capture_graph)
+    cfg = e2e.opt_config(e2e.SMOKE_SHAPE["tiny"], True)
+    model = e2e.build_model(cfg, torch.float32, "cpu", 0)
+    _, eager_tokens = e2e.decode_static(model, 2, 16, 4, "cpu", 0, graph=False)
+    _, graph_tokens = e2e.decode_static(model, 2, 16, 4, "cpu", 0, graph=True)
+    assert graphs[0].count == 1 + 4  # the untimed replay, then the timed ones
+    assert torch.equal(graph_tokens, eager_tokens) and graph_tokens.shape == (2, e2e.WARM_STEPS + 4)
+    monkeypatch.setattr(_common, "_graph_timing_off", "RuntimeError: capture failed")
+    with pytest.raises(RuntimeError, match="capture failed earlier"):
+        e2e.decode_static(model, 2, 16, 4, "cpu", 0, graph=True)
+    assert len(graphs) == 1
