@@ -192,3 +192,36 @@ def test_the_graph_path_times_replays_after_an_untimed_one_and_keeps_the_eager_t
     with pytest.raises(RuntimeError, match="capture failed earlier"):
         e2e.decode_static(model, 2, 16, 4, "cpu", 0, graph=True)
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("variant", ["dense", "kv", "weights"])
+def test_the_captured_decode_step_never_waits_for_the_device(e2e, variant):
+    """What e2e.py captures in a CUDA graph must not read a tensor's value on the host (.item(),
+    ``if tensor``, nonzero, ...): a capture fails on such a sync. Checked on the CPU, torch path,
+    by the ops the step dispatches; the first probe proves the check sees a sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique"}
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in syncing:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with HostReads() as probe:
+        bool(torch.ones(()) > 0)
+    assert probe.seen, "the check must see a host read"
+    cfg = e2e.opt_config(e2e.SMOKE_SHAPE["tiny"], True)
+    model = e2e.build_model(cfg, torch.float32, "cpu", 0)
+    if variant != "dense":
+        e2e.random_factors(model, variant, e2e.RATIO)
+    step, _, _ = e2e.static_decoder(model, 2, 16, 4, "cpu", 0)
+    step()  # the warm-up's first step (may fill lazily built state)
+    with HostReads() as reads:
+        step()
+    assert reads.seen == [], f"the {variant} decode step reads tensor values on the host: {reads.seen}"
