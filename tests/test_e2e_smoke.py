@@ -225,3 +225,25 @@ def test_the_captured_decode_step_never_waits_for_the_device(e2e, variant):
     with HostReads() as reads:
         step()
     assert reads.seen == [], f"the {variant} decode step reads tensor values on the host: {reads.seen}"
+
+
+def test_the_forced_kernel_variants_decode_like_dense_under_the_interpreter(tmp_path):
+    """kv-triton and weights-triton (the kernels forced: on a GPU, the CUDA-graph cells' path) run
+    under Triton's interpreter through the same steps, the static-cache one with its expanded additive
+    mask included; --smoke fails a cell whose static decode's greedy tokens leave the eager ones."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    out = tmp_path / "e2e.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--smoke", "--factors", "random",
+                          "--kv-graphs", "--variants", "kv-triton", "weights-triton", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "e2e.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["kv-triton", "weights-triton"]
+    for variant, kind, key, value in _cells(results):
+        assert isinstance(value, float) and value > 0, (variant, kind, key, value)
+    notes = [n for r in results for n in r["notes"] if "static-cache" in n]
+    assert len(notes) == 4 and all("for 6/6 steps" in n for n in notes)
