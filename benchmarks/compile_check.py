@@ -4,6 +4,7 @@
     python benchmarks/compile_check.py --arch 80       # sm_80 (A100)
     python benchmarks/compile_check.py --first         # one config per kernel and dtype (the unit suite's check)
     python benchmarks/compile_check.py --first --no-align-hints   # as before the alignment hints
+    python benchmarks/compile_check.py --threads 2     # two compiles at once (the tuners' precompile)
 
 Each kernel launch is captured instead of run (the launcher builds its real arguments from
 empty tensors of the given shapes), then compiled ahead of time with ``triton.compile`` for the
@@ -12,19 +13,29 @@ registers per thread, spill stores, 2-byte global loads and stores and compile t
 that does not compile, needs too much shared memory, spills, or moves 16-bit rows one element at a
 time (rows Triton cannot prove 16-byte aligned) is seen before a GPU is lent. Uses Triton internals
 (``create_function_from_signature``, ``JITFunction._pack_args``) checked on Triton 3.6 and 3.9;
-exit status 3 when this Triton cannot compile ahead of time, 1 when a config fails.
+exit status 3 when this Triton cannot compile ahead of time, 1 when a config fails. The cache is a
+fresh temporary one unless ``TRITON_CACHE_DIR`` is set, so every case compiles; the last lines give
+the wall time of all compiles, which ``--threads`` runs concurrently.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+# A fresh cache unless one is given: each compile then really compiles (its seconds, the wall time)
+FRESH_CACHE = "TRITON_CACHE_DIR" not in os.environ
+if FRESH_CACHE:
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tmps-compile-check-")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's runtime default, stated (it warns otherwise)
 
 import torch  # noqa: E402
@@ -205,7 +216,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-align-hints", action="store_true",
                    help="compile without the kernels' alignment hints (kernels/_common.aligned), as before them: "
                         "the 2-byte accesses they remove")
+    p.add_argument("--threads", type=int, default=1,
+                   help="compile this many cases at once (as the tuners do, kernels/_common.precompile); the last "
+                        "line gives the wall time")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error("--threads must be positive")
     if args.no_align_hints:
         for module in (fp, ld, ls):
             module.alignment = lambda *sizes: 1
@@ -223,6 +239,7 @@ def main(argv=None) -> int:
     sources = {"projection": (projection_cases, fp, ("_fused_factored_projection_kernel",)),
                "scores": (scores_cases, ls, ("_latent_rope_scores_kernel",)),
                "decode": (decode_cases, ld, ("_partials_kernel", "_combine_kernel"))}
+    jobs = []  # (name, dtype name, config, kernel, recorded call): captured first, compiled after
     for kernel_name in args.kernels:
         cases, module, attrs = sources[kernel_name]
         for dtype_name in args.dtypes:
@@ -241,17 +258,31 @@ def main(argv=None) -> int:
                     continue
                 for attr in attrs:
                     name = f"{label} {attr.strip('_').removesuffix('_kernel')}" if len(attrs) > 1 else label
-                    try:
-                        shared, registers, spills, narrow, seconds = compile_call(getattr(module, attr), calls[attr],
-                                                                                  target, ptxas)
-                        verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
-                        failures += verdict != "ok"
-                        narrow_cases += narrow > 0
-                        print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {narrow} {seconds:.1f}  "
-                              f"{verdict}", flush=True)
-                    except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
-                        failures += 1
-                        print(f"{name} {dtype_name} {config}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+                    jobs.append((name, dtype_name, config, getattr(module, attr), calls[attr]))
+
+    def compiled(job):
+        try:
+            return compile_call(job[3], job[4], target, ptxas)
+        except Exception as exc:  # noqa: BLE001: report every failing config, then exit 1
+            return exc
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.threads) as pool:
+        for (name, dtype_name, config, _, _), result in zip(jobs, pool.map(compiled, jobs)):  # in order
+            if isinstance(result, Exception):
+                failures += 1
+                print(f"{name} {dtype_name} {config}: FAILED {type(result).__name__}: {str(result)[:500]}", flush=True)
+                continue
+            shared, registers, spills, narrow, seconds = result
+            verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
+            failures += verdict != "ok"
+            narrow_cases += narrow > 0
+            print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {narrow} {seconds:.1f}  {verdict}",
+                  flush=True)
+    wall = time.perf_counter() - start
+    print(f"compile_check: {len(jobs)} compiles in {wall:.1f} s of wall time on {args.threads} thread(s), "
+          f"{os.cpu_count()} CPU(s), a fresh Triton cache" + ("" if FRESH_CACHE else " (TRITON_CACHE_DIR given: "
+                                                              "hits there are not compiled)"))
     print(f"compile_check: {narrow_cases} case(s) with 2-byte global loads or stores")
     print(f"compile_check: {failures} failing config(s)")
     return 1 if failures else 0

@@ -5,7 +5,10 @@ Nothing here launches anything; each kernel file keeps its own config space, lau
 
 from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
 
+import contextvars
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -204,9 +207,64 @@ def decode_bench(fn) -> float:
         return eager_ms(fn)
 
 
+# Set by precompile(): launch() then compiles its kernel (Triton's warmup) instead of running it.
+_compile_only = contextvars.ContextVar("tmps_compile_only", default=False)
+# Threads compiling the tuners' candidates at once. Triton holds the GIL for little of a compile
+# (its MLIR passes release it, ptxas is a subprocess): `compile_check.py --threads 2` on this
+# project's 2-core CPU compiles in about half the serial time.
+COMPILE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, the way every launcher here starts its kernels; within
+    :func:`precompile` the kernel is only compiled (``kernel.warmup``), concurrently with others."""
+    if _compile_only.get():
+        return kernel.warmup(*args, grid=grid, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+def precompile(candidates, run) -> None:
+    """Compile the kernels of every ``run(candidate)`` at once, on :data:`COMPILE_THREADS` threads.
+
+    A launch compiles its kernel the first time it meets a new specialization, about a second each
+    for these kernels at sm_90, and a tuner tries 5-17 candidates per shape one after another: in a
+    model's first decode step (or a GPU check's tuning) that was most of the time. Here each
+    candidate's launcher runs with its launches turned into compiles (:func:`launch`) inside
+    ``triton.AsyncCompileMode``, which queues them on a thread pool and, at its exit, waits and puts
+    each compiled kernel in its JIT cache, where the timed runs then find it. A candidate that
+    fails here is left to its timed run, which raises what it raised before (shared memory that does
+    not fit is found when a kernel is first loaded, there too). Without ``AsyncCompileMode``
+    (Triton < 3.6), or inside one already active, the timed runs compile as they go.
+    """
+    candidates = list(candidates)
+    if len(candidates) < 2 or COMPILE_THREADS < 2 or not hasattr(triton, "AsyncCompileMode"):
+        return
+    token = _compile_only.set(True)
+    try:
+        with ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="tmps-compile") as pool:
+            try:
+                mode = triton.AsyncCompileMode(pool, ignore_errors=True)
+                mode.__enter__()
+            except RuntimeError:  # another AsyncCompileMode is active (the caller's): compile as we go
+                return
+            try:
+                for candidate in candidates:
+                    try:
+                        run(candidate)
+                    except Exception:  # noqa: BLE001 -- its timed run repeats it and raises what it raises
+                        pass
+            finally:
+                mode.__exit__(None, None, None)  # waits for every compile, fills the JIT caches
+    finally:
+        _compile_only.reset(token)
+
+
 def autotune(candidates, run, bench):
     """The candidate whose ``run(config)`` ``bench`` times fastest, skipping those that do not fit
-    the GPU (the compile raises OutOfResources, e.g. for shared memory); None if none fits."""
+    the GPU (the compile raises OutOfResources, e.g. for shared memory); None if none fits. The
+    candidates' kernels are compiled first, all at once (:func:`precompile`)."""
+    candidates = list(candidates)
+    precompile(candidates, run)
     best, best_ms = None, float("inf")
     for candidate in candidates:
         try:

@@ -81,7 +81,7 @@ import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
 from ._common import cdiv, require_runnable, tl, triton_available
-from ._common import aligned, alignment, decode_bench, eager_ms
+from ._common import aligned, alignment, decode_bench, eager_ms, launch
 from ._common import interpreted as _interpreted
 
 __all__ = [
@@ -605,7 +605,8 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
         scratch = torch.empty((plan.col_splits, m, r), device=x2d.device, dtype=x2d.dtype)
     grid = (cdiv(m, config.block_m) * plan.col_splits,)
     core_args, out_args, bias_args = factor_args or _factor_args(cores, out_factors, biases)
-    _fused_factored_projection_kernel[grid](
+    launch(
+        _fused_factored_projection_kernel, grid,
         x2d, in_factor if in_factor is not None else x2d, scratch,
         core_args, out_args, bias_args, tuple(ys),
         m, d_in, r,

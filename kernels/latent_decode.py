@@ -61,7 +61,7 @@ import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
 from ._common import cdiv, require_runnable, tl, triton_available, unit_last
-from ._common import aligned, alignment, decode_bench
+from ._common import aligned, alignment, decode_bench, launch
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "DecodeConfig", "latent_decode_attention", "latent_decode_attention_ref", "triton_available"]
@@ -363,7 +363,8 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
     align = alignment(*latent_strides)
     precision = FP32_DOT_PRECISION if c_v.dtype == torch.float32 else "tf32"
     upcast = c_v.dtype == torch.bfloat16 and _interpreted()
-    _partials_kernel[(chunks, v_tiles, b)](
+    launch(
+        _partials_kernel, (chunks, v_tiles, b),
         q_latent if not given else c_v, scores if given else c_v, c_k if not given else c_v, c_v,
         mask_t if mask_t is not None else c_v, acc, ml,
         rows, q_len, total, 0 if given else c_k.shape[2], r_v, chunks, float(scaling),
@@ -379,7 +380,8 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
     n_rows = b * q_len
     whole = next_pow2(head_dim)
     block_d = max(16, min(config.block_d, whole) if config.block_d else whole)  # tl.dot's smallest size is 16
-    _combine_kernel[(heads, cdiv(n_rows, config.block_b), cdiv(head_dim, block_d))](
+    launch(
+        _combine_kernel, (heads, cdiv(n_rows, config.block_b), cdiv(head_dim, block_d)),
         acc, ml, v_up, out,
         n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
         v_up.stride(0),

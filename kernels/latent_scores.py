@@ -43,7 +43,7 @@ import torch
 
 from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_sizes, dot, jit, next_pow2
 from ._common import cdiv, require_runnable, tl, triton_available, unit_last
-from ._common import aligned, alignment, decode_bench
+from ._common import aligned, alignment, decode_bench, launch
 from ._common import interpreted as _interpreted
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
@@ -191,7 +191,8 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
     total, r = c_k.shape[1], c_k.shape[2]
     half = head_dim // 2
     grid = (cdiv(total, config.block_t), b * kv_heads)
-    _latent_rope_scores_kernel[grid](
+    launch(
+        _latent_rope_scores_kernel, grid,
         q, c_k, k_up, cos, sin, out,
         kv_heads, m, total, r, half,
         q.stride(0), q.stride(1), q.stride(2),
