@@ -1,6 +1,8 @@
-"""What the Triton kernels share: the optional Triton import, dtypes, the dot helper, padding, autotuning.
+"""What the Triton kernels share: the optional Triton import, dtypes, the dot helper, padding,
+alignment hints, device timing (CUDA graphs) and autotuning (candidates compiled at once).
 
-Nothing here launches anything; each kernel file keeps its own config space, launcher and reference.
+Each kernel file keeps its own config space, launcher and reference; the launchers start their
+kernels through :func:`launch`, which the tuners can turn into compiles.
 """
 
 from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
