@@ -280,9 +280,9 @@ def main(argv=None) -> int:
             print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {narrow} {seconds:.1f}  {verdict}",
                   flush=True)
     wall = time.perf_counter() - start
+    cache = "a fresh Triton cache" if FRESH_CACHE else "the given TRITON_CACHE_DIR (its hits are not compiled)"
     print(f"compile_check: {len(jobs)} compiles in {wall:.1f} s of wall time on {args.threads} thread(s), "
-          f"{os.cpu_count()} CPU(s), a fresh Triton cache" + ("" if FRESH_CACHE else " (TRITON_CACHE_DIR given: "
-                                                              "hits there are not compiled)"))
+          f"{os.cpu_count()} CPU(s), {cache}")
     print(f"compile_check: {narrow_cases} case(s) with 2-byte global loads or stores")
     print(f"compile_check: {failures} failing config(s)")
     return 1 if failures else 0

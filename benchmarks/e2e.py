@@ -174,8 +174,8 @@ def parse_args(argv=None):
             p.error(f"--{name} must be positive")
     if any(b < 1 for b in args.decode_batch):
         p.error("--decode-batch values must be positive")
-    # the static cache: context, the warm-up, one untimed replay and the timed steps, +1, in 16s
-    longest = max([t for _, t in args.prefill] + [-(-(args.context + WARM_STEPS + 1 + args.steps + 1) // 16) * 16])
+    # the graph cells' static cache: the warm-up, one untimed replay and the timed steps (decode_static)
+    longest = max([t for _, t in args.prefill] + [static_cache_length(args.context, WARM_STEPS + 1 + args.steps)])
     limit = 128 if args.smoke else MAX_POSITIONS
     if longest > limit:
         p.error(f"sequences up to {longest} tokens exceed OPT's {limit} learned positions")
@@ -526,6 +526,12 @@ def decode_dynamic(model, batch, context, steps, device, seed):
     return batch * steps / seconds, torch.cat(tokens, dim=1).cpu()
 
 
+def static_cache_length(context: int, total: int) -> int:
+    """Slots of the ``StaticCache`` for ``context`` tokens and ``total`` decode steps: one more, rounded
+    up to 16 (mask rows 16-element aligned for sdpa's kernels)."""
+    return -(-(context + total + 1) // 16) * 16
+
+
 def static_decoder(model, batch, context, total, device, seed):
     """Prefill ``context`` random tokens into a ``StaticCache`` and return ``(step, tokens, cache)``:
     ``step()`` decodes one greedy token with everything on the device (mask, positions, argmax, the
@@ -535,7 +541,7 @@ def static_decoder(model, batch, context, total, device, seed):
     from transformers import StaticCache
 
     dtype = next(model.parameters()).dtype
-    length = -(-(context + total + 1) // 16) * 16  # mask rows 16-element aligned for sdpa's kernels
+    length = static_cache_length(context, total)
     neg = torch.finfo(dtype).min
     ids = _ids(batch, context, model.config.vocab_size, device, seed)
     cache = StaticCache(config=model.config, max_cache_len=length)
@@ -578,8 +584,9 @@ def decode_static(model, batch, context, steps, device, seed, graph: bool):
     untimed = 1 if graph else 0
     step, tokens, cache = static_decoder(model, batch, context, WARM_STEPS + untimed + steps, device, seed)
     if graph:
-        if graph_capture_failed():
-            raise RuntimeError(f"not captured: a CUDA-graph capture failed earlier ({graph_capture_failed()})")
+        failed = graph_capture_failed()
+        if failed:
+            raise RuntimeError(f"not captured: a CUDA-graph capture failed earlier ({failed})")
         for _ in range(WARM_STEPS - 1):  # eager: tunes Triton, fills the allocator, advances the cache
             step()
         cuda_graph = capture_graph(step, reps=1)  # the last warm-up step (side stream), then the capture
