@@ -39,6 +39,27 @@ def cuda_missing(script: str) -> bool:
     return True
 
 
+def count_kernel_calls() -> dict:
+    """Count the calls of tmps's Triton entry points from now on: a dict {"projection", "scores",
+    "decode"} (the fused Q/K/V projection through the bridge, the RoPE key-score kernel, the fused
+    latent decode) that each call increments. Wrapping the module attributes is enough: the library
+    looks each of them up at every call. Zero it with ``calls.update(dict.fromkeys(calls, 0))``."""
+    from tmps import kernels_bridge
+    from tmps.kernels import latent_decode, latent_scores
+
+    calls = {}
+    for name, module, attr in (("projection", kernels_bridge, "run_fused_projection"),
+                               ("scores", latent_scores, "latent_rope_scores"),
+                               ("decode", latent_decode, "latent_decode_attention")):
+        def counted(*args, _name=name, _kernel=getattr(module, attr), **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        calls[name] = 0
+        setattr(module, attr, counted)
+    return calls
+
+
 def device_parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser described by ``doc``'s first paragraph, with ``--device cpu|cuda`` (default
     cpu: see :func:`interpret_on_cpu`)."""

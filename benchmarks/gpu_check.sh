@@ -10,12 +10,14 @@
 #      (tmps.kernels maps to kernels/ only through the installed package-dir, so a plain
 #      PYTHONPATH checkout cannot import it); fallback: a tmps/kernels -> ../kernels link, removed
 #      on exit
-#   c. correctness on CUDA: pytest tests/kernels (the kernel tests pick CUDA when it is there and
-#      TRITON_INTERPRET is unset); the fused kernel against its float64 reference at model sizes
-#      (fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts), and the latent decode kernel
-#      at OPT-1.3B (b=1/16) and Llama-3-8B (RoPE) decode shapes over a masked 1040-slot cache; tmps.compress at full rank on
-#      tiny Llama/OPT models, logits against dense, with the Triton path counted (kv mode's cached
-#      steps also under torch.compile(fullgraph=True), the kernels as custom ops)
+#   c. correctness on CUDA: c1 pytest tests/kernels (the kernel tests pick CUDA when it is there
+#      and TRITON_INTERPRET is unset); c2 benchmarks/latent_decode_check.py (the latent decode kernel
+#      at OPT-1.3B (b=1/16) and Llama-3-8B (RoPE) decode shapes over a masked 1040-slot cache) and
+#      benchmarks/projection_check.py (the fused projection against float64 at model sizes:
+#      fp32/fp16/bf16, 1/7/129/4096 tokens, Llama and OPT layouts); c3 benchmarks/full_rank_check.py
+#      (tmps.compress at full rank on tiny Llama/OPT models, logits against dense, with the Triton
+#      path counted; kv mode's cached steps also under torch.compile(fullgraph=True), the kernels as
+#      custom ops). Each of these runs on the CPU too, under Triton's interpreter (no --device cuda)
 #   d. benchmarks/kernel_microbench.py on a subset (hidden 4096, ratio GPU_CHECK_RATIOS (0.25),
 #      no torch.compile; out_factor (the full factor-core-factor chain), weights_model and kv_model
 #      (weights and kv mode's projections as tmps.compress builds them: the latter without an in
@@ -243,226 +245,18 @@ step "c1. pytest tests/kernels on CUDA" 180 "$(reserve_after c1)" "$PY" -m pytes
 
 kernel_check() {
   # The latent decode kernel first: it has never run on a GPU, while the projection's model-size
-  # cases passed in run 1 (61 s of the cap there). The cap (c1 may leave c2 as little as its 40 s
+  # cases passed in run 1 (61 s of the cap there). The cap (c1 may leave c2 as little as its 60 s
   # reserve) then cuts the re-check rather than the first one.
   local rc=0
   "$PY" benchmarks/latent_decode_check.py --device cuda || rc=1
-  "$PY" - <<'EOF' || rc=1
-"""The fused kernels against their float64 references at model sizes, compiled for this GPU."""
-import os
-import sys
-import time
-
-import torch
-
-from tmps.kernels import fused_projection as fp
-from tmps.kernels.fused_projection import KernelConfig, fused_factored_projection, fused_factored_projection_ref
-
-if not torch.cuda.is_available() or fp._interpreted():
-    sys.exit("kernel check: needs CUDA and TRITON_INTERPRET unset")
-DEV = "cuda"
-# (n_heads, s, o or None) per group; o None: no out factor (s = head_dim)
-LAYOUTS = {
-    "llama_gqa": dict(d=2048, r=768, groups=[(32, 64, None), (8, 64, None), (8, 64, None)], bias=False),
-    "opt": dict(d=2048, r=768, groups=[(32, 64, None)] * 3, bias=True),
-    "opt_out_factor": dict(d=2048, r=640, groups=[(32, 48, 64)] * 3, bias=True),
-}
-TOKENS = (1, 7, 129, 4096)
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}  # max|err| / max|ref|
-# Fixed 16-bit configs (members of the autotuner's candidate sets) keep the compile count down;
-# one case per dtype goes through the autotuner itself. fp32 always uses its fixed configs.
-DECODE = KernelConfig(block_m=16, block_t=128, col_splits=0, block_k=128, block_r=64, num_warps=4, num_stages=3)
-PREFILL = KernelConfig(block_m=64, block_t=128, col_splits=2, block_k=64, block_r=64, num_warps=8, num_stages=3)
-
-gen = torch.Generator(device=DEV).manual_seed(0)
-
-
-def rand(*shape, scale=1.0):
-    return torch.randn(*shape, generator=gen, device=DEV, dtype=torch.float64) * scale
-
-
-def compare(run, reference, tol):
-    """(ok, max|out - ref| / max|ref| over the outputs, verdict) of the kernel call ``run()`` against
-    ``reference()`` (float64 on the kernel's own rounded inputs); an exception is reported, not raised."""
-    try:
-        outs = run()
-        torch.cuda.synchronize()
-        err = 0.0
-        for out, ref in zip(outs, reference()):
-            if not torch.isfinite(out).all():
-                return False, float("inf"), "MISMATCH (non-finite)"
-            err = max(err, ((out.double() - ref).abs().max() / ref.abs().max()).item())
-        return err <= tol, err, "ok" if err <= tol else "MISMATCH"
-    except Exception as exc:  # report and go on
-        return False, float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200]
-
-
-bad = 0
-print(f"{'layout':<15} {'dtype':<9} {'tokens':>6} {'config':<9} {'rel err':>9} {'tol':>7}  result")
-for name, spec in LAYOUTS.items():
-    d, r = spec["d"], spec["r"]
-    x64 = rand(max(TOKENS), d)
-    in64 = rand(d, r, scale=d**-0.5)
-    cores64 = [rand(n, s, r, scale=r**-0.5) for n, s, _ in spec["groups"]]
-    outs64 = [None if o is None else rand(o, s, scale=s**-0.5) for _, s, o in spec["groups"]]
-    bias64 = [rand(n * (o or s), scale=0.1) if spec["bias"] else None for n, s, o in spec["groups"]]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        def cast(t):
-            return None if t is None else t.to(dtype)
-        args = [cast(in64), [cast(c) for c in cores64], [cast(a) for a in outs64], [cast(b) for b in bias64]]
-        exact = [args[0].double()] + [[None if t is None else t.double() for t in group] for group in args[1:]]
-        for m in TOKENS:
-            x = x64[:m].to(dtype)
-            if dtype == torch.float32:
-                config, label = None, "fp32"
-            elif name == "llama_gqa" and m == 7:
-                config, label = None, "autotune"
-            else:
-                config, label = (DECODE, "decode") if m <= 16 else (PREFILL, "prefill")
-            t0 = time.perf_counter()
-            ok, err, verdict = compare(lambda: fused_factored_projection(x, *args, config=config),
-                                       lambda: fused_factored_projection_ref(x.double(), *exact), TOL[dtype])
-            bad += not ok
-            print(f"{name:<15} {str(dtype)[6:]:<9} {m:>6} {label:<9} {err:>9.2e} {TOL[dtype]:>7.0e}  {verdict} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
-
-print(f"kernel check: {bad} failing case(s)")
-sys.exit(1 if bad else 0)
-EOF
+  "$PY" benchmarks/projection_check.py --device cuda || rc=1
   return $rc
 }
 step "c2. fused kernels vs float64 reference (model sizes)" 100 "$(reserve_after c2)" kernel_check
 
-model_check() {
-  "$PY" - <<'EOF'
-"""tmps.compress at full rank on CUDA: logits against dense, with the Triton kernels forced and counted."""
-import copy
-import sys
-
-import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
-
-import tmps
-import tmps.kernels_bridge as bridge
-from tmps.projection import FactoredProjection
-
-DEV = "cuda"
-if not torch.cuda.is_available():
-    sys.exit("model check: needs CUDA")
-import tmps.kernels.latent_decode as latent_decode  # noqa: E402
-import tmps.kernels.latent_scores as latent_scores  # noqa: E402
-
-calls = {"n": 0, "scores": 0, "decode": 0}
-
-
-def count(module, attr, name):
-    """Replace ``module.attr`` by a wrapper that counts its calls in ``calls[name]`` (the library
-    looks each of these up at every call: the bridge's name, the kernels' module attributes)."""
-    kernel = getattr(module, attr)
-
-    def counted(*args, **kwargs):
-        calls[name] += 1
-        return kernel(*args, **kwargs)
-
-    setattr(module, attr, counted)
-
-
-count(bridge, "run_fused_projection", "n")
-count(latent_scores, "latent_rope_scores", "scores")
-count(latent_decode, "latent_decode_attention", "decode")
-VOCAB, HIDDEN = 512, 256
-ARCHS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")),
-    "opt": lambda: OPTForCausalLM(OPTConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=512, num_hidden_layers=2, num_attention_heads=8,
-        max_position_embeddings=256, word_embed_proj_dim=HIDDEN, attn_implementation="sdpa")),
-}
-CASES = [("llama", torch.float32, 1e-3), ("opt", torch.float32, 1e-3), ("llama", torch.float16, 3e-2)]
-FULL = {"weights": {"hooi_ranks": [HIDDEN]}, "kv": {"ratio": 1.0}}
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def greedy(model, ids, steps=3):
-    """Logits of a prefill and ``steps`` cached greedy steps, concatenated."""
-    cache = DynamicCache()
-    out = model(ids, past_key_values=cache, use_cache=True)
-    logits = [out.logits[:, -1]]
-    for _ in range(steps):
-        nxt = logits[-1].argmax(-1, keepdim=True)
-        logits.append(model(nxt, past_key_values=cache, use_cache=True).logits[:, -1])
-    return torch.stack(logits, 1)
-
-
-bad = 0
-torch.manual_seed(0)
-for arch, dtype, tol in CASES:
-    dense = ARCHS[arch]().to(DEV, dtype).eval()
-    calib = torch.randint(0, VOCAB, (4, 64), device=DEV)
-    ids = torch.randint(0, VOCAB, (2, 33), device=DEV)
-    with torch.no_grad():
-        want = dense(ids).logits
-        want_steps = greedy(dense, ids) if dtype == torch.float32 else None
-    for mode in ("weights", "kv"):
-        try:
-            model = tmps.compress(copy.deepcopy(dense), calib, mode=mode, progress=False, **FULL[mode])
-            for m in model.modules():  # the kernel itself, whatever "auto" would time faster at this size
-                if isinstance(m, FactoredProjection):
-                    m.backend = "triton"
-            calls["n"] = 0
-            with torch.no_grad():
-                got = model(ids).logits
-            used = calls["n"]
-            err = rel(got, want)
-            lines = [f"logits rel err {err:.2e} (tol {tol:g}), fused kernel calls {used}"]
-            ok = err < tol
-            # Q/K/V of every layer through the fused kernel (kv mode too: no in factor, z = x)
-            ok &= used == model.config.num_hidden_layers
-            for m in model.modules():
-                if isinstance(m, FactoredProjection):
-                    m.backend = "torch"
-            with torch.no_grad():
-                err_torch = rel(got, model(ids).logits)
-            lines.append(f"triton vs torch path rel {err_torch:.2e}")
-            ok &= err_torch < tol
-            for m in model.modules():
-                if isinstance(m, FactoredProjection):
-                    m.backend = "triton"
-            if want_steps is not None:
-                calls["scores"] = calls["decode"] = 0
-                with torch.no_grad():
-                    err_steps = rel(greedy(model, ids), want_steps)
-                lines.append(f"prefill + 3 cached steps rel {err_steps:.2e}")
-                ok &= err_steps < tol
-                if mode == "kv" and arch == "llama":  # decode over the latents through the RoPE score kernel
-                    lines.append(f"latent score kernel calls {calls['scores']}")
-                    ok &= calls["scores"] == 3 * model.config.num_hidden_layers
-                if mode == "kv":  # ... and the rest of each decode step through the fused latent decode
-                    lines.append(f"latent decode kernel calls {calls['decode']}")
-                    ok &= calls["decode"] == 3 * model.config.num_hidden_layers
-                if mode == "kv":  # the same steps under torch.compile: one graph each, the kernels as custom ops
-                    torch._dynamo.reset()
-                    calls["n"] = 0
-                    with torch.no_grad():
-                        err_compiled = rel(greedy(torch.compile(model, backend="aot_eager", fullgraph=True), ids),
-                                           want_steps)
-                    lines.append(f"torch.compile(fullgraph) rel {err_compiled:.2e}, fused kernel calls {calls['n']}")
-                    ok &= err_compiled < tol and calls["n"] == 4 * model.config.num_hidden_layers
-            verdict = "ok" if ok else "MISMATCH"
-        except Exception as exc:  # report and go on
-            ok, lines, verdict = False, [f"{type(exc).__name__}: {exc}"[:300]], "ERROR"
-        bad += not ok
-        print(f"{arch:<6} {str(dtype)[6:]:<8} {mode:<8} {verdict:<8} " + "; ".join(lines), flush=True)
-print(f"model check: {bad} failing case(s)")
-sys.exit(1 if bad else 0)
-EOF
-}
 # 90 s: run 1 took 44 s; kv mode's fp16 projection now autotunes the kernel too (no in factor)
-step "c3. compressed models at full rank on CUDA" 90 "$(reserve_after c3)" model_check
+step "c3. compressed models at full rank on CUDA" 90 "$(reserve_after c3)" \
+  "$PY" benchmarks/full_rank_check.py --device cuda
 
 # ------------------------------------------------------------------------------------------ d
 step "d. kernel microbenchmark (subset)" 150 "$(reserve_after d)" \

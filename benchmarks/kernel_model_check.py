@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from _bench_common import device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import count_kernel_calls, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
 
 
 def parse_args(argv=None):
@@ -36,26 +36,12 @@ def main(argv=None) -> int:
     from transformers import DynamicCache
 
     import tmps
-    from tmps import kernels_bridge as bridge
     from tmps.assets import load_smollm2, sotu_text_split, token_windows
-    from tmps.kernels import latent_decode, latent_scores
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("kernel_model_check: no CUDA device; run without --device cuda for the interpreter", file=sys.stderr)
         return 2
-    calls = {"projection": 0, "scores": 0, "decode": 0}
-    projection, scores = bridge.run_fused_projection, latent_scores.latent_rope_scores
-    decode = latent_decode.latent_decode_attention
-
-    def count(name, fn):
-        def counted(*a, **k):
-            calls[name] += 1
-            return fn(*a, **k)
-        return counted
-
-    bridge.run_fused_projection = count("projection", projection)  # looked up at each call
-    latent_scores.latent_rope_scores = count("scores", scores)
-    latent_decode.latent_decode_attention = count("decode", decode)
+    calls = count_kernel_calls()
 
     torch.manual_seed(0)
     calib_text, eval_text = sotu_text_split()

@@ -1,0 +1,63 @@
+"""gpu_check's correctness scripts on the CPU, under Triton's interpreter at reduced sizes:
+benchmarks/projection_check.py (c2) and benchmarks/full_rank_check.py (c3) pass on this code, and
+fail when the kernel or the model is wrong."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name, *args):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600)
+    return run.returncode, run.stdout + run.stderr
+
+
+def run_patched(code, script, *args):
+    """Import ``script``'s module from benchmarks/, run ``code`` (which may patch what it uses), then
+    its ``main(args)``, in a fresh interpreter with Triton's interpreter on."""
+    program = (f"import os, sys; os.environ['TRITON_INTERPRET'] = '1'; sys.path.insert(0, {str(BENCHMARKS)!r})\n"
+               f"import {script} as script\n{code}\nsys.exit(script.main({list(args)!r}))\n")
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=600)
+    return run.returncode, run.stdout + run.stderr
+
+
+def test_projection_check_passes_at_reduced_sizes():
+    rc, output = run_script("projection_check.py")
+    assert rc == 0, output
+    assert "projection check: 0 failing case(s) on cpu" in output
+    assert output.count(" ok (") == 3 * 3 * 3  # layouts x dtypes x token counts
+
+
+def test_projection_check_fails_on_a_wrong_kernel():
+    rc, output = run_patched(
+        "import tmps.kernels.fused_projection as fp\n"
+        "kernel = fp.fused_factored_projection\n"
+        "fp.fused_factored_projection = lambda *a, **k: [y * 1.001 for y in kernel(*a, **k)]",
+        "projection_check", "--layouts", "opt", "--dtypes", "float32")
+    assert rc == 1, output
+    assert output.count("MISMATCH") == 3 and "3 failing case(s)" in output
+
+
+def test_full_rank_check_kv_mode_passes():
+    # kv mode on Llama exercises every check: the projection, RoPE score and latent decode kernels
+    # counted, cached steps against dense, and torch.compile(fullgraph=True) of the same steps
+    rc, output = run_script("full_rank_check.py", "--cases", "llama:float32", "--modes", "kv")
+    assert rc == 0, output
+    line = next(line for line in output.splitlines() if line.startswith("llama  float32  kv"))
+    assert " ok " in line and "latent score kernel calls 6" in line and "latent decode kernel calls 6" in line
+    assert "torch.compile(fullgraph)" in line
+
+
+def test_full_rank_check_fails_beyond_its_tolerance():
+    rc, output = run_patched("script.TOLERANCE['float16'] = 1e-9", "full_rank_check",
+                             "--cases", "llama:float16", "--modes", "weights")
+    assert rc == 1 and "MISMATCH" in output and "1 failing case(s)" in output, output
+
+
+def test_full_rank_check_refuses_a_malformed_case():
+    rc, output = run_script("full_rank_check.py", "--cases", "gpt2:float32")
+    assert rc == 2 and "is not arch:dtype" in output
