@@ -9,9 +9,10 @@
 Each kernel launch is captured instead of run (the launcher builds its real arguments from
 empty tensors of the given shapes), then compiled ahead of time with ``triton.compile`` for the
 target and assembled with the ptxas that ships with Triton. Per config it prints shared memory,
-registers per thread, spill stores, 2-byte global loads and stores and compile time, so a config
-that does not compile, needs too much shared memory, spills, or moves 16-bit rows one element at a
-time (rows Triton cannot prove 16-byte aligned) is seen before a GPU is lent. Uses Triton internals
+registers per thread, spill stores, 2-byte global loads and stores, tensor-core instructions and
+compile time, so a config that does not compile, needs too much shared memory, spills, moves 16-bit
+rows one element at a time (rows Triton cannot prove 16-byte aligned) or runs a 16-bit dot on
+scalar FMAs is seen before a GPU is lent. Uses Triton internals
 (``create_function_from_signature``, ``JITFunction._pack_args``) checked on Triton 3.6 and 3.9;
 exit status 3 when this Triton cannot compile ahead of time, 1 when a config fails. The cache is a
 fresh temporary one unless ``TRITON_CACHE_DIR`` is set, so every case compiles; the last lines give
@@ -91,8 +92,18 @@ def two_byte_accesses(ptx: str) -> int:
     return sum(1 for op in ops if ".v" not in op and op.endswith(("b16", "u16")))
 
 
+def tensor_core_ops(ptx: str) -> int:
+    """Tensor-core matrix instructions in ``ptx``: Hopper's ``wgmma.mma_async`` and the warp-level
+    ``mma.sync``. A 16-bit ``tl.dot`` that Triton cannot map onto them (a tile dimension below 16, a
+    layout it does not support) compiles to scalar FMAs (an H100 SXM: 989 TFLOP/s of dense fp16
+    tensor-core math against 67 of fp32, by its datasheet);
+    every dot of these kernels should be a tensor-core one in fp16 / bf16."""
+    return len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.", ptx))
+
+
 def compile_call(kernel, call, target, ptxas):
-    """Compile a recorded call: (shared bytes, registers, spill store bytes, 2-byte global accesses, seconds)."""
+    """Compile a recorded call: (shared bytes, registers, spill store bytes, 2-byte global accesses,
+    tensor-core instructions, seconds)."""
     args, kwargs = call
     kwargs = dict(kwargs)
     backend = make_backend(target)
@@ -111,7 +122,8 @@ def compile_call(kernel, call, target, ptxas):
         os.unlink(f.name)
     registers = int(re.findall(r"Used (\d+) registers", report)[0])
     spills = int(re.findall(r"(\d+) bytes spill stores", report)[0])
-    return compiled.metadata.shared, registers, spills, two_byte_accesses(compiled.asm["ptx"]), seconds
+    ptx = compiled.asm["ptx"]
+    return compiled.metadata.shared, registers, spills, two_byte_accesses(ptx), tensor_core_ops(ptx), seconds
 
 
 def projection_cases(dtype):
@@ -234,8 +246,8 @@ def main(argv=None) -> int:
         return 3
     limit = SHARED_LIMIT.get(args.arch)
     print(f"triton {triton.__version__}, target sm_{args.arch}; columns: shared bytes, registers, spill bytes, "
-          "2-byte global loads and stores, compile s")
-    failures = narrow_cases = 0
+          "2-byte global loads and stores, tensor-core instructions, compile s")
+    failures = narrow_cases = scalar_cases = 0
     sources = {"projection": (projection_cases, fp, ("_fused_factored_projection_kernel",)),
                "scores": (scores_cases, ls, ("_latent_rope_scores_kernel",)),
                "decode": (decode_cases, ld, ("_partials_kernel", "_combine_kernel"))}
@@ -273,17 +285,21 @@ def main(argv=None) -> int:
                 failures += 1
                 print(f"{name} {dtype_name} {config}: FAILED {type(result).__name__}: {str(result)[:500]}", flush=True)
                 continue
-            shared, registers, spills, narrow, seconds = result
+            shared, registers, spills, narrow, mma, seconds = result
             verdict = "ok" if limit is None or shared <= limit else f"TOO MUCH SHARED MEMORY (> {limit})"
             failures += verdict != "ok"
             narrow_cases += narrow > 0
-            print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {narrow} {seconds:.1f}  {verdict}",
+            scalar = dtype_name != "float32" and mma == 0
+            scalar_cases += scalar
+            verdict += ", NO TENSOR-CORE DOT" if scalar else ""
+            print(f"{name} {dtype_name} {config}: {shared} {registers} {spills} {narrow} {mma} {seconds:.1f}  {verdict}",
                   flush=True)
     wall = time.perf_counter() - start
     cache = "a fresh Triton cache" if FRESH_CACHE else "the given TRITON_CACHE_DIR (its hits are not compiled)"
     print(f"compile_check: {len(jobs)} compiles in {wall:.1f} s of wall time on {args.threads} thread(s), "
           f"{os.cpu_count()} CPU(s), {cache}")
     print(f"compile_check: {narrow_cases} case(s) with 2-byte global loads or stores")
+    print(f"compile_check: {scalar_cases} 16-bit case(s) without a tensor-core instruction")
     print(f"compile_check: {failures} failing config(s)")
     return 1 if failures else 0
 
