@@ -39,6 +39,22 @@ def cuda_missing(script: str) -> bool:
     return True
 
 
+def cuda_unusable(script: str, device: str) -> bool:
+    """True, after saying so on stderr, when ``--device cuda`` was asked for but torch sees no CUDA
+    device or Triton would interpret the kernels (TRITON_INTERPRET set): a correctness check on CUDA
+    then exits 2 rather than pass on something other than the compiled kernels."""
+    if device != "cuda":
+        return False
+    import torch
+
+    from tmps.kernels._common import interpreted
+
+    if torch.cuda.is_available() and not interpreted():
+        return False
+    print(f"{script}: needs CUDA and TRITON_INTERPRET unset", file=sys.stderr)
+    return True
+
+
 def count_kernel_calls() -> dict:
     """Count the calls of tmps's Triton entry points from now on: a dict {"projection", "scores",
     "decode"} (the fused Q/K/V projection through the bridge, the RoPE key-score kernel, the fused

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import sys
 
-from _bench_common import count_kernel_calls, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import count_kernel_calls, cuda_unusable, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
 
 VOCAB, HIDDEN, LAYERS, STEPS = 512, 256, 2, 3
 CASES = ("llama:float32", "opt:float32", "llama:float16")
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
     interpret_on_cpu(args.device)
     import torch
 
-    from tmps.kernels import fused_projection
-
-    if args.device == "cuda" and (not torch.cuda.is_available() or fused_projection._interpreted()):
-        print("full_rank_check: needs CUDA and TRITON_INTERPRET unset", file=sys.stderr)
+    if cuda_unusable("full_rank_check", args.device):
         return 2
     calls = count_kernel_calls()
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from _bench_common import count_kernel_calls, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import count_kernel_calls, cuda_unusable, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
 
 
 def parse_args(argv=None):
@@ -38,8 +38,7 @@ def main(argv=None) -> int:
     import tmps
     from tmps.assets import load_smollm2, sotu_text_split, token_windows
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("kernel_model_check: no CUDA device; run without --device cuda for the interpreter", file=sys.stderr)
+    if cuda_unusable("kernel_model_check", args.device):
         return 2
     calls = count_kernel_calls()
 

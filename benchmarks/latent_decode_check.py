@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-from _bench_common import device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import cuda_unusable, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
 
 # name: (b, heads, kv_heads, head_dim, r_k, r_v, scores given); r_k 0: RoPE, the scores arrive computed
 CASES = {
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
 
     from tmps.kernels import latent_decode as ld
 
-    if args.device == "cuda" and (not torch.cuda.is_available() or ld._interpreted()):
-        print("latent_decode_check: needs CUDA and TRITON_INTERPRET unset", file=sys.stderr)
+    if cuda_unusable("latent_decode_check", args.device):
         return 2
     cases, slots, filled = (CASES, SLOTS, FILLED) if args.device == "cuda" else (SMALL_CASES, SMALL_SLOTS, SMALL_FILLED)
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}  # max|err| / max|ref|, as c2's

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-from _bench_common import device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
+from _bench_common import cuda_unusable, device_parser, interpret_on_cpu  # benchmarks/ is sys.path[0] when run as a script
 
 # name: hidden d, rank r, ((n_heads, s, o or None) per group: o None, no out factor, s = head_dim), biases
 LAYOUTS = {
@@ -64,8 +64,7 @@ def main(argv=None) -> int:
 
     from tmps.kernels import fused_projection as fp
 
-    if args.device == "cuda" and (not torch.cuda.is_available() or fp._interpreted()):
-        print("projection_check: needs CUDA and TRITON_INTERPRET unset", file=sys.stderr)
+    if cuda_unusable("projection_check", args.device):
         return 2
     layouts, tokens = (LAYOUTS, TOKENS) if args.device == "cuda" else (SMALL_LAYOUTS, SMALL_TOKENS)
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}  # max|err| / max|ref|

@@ -1,6 +1,7 @@
 """gpu_check's correctness scripts on the CPU, under Triton's interpreter at reduced sizes:
 benchmarks/projection_check.py (c2) and benchmarks/full_rank_check.py (c3) pass on this code, and
-fail when the kernel or the model is wrong."""
+fail when the kernel or the model is wrong; and every ``--device cuda`` check refuses to run on
+Triton's interpreter."""
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,12 @@ def test_full_rank_check_fails_beyond_its_tolerance():
 def test_full_rank_check_refuses_a_malformed_case():
     rc, output = run_script("full_rank_check.py", "--cases", "gpt2:float32")
     assert rc == 2 and "is not arch:dtype" in output
+
+
+@pytest.mark.parametrize("script", ["projection_check", "full_rank_check", "latent_decode_check",
+                                    "kernel_model_check"])
+def test_a_cuda_check_refuses_to_run_interpreted(script):
+    # with TRITON_INTERPRET set, --device cuda would pass on the interpreter, not the compiled kernels:
+    # every check must refuse (exit 2), on a CPU machine and on a GPU one alike
+    rc, output = run_patched("", script, "--device", "cuda")
+    assert rc == 2 and f"{script}: needs CUDA and TRITON_INTERPRET unset" in output, output
