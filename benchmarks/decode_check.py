@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 import tmps
 from tmps.assets import load_smollm2, sotu_text_split, token_windows
+from tmps.compat import cache_keyword
 
 WARM_STEPS = 2
 
@@ -32,13 +33,14 @@ def greedy_decode(model, ids, steps):
     """(tokens/s over ``steps`` timed greedy steps, the tokens, the float32 logits of every step)."""
     with torch.no_grad():
         cache = DynamicCache()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kw = {cache_keyword(model): cache}
+        out = model(ids, **kw, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens, logits = [], []
         for i in range(WARM_STEPS + steps):
             if i == WARM_STEPS:
                 start = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, **kw, use_cache=True)
             logits.append(out.logits[:, -1].float())
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
@@ -49,9 +51,9 @@ def greedy_decode(model, ids, steps):
 def forced_logits(model, ids, tokens):
     """Float32 logits of cached steps that feed ``tokens`` (the same inputs for every model)."""
     with torch.no_grad():
-        cache = DynamicCache()
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return torch.stack([model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        kw = {cache_keyword(model): DynamicCache()}
+        model(ids, **kw, use_cache=True, logits_to_keep=1)
+        return torch.stack([model(tokens[:, i:i + 1], **kw, use_cache=True).logits[:, -1].float()
                             for i in range(tokens.shape[1])], 1)
 
 

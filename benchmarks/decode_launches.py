@@ -112,6 +112,7 @@ def step_launches(arch: str, device: str, seed: int = 0) -> dict:
     from transformers import StaticCache
 
     import tmps
+    from tmps.compat import cache_keyword
 
     torch.manual_seed(seed)
     dense = tiny_model(arch)
@@ -123,11 +124,11 @@ def step_launches(arch: str, device: str, seed: int = 0) -> dict:
         model = dense if backend is None else kv
         if backend is not None:
             tmps.set_paths(model, backend=backend)
-        cache = StaticCache(config=model.config, max_cache_len=32)
+        kw = {cache_keyword(model): StaticCache(config=model.config, max_cache_len=32)}
         with torch.no_grad():
-            nxt = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            nxt = model(ids, **kw, use_cache=True).logits[:, -1:].argmax(-1)
             with counting_kernels(recorder()) as record, record:
-                model(nxt, past_key_values=cache, use_cache=True)
+                model(nxt, **kw, use_cache=True)
         launches[name] = record.launches()
     return launches
 

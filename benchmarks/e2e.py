@@ -460,15 +460,6 @@ class _Clock:
         return time.perf_counter() - self.t0
 
 
-def _cache_kw(model) -> str:
-    """The forward's cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before (a
-    ``torch.compile`` wrapper is asked about the model it wraps: its own forward takes ``*args``)."""
-    import inspect
-
-    model = getattr(model, "_orig_mod", model)
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def _ids(batch, seq, vocab, device, seed):
     import torch
 
@@ -495,9 +486,11 @@ def dynamic_decoder(model, batch, context, device, seed):
     import torch
     from transformers import DynamicCache
 
+    from tmps.compat import cache_keyword
+
     ids = _ids(batch, context, model.config.vocab_size, device, seed)
     cache = DynamicCache()
-    kw = _cache_kw(model)
+    kw = cache_keyword(model)
     with torch.no_grad():
         out = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
     state = {"next": out.logits[:, -1:].argmax(-1)}
@@ -540,12 +533,14 @@ def static_decoder(model, batch, context, total, device, seed):
     import torch
     from transformers import StaticCache
 
+    from tmps.compat import cache_keyword
+
     dtype = next(model.parameters()).dtype
     length = static_cache_length(context, total)
     neg = torch.finfo(dtype).min
     ids = _ids(batch, context, model.config.vocab_size, device, seed)
     cache = StaticCache(config=model.config, max_cache_len=length)
-    kw = _cache_kw(model)
+    kw = cache_keyword(model)
     kpos = torch.arange(length, device=device)
     qpos = torch.arange(context, device=device)
     prefill_mask = torch.zeros(context, length, device=device, dtype=dtype)

@@ -63,11 +63,13 @@ def greedy(model, ids, steps=STEPS):
     import torch
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    from tmps.compat import cache_keyword
+
+    kw = {cache_keyword(model): DynamicCache()}
+    logits = [model(ids, **kw, use_cache=True).logits[:, -1]]
     for _ in range(steps):
         nxt = logits[-1].argmax(-1, keepdim=True)
-        logits.append(model(nxt, past_key_values=cache, use_cache=True).logits[:, -1])
+        logits.append(model(nxt, **kw, use_cache=True).logits[:, -1])
     return torch.stack(logits, 1)
 
 

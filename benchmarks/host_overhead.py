@@ -37,7 +37,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -133,6 +132,7 @@ def step_cases(torch):
     from transformers import DynamicCache
 
     import tmps
+    from tmps.compat import cache_keyword
 
     cases = {}
     for arch in ("opt", "llama"):
@@ -148,13 +148,14 @@ def step_cases(torch):
 
             select()
             cache = DynamicCache()
+            kw = {cache_keyword(model): cache}
             with torch.no_grad():
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, **kw, use_cache=True)
             nxt = ids[:, -1:]
 
             # the new token is cropped off after each step so every call decodes at the same length
-            def step(model=model, cache=cache, nxt=nxt):
-                model(nxt, past_key_values=cache, use_cache=True)
+            def step(model=model, cache=cache, kw=kw, nxt=nxt):
+                model(nxt, **kw, use_cache=True)
                 cache.crop(-1)
 
             step()
@@ -189,8 +190,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the launchers accept CPU tensors
     import torch
 
-    # transformers 5.24 renamed past_key_values to cache; 5.17 (the GPU image's) knows only the old name
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     torch.set_num_threads(1)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"torch {torch.__version__}; host time per call, {machine}; Triton kernels stubbed (no launch, no compute)")

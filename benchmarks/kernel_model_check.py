@@ -37,6 +37,7 @@ def main(argv=None) -> int:
 
     import tmps
     from tmps.assets import load_smollm2, sotu_text_split, token_windows
+    from tmps.compat import cache_keyword
 
     if cuda_unusable("kernel_model_check", args.device):
         return 2
@@ -58,9 +59,9 @@ def main(argv=None) -> int:
             calls.update(projection=0, scores=0, decode=0)
             start = time.perf_counter()
             with torch.no_grad():
-                cache = DynamicCache()
-                prefill = model(ids, past_key_values=cache, use_cache=True).logits
-                step = model(prefill[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+                kw = {cache_keyword(model): DynamicCache()}
+                prefill = model(ids, **kw, use_cache=True).logits
+                step = model(prefill[:, -1:].argmax(-1), **kw, use_cache=True).logits
             logits[backend] = torch.cat([prefill, step], 1).double()
             counted[backend] = dict(calls, seconds=time.perf_counter() - start)
         err = ((logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()).item()

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import tmps
+from tmps.compat import cache_keyword
 import tmps.kernels_bridge as bridge
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,8 +26,8 @@ def tiny(arch):
 def prefill_and_step(model, ids):
     """Logits of a prefill and of one cached decode step (the kv modes' latent path)."""
     cache = DynamicCache()
-    first = model(ids, past_key_values=cache).logits
-    return first, model(ids[:, -1:], past_key_values=cache).logits
+    first = model(ids, **{cache_keyword(model): cache}).logits
+    return first, model(ids[:, -1:], **{cache_keyword(model): cache}).logits
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 import tmps
+from tmps.compat import cache_keyword
 from tmps.models import LlamaTuckerMPSAttention, OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
 
 VOCAB = 96
@@ -75,9 +76,9 @@ def test_full_rank_with_cache_padding_and_generate(arch, mode):
     outs = []
     for m in (dense, model):
         cache = DynamicCache()
-        first = m(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        first = m(ids, attention_mask=mask, **{cache_keyword(m): cache}, use_cache=True)
         step = m(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-                 past_key_values=first.past_key_values, use_cache=True)
+                 **{cache_keyword(m): first.past_key_values}, use_cache=True)
         outs.append((first.logits[mask.bool()], step.logits))
     assert rel(outs[1][0], outs[0][0]) < 1e-4
     assert rel(outs[1][1], outs[0][1]) < 1e-4

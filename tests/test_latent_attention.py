@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import tmps
+from tmps.compat import cache_keyword
 from tmps.models import attention as attention_module
 from tmps.models.rope import rotate_half
 from tmps.models.latent_attention import latent_attention, prefers_latent, rope_key_scores_torch
@@ -122,10 +123,10 @@ def count_latent_calls(monkeypatch):
 def cached_steps(model, ids, mask, chunk):
     """Prefill ``ids`` then feed ``chunk`` new tokens at once: (prefill logits, chunk logits)."""
     cache = DynamicCache()
-    first = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    first = model(ids, attention_mask=mask, **{cache_keyword(model): cache}, use_cache=True)
     new = torch.randint(1, VOCAB, (ids.shape[0], chunk))
     mask = torch.cat([mask, torch.ones(ids.shape[0], chunk, dtype=mask.dtype)], 1)
-    step = model(new, attention_mask=mask, past_key_values=first.past_key_values, use_cache=True)
+    step = model(new, attention_mask=mask, **{cache_keyword(model): first.past_key_values}, use_cache=True)
     return first.logits, step.logits
 
 
@@ -167,8 +168,8 @@ def test_eager_returns_the_attention_probabilities():
     for path in ("rebuild", "latent"):
         tmps.set_paths(model, kv_attention=path)
         cache = DynamicCache()
-        first = model(ids, past_key_values=cache, use_cache=True)
-        out[path] = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True,
+        first = model(ids, **{cache_keyword(model): cache}, use_cache=True)
+        out[path] = model(ids[:, -1:], **{cache_keyword(model): first.past_key_values}, use_cache=True,
                           output_attentions=True).attentions
     for latent, rebuilt in zip(out["latent"], out["rebuild"]):
         assert latent.shape == rebuilt.shape == (1, 6, 1, 8)
@@ -187,10 +188,10 @@ def static_cache_steps(model, ids, steps, max_len=32):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    out = model(ids, past_key_values=cache, use_cache=True)
+    out = model(ids, **{cache_keyword(model): cache}, use_cache=True)
     logits = [out.logits[:, -1]]
     for _ in range(steps):
-        out = model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+        out = model(logits[-1].argmax(-1, keepdim=True), **{cache_keyword(model): cache}, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1)
 
@@ -267,9 +268,9 @@ def test_rope_decode_computes_the_rotary_table_once_per_step():
     ids = torch.randint(1, VOCAB, (2, 6))
     cache = DynamicCache()
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **{cache_keyword(model): cache}, use_cache=True)
         for _ in range(2):  # the second step's context still fits the first one's table
             nxt = out.logits[:, -1:].argmax(-1)
             with RecordOps() as record:
-                out = model(nxt, past_key_values=cache, use_cache=True)
+                out = model(nxt, **{cache_keyword(model): cache}, use_cache=True)
     assert sum("aten.cos" in op for op in record.ops) == 1

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 import tmps
+from tmps.compat import cache_keyword
 from tmps.kernels import latent_decode as ld
 from tmps.kernels.latent_decode import DecodeConfig, latent_decode_attention, latent_decode_attention_ref
 
@@ -207,8 +208,8 @@ def test_kv_opt_decodes_through_the_kernel_like_dense(monkeypatch):
     logits = {}
     with torch.no_grad():
         for name, m in (("kv", model), ("dense", dense)):
-            first = m(ids, past_key_values=DynamicCache(), use_cache=True)
-            logits[name] = m(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits.double().cpu()
+            first = m(ids, **{cache_keyword(m): DynamicCache()}, use_cache=True)
+            logits[name] = m(ids[:, -1:], **{cache_keyword(m): first.past_key_values}, use_cache=True).logits.double().cpu()
     assert len(calls) == dense.config.num_hidden_layers
     err = (logits["kv"] - logits["dense"]).abs().max() / logits["dense"].abs().max()
     assert err < 1e-4
@@ -224,7 +225,7 @@ def test_eager_attention_keeps_the_torch_chain(monkeypatch):
     ids = torch.randint(1, 64, (1, 5), device=DEVICE)
     with torch.no_grad():
         first = model(ids, use_cache=True)
-        out = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True, output_attentions=True)
+        out = model(ids[:, -1:], **{cache_keyword(model): first.past_key_values}, use_cache=True, output_attentions=True)
     assert not calls and out.attentions[0] is not None
 
 
@@ -285,7 +286,7 @@ def test_auto_takes_the_kernel_only_where_it_was_timed_faster(choice, monkeypatc
     with torch.no_grad():
         first = model(ids, use_cache=True)
         assert not [key for key in asked if key[0] == "latent_decode"]  # prefill: rebuild, no question
-        model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True)
+        model(ids[:, -1:], **{cache_keyword(model): first.past_key_values}, use_cache=True)
     keys = [key for key in asked if key[0] == "latent_decode"]
     assert len(keys) == model.config.num_hidden_layers and len(set(keys)) == 1  # one shape: one timing when cached
     assert keys[0][3:6] == (2, 4, 1)  # batch, heads, q_len

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import tmps
+from tmps.compat import cache_keyword
 from tmps.kernels import latent_scores as ls
 from tmps.kernels.latent_scores import ScoresConfig, latent_rope_scores, latent_rope_scores_ref, triton_available
 
@@ -128,8 +129,8 @@ def test_compressed_llama_decodes_through_the_kernel(dtype, monkeypatch):
     for backend in ("torch", "triton"):
         tmps.set_paths(model, backend=backend)
         cache = DynamicCache()
-        first = model(ids, past_key_values=cache, use_cache=True)
-        logits[backend] = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits.double()
+        first = model(ids, **{cache_keyword(model): cache}, use_cache=True)
+        logits[backend] = model(ids[:, -1:], **{cache_keyword(model): first.past_key_values}, use_cache=True).logits.double()
     assert len(calls) == cfg.num_hidden_layers  # the decode step of each layer, not the prefill
     err = (logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()
     assert err < {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
