@@ -23,7 +23,6 @@ prefilled cache; the cache is cropped back after each timed step). Variants:
 
 import functools
 import importlib.util
-import inspect
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ import torch
 from _bench_common import synced  # benchmarks/, on sys.path under pytest
 
 import tmps
+from tmps.compat import cache_keyword
 
 CUDA = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.float16) if CUDA else ("cpu", torch.float32)
@@ -98,10 +98,9 @@ def attention_block(model):
 
 def block_call(model, attention, batch: int, tokens: int, cache, start: int):
     """A function running ``attention`` on ``(batch, tokens)`` hidden states at positions ``start…``."""
-    cache_kw = "cache" if "cache" in inspect.signature(type(attention).forward).parameters else "past_key_values"
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(batch, tokens, HIDDEN, generator=gen).to(DEVICE, DTYPE)
-    kwargs = {cache_kw: cache}
+    kwargs = {cache_keyword(attention): cache}
     rotary = getattr(model.model, "rotary_emb", None)
     if rotary is not None:
         positions = torch.arange(start, start + tokens, device=DEVICE).unsqueeze(0).expand(batch, -1)
