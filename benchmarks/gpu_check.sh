@@ -59,7 +59,7 @@
 #   1. bash benchmarks/gpu_check.sh                                  (timeout_s 510)
 #   2. GPU_CHECK_PART=2 bash benchmarks/gpu_check.sh                 (timeout_s 340, or what is left)
 #   then give the machine back. benchmarks/targets.py joins the two calls' kernels.json and e2e.json
-#   on this side (each call's g sees only its own).
+#   on this side (each call's g sees only its own); benchmarks/plot_results.py draws them.
 # Rerun a step: GPU_CHECK_SKIP="c d2 f" leaves those steps out (a letter skips all its steps) and
 # gives their reserved time to the rest; E2E_ARGS="--shapes opt-1.3b --variants dense kv kv-triton
 # --align-ranks 1" is appended to e2e.py's arguments (there: the raw uniform ranks 717 / 1331 of
