@@ -25,9 +25,10 @@ import math
 import sys
 from pathlib import Path
 
+from targets import e2e_speedups, kernel_speedup  # benchmarks/ is sys.path[0] when run as a script
+
 BASELINES = {"torch_dense": "dense cuBLAS", "torch_factored": "torch chain", "torch_compile": "torch.compile chain"}
-E2E_KINDS = {"prefill": ("prefill", False), "decode": ("decode", True), "graph": ("decode, CUDA graph", True)}
-E2E_PRODUCT_VARIANTS = ("kv", "weights")  # as benchmarks/targets.py: the others are diagnostics
+E2E_KINDS = {"prefill": "prefill", "decode": "decode", "graph": "decode, CUDA graph"}
 
 
 def kernel_series(data: dict, timing: str = "auto") -> dict:
@@ -39,13 +40,13 @@ def kernel_series(data: dict, timing: str = "auto") -> dict:
     for row in data.get("rows", []):
         graph = row.get("ms_graph") or {}
         ms = graph if timing == "graph" or (timing == "auto" and graph.get("triton")) else row.get("ms", {})
-        ours = ms.get("triton")
-        if not ours:
+        if not ms.get("triton"):
             continue
         panel = series.setdefault((row["layout"], row["hidden"]), {})
         for baseline in BASELINES:
-            if ms.get(baseline):
-                panel.setdefault((baseline, row["ratio"]), []).append((row["tokens"], ms[baseline] / ours))
+            speedup = kernel_speedup(ms, baseline)
+            if speedup is not None:
+                panel.setdefault((baseline, row["ratio"]), []).append((row["tokens"], speedup))
     for panel in series.values():
         for points in panel.values():
             points.sort()
@@ -53,24 +54,13 @@ def kernel_series(data: dict, timing: str = "auto") -> dict:
 
 
 def e2e_bars(data: dict) -> dict:
-    """``{(shape, variant): [(case label, speed-up over dense, bound or None), ...]}`` for kv and weights.
-
-    Speed-up is dense time / variant time for prefill (ms) and variant / dense for decode (tok/s)."""
-    results = data.get("results", [])
-    dense = {r["shape"]: r["cells"] for r in results if r["variant"] == "dense"}
+    """``{(shape, variant): [(case label, speed-up over dense, bound or None), ...]}`` for kv and weights,
+    the speed-ups that benchmarks/targets.py checks (:func:`targets.e2e_speedups`)."""
     bars: dict = {}
-    for r in results:
-        if r["variant"] not in E2E_PRODUCT_VARIANTS or r["shape"] not in dense:
-            continue
-        for kind, (label, higher_is_better) in E2E_KINDS.items():
-            for case, value in r["cells"].get(kind, {}).items():
-                base = dense[r["shape"]].get(kind, {}).get(case)
-                if not value or not base:
-                    continue
-                speedup = value / base if higher_is_better else base / value
-                bound = r.get("bounds", {}).get(kind, {}).get(case)
-                name = f"{label} {case}" if kind == "prefill" else f"{label} b={case}"
-                bars.setdefault((r["shape"], r["variant"]), []).append((name, speedup, bound))
+    for shape, variant, kind, case, speedup, bound in e2e_speedups(data):
+        label = E2E_KINDS.get(kind, kind)
+        name = f"{label} {case}" if kind == "prefill" else f"{label} b={case}"
+        bars.setdefault((shape, variant), []).append((name, speedup, bound))
     return bars
 
 
@@ -87,10 +77,10 @@ def _pyplot():
 
 def plot_kernels(series: dict, path: Path, title: str) -> None:
     plt = _pyplot()
-    layouts = sorted({layout for layout, _ in series})
-    hiddens = sorted({hidden for _, hidden in series})
     from matplotlib.ticker import FuncFormatter
 
+    layouts = sorted({layout for layout, _ in series})
+    hiddens = sorted({hidden for _, hidden in series})
     fig, axes = plt.subplots(len(layouts), len(hiddens), figsize=(max(4.2 * len(hiddens), 8.0), 3.4 * len(layouts)),
                              squeeze=False, sharey=True)
     colors = dict(zip(BASELINES, ("tab:red", "tab:blue", "tab:green")))
@@ -114,7 +104,7 @@ def plot_kernels(series: dict, path: Path, title: str) -> None:
             if j == 0:
                 ax.set_ylabel("speed-up of ours (x)")
             ax.grid(True, which="both", linewidth=0.3)
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

@@ -50,7 +50,8 @@ class Target:
         return None if not self.cases else self.worst[1] >= self.threshold
 
 
-def _ratio(ms: dict, baseline: str):
+def kernel_speedup(ms: dict, baseline: str):
+    """``t_baseline / t_ours`` from one row's times (``{provider: ms}``), None where either is missing."""
     ours, base = ms.get("triton"), ms.get(baseline)
     return None if not ours or not base else base / ours
 
@@ -86,24 +87,26 @@ def _kernel_targets(rows: list, ms_key: str, roof_key: str, suffix: str) -> list
 
     return [
         Target("kernel vs unfused chain, decode" + suffix, ">= 1.5x", 1.5,
-               cases(decode, lambda r: _ratio(r[ms_key], "torch_factored"))),
+               cases(decode, lambda r: kernel_speedup(r[ms_key], "torch_factored"))),
         Target("kernel vs torch.compile, decode" + suffix, ">= 1.2x", 1.2,
-               cases(decode, lambda r: _ratio(r[ms_key], "torch_compile"))),
+               cases(decode, lambda r: kernel_speedup(r[ms_key], "torch_compile"))),
         Target("kernel vs unfused chain, prefill" + suffix, ">= 1.1x", 1.1,
-               cases(prefill, lambda r: _ratio(r[ms_key], "torch_factored"))),
+               cases(prefill, lambda r: kernel_speedup(r[ms_key], "torch_factored"))),
         Target("kernel vs torch.compile, prefill" + suffix, ">= 1.0x (never slower)", 1.0,
-               cases(prefill, lambda r: _ratio(r[ms_key], "torch_compile"))),
+               cases(prefill, lambda r: kernel_speedup(r[ms_key], "torch_compile"))),
         Target("kernel vs dense cuBLAS QKV, ratio 0.25, hidden >= 2048, decode" + suffix, ">= 2x", 2.0,
-               cases(lambda r: decode(r) and big_quarter(r), lambda r: _ratio(r[ms_key], "torch_dense"))),
+               cases(lambda r: decode(r) and big_quarter(r), lambda r: kernel_speedup(r[ms_key], "torch_dense"))),
         Target("kernel vs dense cuBLAS QKV, ratio 0.25, hidden >= 2048, prefill" + suffix, ">= 1.5x", 1.5,
-               cases(lambda r: prefill(r) and big_quarter(r), lambda r: _ratio(r[ms_key], "torch_dense"))),
+               cases(lambda r: prefill(r) and big_quarter(r), lambda r: kernel_speedup(r[ms_key], "torch_dense"))),
         Target("kernel, % of roofline" + suffix, ">= 60 %", 60.0, cases(lambda r: True, lambda r: r.get(roof_key))),
     ]
 
 
-def e2e_targets(data: dict) -> list[Target]:
+def e2e_speedups(data: dict):
+    """``(shape, variant, kind, key, speed-up over dense, bound or None)`` for every case of a product
+    variant (kv, weights) measured beside dense: dense ms / ours for prefill, ours / dense tokens/s
+    for decode (``kind`` "decode" or "graph")."""
     dense = {r["shape"]: r for r in data.get("results", []) if r["variant"] == "dense"}
-    speed, fraction = [], []
     for r in data.get("results", []):
         if r["variant"] not in E2E_PRODUCT_VARIANTS or r["shape"] not in dense:
             continue
@@ -112,12 +115,17 @@ def e2e_targets(data: dict) -> list[Target]:
                 base = dense[r["shape"]]["cells"].get(kind, {}).get(key)
                 if not isinstance(value, (int, float)) or not isinstance(base, (int, float)) or value <= 0:
                     continue
-                s = base / value if kind == "prefill" else value / base  # prefill: ms; decode: tokens/s
-                label = f"{r['shape']} {r['variant']} {kind} {key}"
-                speed.append((label, s))
-                bound = r.get("bounds", {}).get(kind, {}).get(key)
-                if bound:
-                    fraction.append((label, 100 * s / bound))
+                speedup = base / value if kind == "prefill" else value / base
+                yield r["shape"], r["variant"], kind, key, speedup, r.get("bounds", {}).get(kind, {}).get(key)
+
+
+def e2e_targets(data: dict) -> list[Target]:
+    speed, fraction = [], []
+    for shape, variant, kind, key, s, bound in e2e_speedups(data):
+        label = f"{shape} {variant} {kind} {key}"
+        speed.append((label, s))
+        if bound:
+            fraction.append((label, 100 * s / bound))
     return [
         Target("end to end: compressed vs dense", "> 1.0x in every case", 1.0 + 1e-9, speed),
         Target("end to end: % of the bound", ">= 80 %", 80.0, fraction),

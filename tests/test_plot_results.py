@@ -1,14 +1,19 @@
 """benchmarks/plot_results.py: the speed-ups it plots, from kernel_microbench's and e2e's JSON."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "plot_results_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "plot_results.py")
-plot_results = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot_results)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the script imports targets from its folder
+try:
+    _spec = importlib.util.spec_from_file_location("plot_results_bench", BENCHMARKS / "plot_results.py")
+    plot_results = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(plot_results)
+finally:
+    sys.path.remove(str(BENCHMARKS))
 
 KERNELS = {"meta": {"device": "GPU", "dtype": "float16"}, "rows": [
     {"hidden": 2048, "layout": "out_factor", "ratio": 0.25, "tokens": 16,
