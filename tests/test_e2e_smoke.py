@@ -40,6 +40,12 @@ def test_smoke_run_measures_every_variant(e2e, tmp_path, factors):
     # the static-cache step (what the GPU captures in a CUDA graph) decodes the same greedy tokens
     notes = [n for r in results for n in r["notes"] if "static-cache" in n]
     assert len(notes) == 2 * len(results) and all("for 6/6 steps" in n for n in notes)
+    # every variant with prefill cells times them again at its end, each against its first timing
+    again = {r["variant"]: n for r in results for n in r["notes"] if n.startswith("prefill timed again")}
+    assert set(again) == {r["variant"] for r in results if "prefill" in r["cells"]}
+    for variant, note in again.items():
+        first = results[[r["variant"] for r in results].index(variant)]["cells"]["prefill"]
+        assert [f"{key} " in note and f"(first {ms:.2f})" in note for key, ms in first.items()] == [True] * len(first)
 
 
 def test_a_compile_variant_times_the_compiled_model(e2e, tmp_path):
