@@ -993,6 +993,7 @@ def retime_prefill(model, args, device, record, left):
             again.append(f"{key} failed: {type(exc).__name__}")
             continue
         again.append(f"{key} {ms:.2f} ms (first {first:.2f})")
+        record.setdefault("again", {}).setdefault("prefill", {})[key] = ms  # for targets.py
     if again:
         record["notes"].append("prefill timed again after the decode cells: " + ", ".join(again))
 

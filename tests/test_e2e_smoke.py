@@ -46,6 +46,8 @@ def test_smoke_run_measures_every_variant(e2e, tmp_path, factors):
     for variant, note in again.items():
         first = results[[r["variant"] for r in results].index(variant)]["cells"]["prefill"]
         assert [f"{key} " in note and f"(first {ms:.2f})" in note for key, ms in first.items()] == [True] * len(first)
+        again_ms = results[[r["variant"] for r in results].index(variant)]["again"]["prefill"]
+        assert set(again_ms) == set(first) and all(ms > 0 for ms in again_ms.values())
 
 
 def test_a_compile_variant_times_the_compiled_model(e2e, tmp_path):

@@ -101,3 +101,20 @@ def test_plain_gemm_rows_stay_out_of_the_kernel_targets(targets):
     got = by_name(targets.kernel_targets({"rows": [fused, plain]}))
     chain = got["kernel vs unfused chain, decode"]
     assert chain.cases == [("hidden 4096 weights_model ratio 0.25 tokens 1", 2.0)] and chain.met
+
+
+def test_prefill_timings_that_moved_when_timed_again_are_listed(targets, tmp_path):
+    # run 2's case: weights at 1x2048 took 18.69 ms, the same path timed later 11.80
+    moved = dict(e2e_record("weights", 18.69, 100.0), again={"prefill": {"1x2048": 11.80}})
+    steady = dict(e2e_record("kv", 8.0, 115.0), again={"prefill": {"1x2048": 8.0 * 1.14}})
+    data = {"results": [e2e_record("dense", 10.0, 100.0), moved, steady]}
+    assert list(targets.unsteady_prefill(data)) == [("opt-1.3b", "weights", "1x2048", 18.69, 11.80)]
+    path, out = tmp_path / "e2e.json", tmp_path / "targets.md"
+    path.write_text(json.dumps(data))
+    targets.main(["--kernels", str(tmp_path / "none.json"), "--e2e", str(path), "--out", str(out)])
+    text = out.read_text()
+    assert "- opt-1.3b weights 1x2048: 18.69 ms first, 11.80 ms again" in text and "opt-1.3b kv 1x2048" not in text
+    # without second timings (runs before e2e.py took them) nothing is listed
+    path.write_text(json.dumps({"results": [e2e_record("dense", 10.0, 100.0), e2e_record("weights", 18.69, 100.0)]}))
+    targets.main(["--kernels", str(tmp_path / "none.json"), "--e2e", str(path), "--out", str(out)])
+    assert "timed again" not in out.read_text()
