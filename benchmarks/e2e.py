@@ -897,10 +897,11 @@ def _attempt(record, kind, key, left, fn, save=None):
             save()
 
 
-def _measure(record, kind, key, left, fn):
+def _measure(record, kind, key, left, fn, cells=None):
+    """``_attempt``'s body; ``cells``: where the value or its reason goes (default the record's ``kind`` cells)."""
     import torch
 
-    cells = record["cells"].setdefault(kind, {})
+    cells = record["cells"].setdefault(kind, {}) if cells is None else cells
     if left() < MIN_CELL_S:
         cells[key] = "skipped: time budget"
         return None
@@ -970,32 +971,25 @@ def measure_variant(model, mode, args, device, record, dense_cost, cost, left, p
 
 
 def retime_prefill(model, args, device, record, left):
-    """Time the variant's prefill cells once more, after its decode cells, into a note (the table keeps
-    the first timing).
+    """Time the variant's prefill cells once more, after its decode cells, into ``record["again"]``
+    (for targets.py) and a note; the table keeps the first timing.
 
     In H200 run 2 ``weights`` (auto, which chose the torch chain at 2048 rows) took 18.69 ms at 1x2048
     and ``weights-torch``, the same path on the same model timed two variants later, 11.80 ms. A second
     timing of every variant tells a cost of the variant's own set-up or of the run's order (first
     >> again) from one of the path it runs (first ~ again).
     """
-    again = []
+    first = {k: v for k, v in record["cells"].get("prefill", {}).items() if isinstance(v, float)}
+    if not first:
+        return
+    again = record.setdefault("again", {}).setdefault("prefill", {})
     for b, t in args.prefill:
         key = f"{b}x{t}"
-        first = record["cells"].get("prefill", {}).get(key)
-        if not isinstance(first, float):
-            continue
-        if left() < MIN_CELL_S:
-            again.append(f"{key} skipped: time budget")
-            break
-        try:
-            ms = prefill_ms(model, b, t, device, args.seed)
-        except Exception as exc:  # noqa: BLE001: a diagnostic; the cells already hold the measurement
-            again.append(f"{key} failed: {type(exc).__name__}")
-            continue
-        again.append(f"{key} {ms:.2f} ms (first {first:.2f})")
-        record.setdefault("again", {}).setdefault("prefill", {})[key] = ms  # for targets.py
-    if again:
-        record["notes"].append("prefill timed again after the decode cells: " + ", ".join(again))
+        if key in first:
+            _measure(record, "prefill again", key, left, lambda: prefill_ms(model, b, t, device, args.seed), again)
+    record["notes"].append("prefill timed again after the decode cells: " + ", ".join(
+        f"{key} {ms:.2f} ms (first {first[key]:.2f})" if isinstance(ms, float) else f"{key} {ms}"
+        for key, ms in again.items()))
 
 
 def main(argv=None):

@@ -107,7 +107,8 @@ def test_prefill_timings_that_moved_when_timed_again_are_listed(targets, tmp_pat
     # run 2's case: weights at 1x2048 took 18.69 ms, the same path timed later 11.80
     moved = dict(e2e_record("weights", 18.69, 100.0), again={"prefill": {"1x2048": 11.80}})
     steady = dict(e2e_record("kv", 8.0, 115.0), again={"prefill": {"1x2048": 8.0 * 1.14}})
-    data = {"results": [e2e_record("dense", 10.0, 100.0), moved, steady]}
+    untimed = dict(e2e_record("weights-torch", 11.8, 100.0), again={"prefill": {"1x2048": "skipped: time budget"}})
+    data = {"results": [e2e_record("dense", 10.0, 100.0), moved, steady, untimed]}
     assert list(targets.unsteady_prefill(data)) == [("opt-1.3b", "weights", "1x2048", 18.69, 11.80)]
     path, out = tmp_path / "e2e.json", tmp_path / "targets.md"
     path.write_text(json.dumps(data))
