@@ -5,7 +5,7 @@
 #
 # Steps, each under its own `timeout`, each logged to $OUT/gpu_check.log; a failing or timed-out
 # step is recorded and the next one still runs:
-#   a. versions: python, GPU, torch, triton, transformers (and nvidia-smi)
+#   a. versions: python, GPU, torch, triton, transformers, numpy (and nvidia-smi)
 #   b. imports without a registry: `pip install --no-deps --no-build-isolation --no-index -e .`
 #      (tmps.kernels maps to kernels/ only through the installed package-dir, so a plain
 #      PYTHONPATH checkout cannot import it); fallback: a tmps/kernels -> ../kernels link, removed
@@ -194,7 +194,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
           f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
-for name in ("triton", "transformers", "setuptools", "pytest", "xdist", "pytest_benchmark", "tensorly"):
+for name in ("triton", "transformers", "numpy", "setuptools", "pytest", "xdist", "pytest_benchmark", "tensorly"):
     try:
         print(name, getattr(__import__(name), "__version__", "?"))
     except Exception as exc:
