@@ -81,3 +81,22 @@ def test_saves_during_a_merged_run_each_fold_into_the_earlier_run_once(bench, tm
     assert data["meta"]["merged_providers"] == [["torch_compile"]]
     text = out.read_text()
     assert text.count("earlier row") == 1 and "| 2 row(s) |" in text and "| 1 row(s) |" not in text
+
+
+@pytest.mark.parametrize("layout", ["out_factor", "weights_model", "kv_model"])
+@pytest.mark.parametrize("hidden, tokens, ratio", [(4096, 16, 0.25), (2048, 4096, 0.5), (768, 7, 0.125)])
+def test_work_counts_the_flops_of_the_torch_chain(bench, monkeypatch, layout, hidden, tokens, ratio):
+    """The roofline's flops (``work``) are the unfused chain's: counted by FlopCounterMode on the
+    meta device, at the table's own sizes, for free."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tmps.kernels import fused_projection as fp
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # kv_model's ranks come from e2e.py
+    case = bench.make_case(hidden, tokens, ratio, layout, torch.float16, "meta", torch)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fp.fused_factored_projection_ref(case["x"], case["in_factor"], case["cores"], case["out_factors"],
+                                         case["biases"])
+    assert counter.get_total_flops() == bench.work(case, 2)[0] > 0
