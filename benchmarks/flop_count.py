@@ -51,7 +51,7 @@ def count_prefill(cfg, mode: str, batch: int, seq: int, device: str = "meta", al
     return counter.get_total_flops() - masked_half, e2e.prefill_flops(cost, batch, seq, dense=mode == "dense")
 
 
-def _config(name: str):
+def shape_config(name: str):
     """e2e.py's OPTConfig of the shape ``name`` (its smoke shape "tiny" too)."""
     smoke = name in e2e.SMOKE_SHAPE
     return e2e.opt_config((e2e.SMOKE_SHAPE if smoke else e2e.SHAPES)[name], smoke)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     longest = max(seq for _, seq in args.prefill)
     for name in args.shapes:
-        limit = _config(name).max_position_embeddings
+        limit = shape_config(name).max_position_embeddings
         if longest > limit:  # the meta device would count a forward that cannot run
             print(f"--prefill: {longest} tokens exceed {name}'s {limit} positions", file=sys.stderr)
             return 2
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     disagree = 0
     for name in args.shapes:
-        cfg = _config(name)
+        cfg = shape_config(name)
         for batch, seq in args.prefill:
             for mode in MODES:  # dense first: the others are given over it
                 counted, modelled = count_prefill(cfg, mode, batch, seq, align=args.align_ranks)

@@ -66,7 +66,7 @@ def test_e2e_prefill_flops_are_what_the_model_computes(shape, device, cases, mod
     """e2e.py's prefill bound counts the work that runs. The cases have more queries per sequence
     than ``d_kv / heads`` (16 for tiny), so kv mode rebuilds keys and values, as its bound assumes."""
     for batch, seq in cases:
-        counted, modelled = flop_count.count_prefill(flop_count._config(shape), mode, batch, seq, device)
+        counted, modelled = flop_count.count_prefill(flop_count.shape_config(shape), mode, batch, seq, device)
         assert counted == modelled > 0, (batch, seq)
 
 
@@ -84,7 +84,7 @@ def test_kv_prefill_at_half_the_cache_does_the_dense_models_work():
     at ratio 0.5 on OPT (d = d_kv), r_k + r_v = d_kv, so the latents (``2·d·(r_k + r_v)`` a token)
     and the rebuild (``2·(r_k + r_v)·d_kv``) cost what the dense K and V projections (``2·d·2·d_kv``)
     do. kv mode saves the cache, which a prefill writes but does not read."""
-    cfg = flop_count._config("opt-1.3b")
+    cfg = flop_count.shape_config("opt-1.3b")
     dense, kv = (flop_count.count_prefill(cfg, mode, 1, 2048, align=1)[0] for mode in ("dense", "kv"))
     assert kv == dense
 
