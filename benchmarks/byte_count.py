@@ -89,6 +89,10 @@ def count_decode_reads(cfg, mode: str, batch: int, context: int, device: str = "
 
     if context < 2:
         raise ValueError(f"context must be at least 2 (one prefilled token and the new one), got {context}")
+    cfg = copy.deepcopy(cfg)
+    # Eager attention reads the same storages as sdpa; transformers 5.17's sdpa mask calls .item(),
+    # which the meta device cannot answer.
+    cfg._attn_implementation = "eager"
     model, cost = _model(cfg, mode, device, align)
     ids = torch.randint(4, cfg.vocab_size, (batch, context), device=device)
     cache, keyword = DynamicCache(), cache_keyword(model)
