@@ -10,8 +10,9 @@ factors) on torch's ``meta`` device, where nothing is allocated or computed, and
 decode step reads, in two ways:
 
 * **reads** -- the storages of the model's parameters and buffers and of the cache that any op of
-  the step takes as input, each counted once, in full. The step attends over a ``DynamicCache``
-  of ``context`` positions (``context - 1`` prefilled, then the new token's). Embedding lookups are
+  the step takes as input, each counted once, in full. The step attends eagerly (the storages
+  sdpa reads too) over a ``DynamicCache`` of ``context`` positions (``context - 1`` prefilled,
+  then the new token's). Embedding lookups are
   left out: they read one row per token (learned positions are read only that way), and the tied
   token embedding is read in full by the LM head. This is what the bound says a step must move.
 * **torch-path traffic** -- what the step would move if every op read its inputs from memory and
