@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import sys
 
 import e2e  # benchmarks/ is sys.path[0] when run as a script
-from flop_count import MODES, shape_config
+from flop_count import MODES, shape_config, variant_model
 
 STEPS = 4  # static cache slots for a few steps past the context, as e2e.py sizes them
 
@@ -50,15 +49,6 @@ def _tensors(tree):
 
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
-
-
-def _model(cfg, mode: str, device: str, align: int):
-    import torch
-
-    model = e2e.build_model(copy.deepcopy(cfg), torch.float16 if device == "meta" else torch.float32, device, seed=0)
-    if mode != "dense":
-        e2e.random_factors(model, mode, e2e.RATIO, align=align)
-    return model, e2e.cost_model(cfg, getattr(model, "tmps_info", None))
 
 
 def count_decode_reads(cfg, mode: str, batch: int, context: int, device: str = "meta",
@@ -90,11 +80,9 @@ def count_decode_reads(cfg, mode: str, batch: int, context: int, device: str = "
 
     if context < 2:
         raise ValueError(f"context must be at least 2 (one prefilled token and the new one), got {context}")
-    cfg = copy.deepcopy(cfg)
     # Eager attention reads the same storages as sdpa; transformers 5.17's sdpa mask calls .item(),
     # which the meta device cannot answer.
-    cfg._attn_implementation = "eager"
-    model, cost = _model(cfg, mode, device, align)
+    model, cost = variant_model(cfg, mode, device, align, attention="eager")
     ids = torch.randint(4, cfg.vocab_size, (batch, context), device=device)
     cache, keyword = DynamicCache(), cache_keyword(model)
     reads = StoragesRead()
@@ -159,7 +147,7 @@ def torch_path_traffic(cfg, mode: str, batch: int, context: int, device: str = "
             self.traffic.by_op["scaled_dot_product_attention"] += sum(map(_nbytes, _tensors((args, kwargs, out))))
             return out
 
-    model, _ = _model(cfg, mode, device, align)
+    model, _ = variant_model(cfg, mode, device, align)
     step, _, _ = e2e.static_decoder(model, batch, context, STEPS, device, seed=0)
     traffic = OpTraffic()
     with FusedAttention(traffic), traffic:

@@ -27,6 +27,21 @@ from tmps.models.latent_attention import prefers_latent
 MODES = ("dense", "kv", "weights")
 
 
+def variant_model(cfg, mode: str, device: str = "meta", align: int = 8, attention: str | None = None):
+    """``(model, cost)``: e2e.py's ``mode`` model of ``cfg`` with its random factors, fp16 on
+    ``meta`` and fp32 elsewhere, and :func:`e2e.cost_model` of it. ``attention`` overrides
+    ``cfg``'s attention implementation (``cfg`` itself is left as it is)."""
+    import torch
+
+    cfg = copy.deepcopy(cfg)
+    if attention is not None:
+        cfg._attn_implementation = attention
+    model = e2e.build_model(cfg, torch.float16 if device == "meta" else torch.float32, device, seed=0)
+    if mode != "dense":
+        e2e.random_factors(model, mode, e2e.RATIO, align=align)
+    return model, e2e.cost_model(cfg, getattr(model, "tmps_info", None))
+
+
 def count_prefill(cfg, mode: str, batch: int, seq: int, device: str = "meta", align: int = 8) -> tuple[int, int]:
     """(counted, modelled) FLOPs of one ``(batch x seq)`` prefill of e2e.py's ``mode`` model.
 
@@ -37,12 +52,7 @@ def count_prefill(cfg, mode: str, batch: int, seq: int, device: str = "meta", al
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = copy.deepcopy(cfg)
-    cfg._attn_implementation = "eager"
-    model = e2e.build_model(cfg, torch.float16 if device == "meta" else torch.float32, device, seed=0)
-    if mode != "dense":
-        e2e.random_factors(model, mode, e2e.RATIO, align=align)
-    cost = e2e.cost_model(cfg, getattr(model, "tmps_info", None))
+    model, cost = variant_model(cfg, mode, device, align, attention="eager")
     ids = torch.randint(4, cfg.vocab_size, (batch, seq), device=device)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
