@@ -68,11 +68,14 @@ def test_full_rank_reproduces_dense_logits(arch, mode, method, attn):
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 def test_full_rank_with_cache_padding_and_generate(arch, mode):
     dense = MODELS[arch]()
-    model = compressed(dense, mode=mode, **FULL_RANK[mode])
+    assert_cached_steps_and_generate_match(compressed(dense, mode=mode, **FULL_RANK[mode]), dense)
+
+
+def assert_cached_steps_and_generate_match(model, dense):
+    """A left-padded prefill then one cached step, and greedy generation, as the dense model does them."""
     ids = torch.randint(1, VOCAB, (2, 11))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
-    # Prefill then one cached step, against the dense model doing the same.
     outs = []
     for m in (dense, model):
         cache = DynamicCache()
@@ -322,7 +325,7 @@ def test_bad_input_raises_and_leaves_model_unchanged(kwargs, calibration, error,
 
 def test_unsupported_model_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
-    with pytest.raises(ValueError, match=r"supports model types \['llama', 'opt'\]"):
+    with pytest.raises(ValueError, match=r"supports model types \['llama', 'mistral', 'opt', 'qwen2'\]"):
         tmps.compress(model, torch.randint(0, 50, (2, 8)), progress=False)
 
 

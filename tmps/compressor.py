@@ -68,7 +68,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
 
     Parameters
     ----------
-    model : OPT or Llama-family ``*ForCausalLM`` / ``*Model``.
+    model : an OPT, Llama, Mistral or Qwen2 ``*ForCausalLM`` / ``*Model`` (:func:`tmps.models.supported_model_types`).
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
     mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, q_ratio, k_share,
@@ -90,6 +90,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     if is_compressed(model):
         raise ValueError("this model is already compressed by tmps; compress the dense model again "
                          "(recompressing stored factors would compound their error)")
+    arch.check_supported(model, config.mode)
     _check_weights(model)
     if isinstance(fisher_tokens, bool) or not isinstance(fisher_tokens, int) or fisher_tokens < 1:
         raise ValueError(f"fisher_tokens={fisher_tokens!r} must be a positive number of tokens, e.g. 8192")

@@ -121,6 +121,7 @@ def load(path, device: str | torch.device = "cpu"):
     dtype = getattr(torch, meta["dtype"])
     model = model_class(config).to(dtype).eval()
     arch = architecture_of(model)
+    arch.check_supported(model, meta["compression"]["mode"])
     layers = arch.decoder_layers(model)
     if len(layers) != len(meta["structure"]):
         raise ValueError(f"{path}: {len(meta['structure'])} compressed layers recorded but the config builds {len(layers)}")

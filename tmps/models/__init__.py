@@ -1,7 +1,9 @@
 """Per-architecture adapters and the compressed attention modules."""
 from .base import architecture_of, supported_model_types
 from .llama import LlamaTuckerMPSAttention
+from .mistral import MistralTuckerMPSAttention
 from .opt import OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
+from .qwen2 import Qwen2TuckerMPSAttention
 
 __all__ = ["architecture_of", "supported_model_types", "OPTTuckerMPSAttention", "OPTTuckerMPSDecoderLayer",
-           "LlamaTuckerMPSAttention"]
+           "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention"]

@@ -44,6 +44,10 @@ class CompressedAttentionMixin:
     uses_rope = False
     kv_attention = "auto"  # kv mode: "auto" | "latent" | "rebuild" (see the module docstring)
 
+    def attention_window(self) -> int | None:
+        """The sliding window passed to the attention function (Mistral, Qwen2), None for full attention."""
+        return None
+
     def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         # read once: a config attribute costs ~3 us (HF's __getattribute__), and decode is host-bound
@@ -51,8 +55,12 @@ class CompressedAttentionMixin:
         q, k, v = self.qkv(hidden_states)
         q = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         scaling = self.scaling
+        window = self.attention_window()
 
         if self.mode == "kv":
+            if window is not None:  # tmps.compress refuses it; a config changed since would be wrong silently
+                raise ValueError(f"layer {self.layer_idx}: kv mode does not support sliding-window attention "
+                                 f"(window {window} set after compression); set it back to None")
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
@@ -77,6 +85,8 @@ class CompressedAttentionMixin:
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
         kwargs.pop("position_embeddings", None)
+        if window is not None:
+            kwargs["sliding_window"] = window
 
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager_fallback)
         out, weights = interface(

@@ -82,6 +82,33 @@ class Architecture:
     def rotary_embedding(self, model: nn.Module):
         return getattr(self.base_model(model), "rotary_emb", None) if self.uses_rope else None
 
+    def sliding_window(self, attention: nn.Module) -> int | None:
+        """How many of the latest keys ``attention`` sees (HF's sliding-window attention), None for all of them."""
+        return None
+
+    def check_supported(self, model: nn.Module, mode: str) -> None:
+        """ValueError where ``mode`` cannot reproduce ``model``'s attention.
+
+        kv mode needs full causal attention: its cache rotates keys by cache slot (RoPE), and HF's
+        sliding-window caches shift the slots as they drop the oldest keys. Layers that mix windows
+        are refused in every mode: calibration runs every layer with the first layer's mask.
+        """
+        windows = [self.sliding_window(self.attention_of(layer)) for layer in self.decoder_layers(model)]
+        window = next((w for w in windows if w is not None), None)
+        if window is None:
+            return
+        fix = (f"load the model with sliding-window attention off (sliding_window=None, or for Qwen2 "
+               f"use_sliding_window=False, in its config): exact while contexts stay within {window} tokens")
+        if len(set(windows)) > 1:
+            other = next(w for w in windows if w != window)
+            raise ValueError(f"{type(model).__name__} mixes attention windows (layer {windows.index(window)}: "
+                             f"{window} tokens, layer {windows.index(other)}: {other or 'all'}), and tmps "
+                             f"calibrates every layer with the first layer's mask; {fix}")
+        if mode == "kv":
+            raise ValueError(f"kv mode does not support sliding-window attention ({type(model).__name__}: "
+                             f"{window} tokens): its RoPE rotates keys by cache slot, and HF's window caches "
+                             f"shift the slots as they drop the oldest keys; use mode='weights', or {fix}")
+
 
 REGISTRY: dict[str, Architecture] = {}
 
@@ -93,12 +120,14 @@ def register(arch: Architecture) -> Architecture:
 
 
 def supported_model_types() -> list[str]:
+    from . import llama, mistral, opt, qwen2  # noqa: F401  (registration)
+
     return sorted(REGISTRY)
 
 
 def architecture_of(model: nn.Module) -> Architecture:
     """The registered architecture of ``model``, or a ValueError naming the supported ones."""
-    from . import llama, opt  # noqa: F401  (registration)
+    from . import llama, mistral, opt, qwen2  # noqa: F401  (registration)
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)

@@ -1,4 +1,9 @@
-"""Llama family: RoPE, grouped-query attention, usually no biases."""
+"""Llama family: RoPE, grouped-query attention, usually no biases.
+
+:class:`LlamaFamilyForward` is what every Llama-shaped attention shares (the forward's signature,
+``o_proj``, the model-level rotary embedding); Mistral and Qwen2 (``mistral.py``, ``qwen2.py``) add
+only their sliding window.
+"""
 from __future__ import annotations
 
 from torch import nn
@@ -9,12 +14,13 @@ from .attention import CompressedAttentionMixin
 from .base import Architecture, register
 
 
-class LlamaTuckerMPSAttention(CompressedAttentionMixin, LlamaAttention):
-    """Replaces ``LlamaAttention``: Q/K/V through a FactoredProjection; ``o_proj`` kept dense."""
+class LlamaFamilyForward(CompressedAttentionMixin):
+    """The compressed forward with a Llama-shaped attention's signature: ``o_proj`` kept dense, RoPE
+    from the model's rotary embedding, the cache as ``cache`` (transformers ≥ 5.24) or
+    ``past_key_values`` (earlier 5.x)."""
 
     query_prescale = False
     uses_rope = True
-    eager_fallback = staticmethod(modeling_llama.eager_attention_forward)
 
     @property
     def output_projection(self) -> nn.Module:
@@ -34,12 +40,18 @@ class LlamaTuckerMPSAttention(CompressedAttentionMixin, LlamaAttention):
                                        position_embeddings=position_embeddings, **kwargs)
 
 
-class LlamaArchitecture(Architecture):
+class LlamaFamilyArchitecture(Architecture):
     def decoder_layers(self, model):
         return self.base_model(model).layers
 
 
-LLAMA = register(LlamaArchitecture(
+class LlamaTuckerMPSAttention(LlamaFamilyForward, LlamaAttention):
+    """Replaces ``LlamaAttention``: Q/K/V through a FactoredProjection; ``o_proj`` kept dense."""
+
+    eager_fallback = staticmethod(modeling_llama.eager_attention_forward)
+
+
+LLAMA = register(LlamaFamilyArchitecture(
     model_type="llama",
     dense_attention_class=LlamaAttention,
     compressed_attention_class=LlamaTuckerMPSAttention,

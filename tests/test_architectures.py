@@ -1,0 +1,172 @@
+"""Mistral and Qwen2 (Llama-shaped attention; Qwen2 with q/k/v biases; both with optional sliding
+windows) on small random models: exact at full rank, through caches, saved and loaded; sliding
+windows kept in weights mode and refused where tmps would get them wrong."""
+import pytest
+import torch
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+import tmps
+from tmps.models import MistralTuckerMPSAttention, Qwen2TuckerMPSAttention
+from tmps.models import attention as attention_module
+
+from test_compress import (FULL_RANK, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged, calib,
+                          compressed, rel, snapshot)
+from test_latent_attention import static_cache_steps
+
+SHAPE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def mistral(attn="sdpa", sliding_window=None):
+    """MistralConfig's default window is 4096 tokens; None (full attention) unless asked."""
+    return MistralForCausalLM(MistralConfig(**SHAPE, attn_implementation=attn, sliding_window=sliding_window)).eval()
+
+
+def qwen2(attn="sdpa", **kw):
+    """Random q/k/v biases: HF initialises them to zero, which would leave their handling untested."""
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation=attn, **kw)).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen))
+    return model
+
+
+MODELS = {"mistral": mistral, "qwen2": qwen2}
+CLASSES = {"mistral": (MistralAttention, MistralTuckerMPSAttention), "qwen2": (Qwen2Attention, Qwen2TuckerMPSAttention)}
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_rank_reproduces_dense_logits(arch, mode, attn):
+    dense = MODELS[arch](attn)
+    model = compressed(dense, mode=mode, **FULL_RANK[mode])
+    hf_class, ours = CLASSES[arch]
+    attention = model.model.layers[1].self_attn
+    assert type(attention) is ours and isinstance(attention, hf_class) and attention.layer_idx == 1
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_full_rank_with_cache_padding_and_generate(arch, mode):
+    dense = MODELS[arch]()
+    assert_cached_steps_and_generate_match(compressed(dense, mode=mode, **FULL_RANK[mode]), dense)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("path", ["latent", "rebuild"])
+def test_kv_mode_static_cache_decodes_like_dense(arch, path):
+    dense = MODELS[arch]()
+    model = compressed(dense, mode="kv", ratio=1.0)
+    tmps.set_paths(model, kv_attention=path)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_qwen2_kv_cache_holds_latents_of_the_biased_projections():
+    model = compressed(qwen2(), mode="kv", hooi_ranks=[5, 7])
+    layer0 = model(torch.randint(0, VOCAB, (2, 10)), use_cache=True).past_key_values.layers[0]
+    assert layer0.keys.shape == (2, 1, 10, 5) and layer0.values.shape == (2, 1, 10, 7)
+    assert model.tmps_info["layers"][0]["ranks"] == {"k": 5, "v": 7}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_weights_mode_keeps_the_sliding_window(attn):
+    """A window of 5 tokens over sequences of 17 (HF's masks cut it), then generation past the window
+    through HF's sliding-window cache."""
+    dense = mistral(attn, sliding_window=5)
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+    ids = torch.randint(1, VOCAB, (2, 11))
+    g_dense = dense.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), g_dense)
+
+
+def test_attention_function_gets_the_dense_sliding_window(monkeypatch):
+    """Flash attention reads ``sliding_window`` rather than the mask: the compressed layers pass it as
+    the dense ones do (recorded at sdpa, which ignores it)."""
+    dense = mistral(sliding_window=5)
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    sdpa = attention_module.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    windows = []
+
+    def recording(module, *args, **kwargs):
+        windows.append((type(module).__name__, kwargs.get("sliding_window")))
+        return sdpa(module, *args, **kwargs)
+
+    monkeypatch.setitem(attention_module.ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    dense(ids), model(ids)
+    assert windows == [("MistralAttention", 5)] * 2 + [("MistralTuckerMPSAttention", 5)] * 2
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_kv_mode_refuses_a_sliding_window_and_leaves_the_model_unchanged(arch):
+    model = mistral(sliding_window=5) if arch == "mistral" else qwen2(use_sliding_window=True, sliding_window=5,
+                                                                         max_window_layers=0)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"kv mode does not support sliding-window attention \(.*5 tokens\).*"
+                                         r"use mode='weights'.*exact while contexts stay within 5 tokens"):
+        tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
+    assert_unchanged(model, snap)
+
+
+def test_layers_mixing_full_and_sliding_attention_are_refused():
+    model = qwen2(use_sliding_window=True, sliding_window=5, max_window_layers=1)  # layer 0 full, layer 1 sliding
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"mixes attention windows \(layer 1: 5 tokens, layer 0: all\)"):
+        tmps.compress(model, calib(), mode="weights", ratio=0.5, progress=False)
+    assert_unchanged(model, snap)
+
+
+def test_a_window_set_after_kv_compression_is_an_error_not_a_wrong_answer():
+    model = compressed(mistral(), mode="kv", ratio=1.0)
+    model.config.sliding_window = 5
+    with pytest.raises(ValueError, match="layer 0: kv mode does not support sliding-window attention"):
+        model(torch.randint(0, VOCAB, (1, 9)))
+
+
+@pytest.mark.parametrize("arch, mode", [("qwen2", "kv"), ("mistral", "weights")])
+def test_save_load_identical_logits(tmp_path, arch, mode):
+    model = compressed(MODELS[arch](), mode=mode, ratio=0.5)
+    tmps.save(model, tmp_path / arch)
+    loaded = tmps.load(tmp_path / arch)
+    assert type(loaded.model.layers[0].self_attn) is CLASSES[arch][1]
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_llama_weights_as_mistral_or_qwen2_compress_to_the_same_model(arch, mode):
+    """Below full rank too: a Llama's weights in a Mistral (no window) or a Qwen2 (zero biases) give
+    the Llama's compressed logits, so everything tested on Llama holds for them."""
+    from test_compress import llama
+
+    source = llama()
+    config = (MistralConfig if arch == "mistral" else Qwen2Config)(**SHAPE, attn_implementation="sdpa")
+    if arch == "mistral":
+        config.sliding_window = None
+    target = (MistralForCausalLM if arch == "mistral" else Qwen2ForCausalLM)(config).eval()
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected and all(name.endswith("_proj.bias") for name in missing)
+    with torch.no_grad():
+        for name in missing:
+            target.get_parameter(name).zero_()
+    ids, data = torch.randint(0, VOCAB, (2, 13)), calib()
+    want = compressed(source, mode=mode, ratio=0.5, calibration=data)(ids).logits
+    torch.testing.assert_close(compressed(target, mode=mode, ratio=0.5, calibration=data)(ids).logits, want,
+                               rtol=1e-5, atol=1e-5)
