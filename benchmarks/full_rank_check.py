@@ -3,7 +3,8 @@
     python benchmarks/full_rank_check.py --device cuda     # gpu_check's c3: the compiled kernels
     python benchmarks/full_rank_check.py                   # CPU: Triton's interpreter, ~80 s
 
-Tiny random Llama (8 / 2 heads, RoPE) and OPT models (hidden 256, 2 layers), compressed in weights
+Tiny random Llama (8 / 2 heads, RoPE) and OPT models (hidden 256, 2 layers; also Qwen2, Llama's
+layout with random q/k/v biases, by ``--cases qwen2:float32``), compressed in weights
 and kv mode at full rank (``hooi_ranks=[hidden]``, ``ratio=1.0``), so the compressed model must give
 the dense logits. With every projection's backend forced to "triton", per case it checks:
 
@@ -26,29 +27,39 @@ from _bench_common import count_kernel_calls, cuda_unusable, device_parser, inte
 
 VOCAB, HIDDEN, LAYERS, STEPS = 512, 256, 2, 3
 CASES = ("llama:float32", "opt:float32", "llama:float16")
+ARCHS = ("llama", "opt", "qwen2")
+ROPE_ARCHS = ("llama", "qwen2")
 TOLERANCE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}  # relative Frobenius error of the logits
 
 
 def parse_args(argv=None):
     p = device_parser(__doc__)
     p.add_argument("--cases", nargs="+", default=list(CASES),
-                   help=f"arch:dtype pairs, arch llama or opt, dtype float32, float16 or bfloat16 (default {CASES})")
+                   help=f"arch:dtype pairs, arch one of {ARCHS}, dtype float32, float16 or bfloat16 (default {CASES})")
     p.add_argument("--modes", nargs="+", choices=("weights", "kv"), default=["weights", "kv"])
     args = p.parse_args(argv)
     for case in args.cases:
         arch, _, dtype = case.partition(":")
-        if arch not in ("llama", "opt") or dtype not in TOLERANCE:
-            p.error(f"--cases: {case!r} is not arch:dtype with arch llama or opt and dtype one of {tuple(TOLERANCE)}")
+        if arch not in ARCHS or dtype not in TOLERANCE:
+            p.error(f"--cases: {case!r} is not arch:dtype with arch one of {ARCHS} and dtype one of {tuple(TOLERANCE)}")
     return args
 
 
 def build(arch: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(
+    if arch in ROPE_ARCHS:
+        config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+        model = model_class(config_class(
             vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=LAYERS,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa"))
+        if arch == "qwen2":  # HF initialises the biases to zero, which would leave them untested
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                        proj.bias.normal_(std=0.5)
+        return model
     return OPTForCausalLM(OPTConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=512, num_hidden_layers=LAYERS, num_attention_heads=8,
         max_position_embeddings=256, word_embed_proj_dim=HIDDEN, attn_implementation="sdpa"))
@@ -102,8 +113,8 @@ def check_case(dense, mode, ids, calib, tol, calls, want, want_steps, arch):
         err_steps = rel(greedy(model, ids), want_steps)
     findings.append(f"prefill + {STEPS} cached steps rel {err_steps:.2e}")
     ok &= err_steps < tol
-    if mode == "kv":  # decode over the latents: the fused latent decode, and on Llama the RoPE score kernel
-        if arch == "llama":
+    if mode == "kv":  # decode over the latents: the fused latent decode, and with RoPE the key-score kernel
+        if arch in ROPE_ARCHS:
             findings.append(f"latent score kernel calls {calls['scores']}")
             ok &= calls["scores"] == STEPS * LAYERS
         findings.append(f"latent decode kernel calls {calls['decode']}")

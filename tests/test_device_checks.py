@@ -53,6 +53,15 @@ def test_full_rank_check_kv_mode_passes():
     assert "torch.compile(fullgraph)" in line
 
 
+def test_full_rank_check_qwen2_passes():
+    # Qwen2: Llama's layout with q/k/v biases, so the kernels get biased (latent) groups next to RoPE
+    rc, output = run_script("full_rank_check.py", "--cases", "qwen2:float32")
+    assert rc == 0, output
+    lines = [line for line in output.splitlines() if line.startswith("qwen2  float32")]
+    assert len(lines) == 2 and all(" ok " in line for line in lines), output
+    assert "latent score kernel calls 6" in lines[1] and "latent decode kernel calls 6" in lines[1]
+
+
 def test_full_rank_check_fails_beyond_its_tolerance():
     rc, output = run_patched("script.TOLERANCE['float16'] = 1e-9", "full_rank_check",
                              "--cases", "llama:float16", "--modes", "weights")
