@@ -1,6 +1,6 @@
-"""Mistral and Qwen2 (Llama-shaped attention; Qwen2 with q/k/v biases; both with optional sliding
-windows) on small random models: exact at full rank, through caches, saved and loaded; sliding
-windows kept in weights mode and refused where tmps would get them wrong."""
+"""Mistral, Qwen2 and Qwen3 (Llama-shaped attention; Qwen2 with q/k/v biases, Qwen3 with per-head
+q/k norms; all with optional sliding windows) on small random models: exact at full rank, through
+caches, saved and loaded; sliding windows kept in weights mode, and what tmps would get wrong refused."""
 import pytest
 import torch
 from transformers import (
@@ -8,12 +8,15 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import tmps
-from tmps.models import MistralTuckerMPSAttention, Qwen2TuckerMPSAttention
+from tmps.models import MistralTuckerMPSAttention, Qwen2TuckerMPSAttention, Qwen3TuckerMPSAttention
 from tmps.models import attention as attention_module
 
 from test_compress import (FULL_RANK, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged, calib,
@@ -170,3 +173,56 @@ def test_llama_weights_as_mistral_or_qwen2_compress_to_the_same_model(arch, mode
     want = compressed(source, mode=mode, ratio=0.5, calibration=data)(ids).logits
     torch.testing.assert_close(compressed(target, mode=mode, ratio=0.5, calibration=data)(ids).logits, want,
                                rtol=1e-5, atol=1e-5)
+
+
+def qwen3(attn="sdpa"):
+    """head_dim 16 with 6 heads: q is 96 wide on a hidden size of 48, as in Qwen3 (head_dim 128 at
+    hidden 1024); the norms' weights random (HF initialises them to ones)."""
+    model = Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16, attn_implementation=attn)).eval()
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen3_weights_mode_full_rank_reproduces_dense_logits(attn):
+    dense = qwen3(attn)
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    attention, dense_attention = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
+    assert type(attention) is Qwen3TuckerMPSAttention and isinstance(attention, Qwen3Attention)
+    assert [n for n, _ in attention.named_children()] == ["o_proj", "q_norm", "k_norm", "qkv"]
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+    assert_cached_steps_and_generate_match(model, dense)
+
+
+def test_qwen3_norms_are_applied():
+    """Scaling a k_norm weight changes the compressed model's logits, and as it changes the dense one's."""
+    dense = qwen3()
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    ids = torch.randint(0, VOCAB, (2, 9))
+    before = model(ids).logits
+    with torch.no_grad():
+        for m in (dense, model):
+            m.model.layers[0].self_attn.k_norm.weight.mul_(3.0)
+    assert rel(model(ids).logits, before) > 1e-3
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+
+
+def test_qwen3_kv_mode_is_refused_and_leaves_the_model_unchanged():
+    model = qwen3()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"kv mode does not support Qwen3ForCausalLM: .*k_norm.*use mode='weights'"):
+        tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
+    assert_unchanged(model, snap)
+
+
+def test_qwen3_save_load_identical_logits(tmp_path):
+    model = compressed(qwen3(), mode="weights", ratio=0.5)
+    tmps.save(model, tmp_path / "qwen3")
+    loaded = tmps.load(tmp_path / "qwen3")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -68,7 +68,8 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
 
     Parameters
     ----------
-    model : an OPT, Llama, Mistral or Qwen2 ``*ForCausalLM`` / ``*Model`` (:func:`tmps.models.supported_model_types`).
+    model : an OPT, Llama, Mistral, Qwen2 or Qwen3 (weights mode) ``*ForCausalLM`` / ``*Model``
+        (:func:`tmps.models.supported_model_types`).
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
     mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, q_ratio, k_share,
@@ -430,11 +431,14 @@ def build_compressed_attention(arch, dense_attention, solver: LayerSolver, plan:
 
 
 def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dtype):
-    """Wrap factors into ``arch.compressed_attention_class`` sharing the dense block's attributes and o_proj."""
+    """Wrap factors into ``arch.compressed_attention_class`` sharing the dense block's attributes and its
+    children other than the Q/K/V projections (o_proj; Qwen3's q_norm and k_norm)."""
     device = arch.projections(dense_attention)[3].weight.device
     module = new_like(arch.compressed_attention_class, dense_attention)
     module.mode = mode
-    module.add_module(arch.o_name, arch.projections(dense_attention)[3])
+    for name, child in dense_attention.named_children():
+        if name not in (arch.q_name, arch.k_name, arch.v_name):
+            module.add_module(name, child)
     module.add_module("qkv", qkv.to(device=device, dtype=dtype))
     module.register_buffer("k_up", None if k_up is None else k_up.to(device=device, dtype=dtype))
     module.register_buffer("v_up", None if v_up is None else v_up.to(device=device, dtype=dtype))

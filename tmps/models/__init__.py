@@ -4,6 +4,8 @@ from .llama import LlamaTuckerMPSAttention
 from .mistral import MistralTuckerMPSAttention
 from .opt import OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
 from .qwen2 import Qwen2TuckerMPSAttention
+from .qwen3 import Qwen3TuckerMPSAttention
 
 __all__ = ["architecture_of", "supported_model_types", "OPTTuckerMPSAttention", "OPTTuckerMPSDecoderLayer",
-           "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention"]
+           "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention",
+           "Qwen3TuckerMPSAttention"]

@@ -42,6 +42,7 @@ class CompressedAttentionMixin:
     """
 
     uses_rope = False
+    head_norms = False  # Qwen3: each q and k head RMS-normalised (q_norm, k_norm) before RoPE; weights mode only
     kv_attention = "auto"  # kv mode: "auto" | "latent" | "rebuild" (see the module docstring)
 
     def attention_window(self) -> int | None:
@@ -53,7 +54,10 @@ class CompressedAttentionMixin:
         # read once: a config attribute costs ~3 us (HF's __getattribute__), and decode is host-bound
         implementation = self.config._attn_implementation
         q, k, v = self.qkv(hidden_states)
-        q = q.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        q = q.view(*input_shape, -1, self.head_dim)
+        if self.head_norms:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
         scaling = self.scaling
         window = self.attention_window()
 
@@ -76,7 +80,10 @@ class CompressedAttentionMixin:
             if self.uses_rope:
                 q, k = self._rope_by_relative_position(q, k, cache)
         else:
-            k = k.view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            k = k.view(*input_shape, -1, self.head_dim)
+            if self.head_norms:
+                k = self.k_norm(k)
+            k = k.transpose(1, 2)
             v = v.view(*input_shape, -1, self.head_dim).transpose(1, 2)
             if self.uses_rope:
                 cos, sin = kwargs.pop("position_embeddings")

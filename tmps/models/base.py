@@ -120,14 +120,14 @@ def register(arch: Architecture) -> Architecture:
 
 
 def supported_model_types() -> list[str]:
-    from . import llama, mistral, opt, qwen2  # noqa: F401  (registration)
+    from . import llama, mistral, opt, qwen2, qwen3  # noqa: F401  (registration)
 
     return sorted(REGISTRY)
 
 
 def architecture_of(model: nn.Module) -> Architecture:
     """The registered architecture of ``model``, or a ValueError naming the supported ones."""
-    from . import llama, mistral, opt, qwen2  # noqa: F401  (registration)
+    from . import llama, mistral, opt, qwen2, qwen3  # noqa: F401  (registration)
 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
