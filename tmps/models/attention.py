@@ -46,8 +46,9 @@ class CompressedAttentionMixin:
     kv_attention = "auto"  # kv mode: "auto" | "latent" | "rebuild" (see the module docstring)
 
     def attention_window(self) -> int | None:
-        """The sliding window passed to the attention function (Mistral, Qwen2), None for full attention."""
-        return None
+        """The sliding window passed to the attention function (Mistral, Qwen2), None for full attention;
+        ``architecture`` is set by :func:`tmps.models.base.register`."""
+        return self.architecture.sliding_window(self)
 
     def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]

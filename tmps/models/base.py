@@ -114,24 +114,30 @@ REGISTRY: dict[str, Architecture] = {}
 
 
 def register(arch: Architecture) -> Architecture:
+    """Map ``arch``'s model types to it, and give its compressed attention class a handle on it
+    (the forward asks it for the layer's sliding window)."""
     for name in (arch.model_type, *arch.aliases):
         REGISTRY[name] = arch
+    arch.compressed_attention_class.architecture = arch
     return arch
 
 
-def supported_model_types() -> list[str]:
-    from . import llama, mistral, opt, qwen2, qwen3  # noqa: F401  (registration)
+def _registry() -> dict[str, Architecture]:
+    """REGISTRY with every model file imported (each registers its architecture on import)."""
+    from . import llama, mistral, opt, qwen2, qwen3  # noqa: F401
 
-    return sorted(REGISTRY)
+    return REGISTRY
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_registry())
 
 
 def architecture_of(model: nn.Module) -> Architecture:
     """The registered architecture of ``model``, or a ValueError naming the supported ones."""
-    from . import llama, mistral, opt, qwen2, qwen3  # noqa: F401  (registration)
-
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in REGISTRY:
+    if model_type not in _registry():
         raise ValueError(
             f"unsupported model: {type(model).__name__} (model_type={model_type!r}); "
             f"tmps.compress supports model types {supported_model_types()} "

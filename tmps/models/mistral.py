@@ -13,9 +13,6 @@ class MistralTuckerMPSAttention(LlamaFamilyForward, MistralAttention):
 
     eager_fallback = staticmethod(modeling_mistral.eager_attention_forward)
 
-    def attention_window(self):
-        return MISTRAL.sliding_window(self)
-
 
 class MistralArchitecture(LlamaFamilyArchitecture):
     def sliding_window(self, attention):

@@ -14,9 +14,6 @@ class Qwen2TuckerMPSAttention(LlamaFamilyForward, Qwen2Attention):
 
     eager_fallback = staticmethod(modeling_qwen2.eager_attention_forward)
 
-    def attention_window(self):
-        return QWEN2.sliding_window(self)
-
 
 class Qwen2Architecture(LlamaFamilyArchitecture):
     def sliding_window(self, attention):

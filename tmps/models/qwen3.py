@@ -17,9 +17,6 @@ class Qwen3TuckerMPSAttention(LlamaFamilyForward, Qwen3Attention):
     head_norms = True
     eager_fallback = staticmethod(modeling_qwen3.eager_attention_forward)
 
-    def attention_window(self):
-        return QWEN3.sliding_window(self)
-
 
 class Qwen3Architecture(Qwen2Architecture):
     def check_supported(self, model, mode):
