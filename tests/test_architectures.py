@@ -19,63 +19,20 @@ import tmps
 from tmps.models import MistralTuckerMPSAttention, Qwen2TuckerMPSAttention, Qwen3TuckerMPSAttention
 from tmps.models import attention as attention_module
 
-from test_compress import (FULL_RANK, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged, calib,
-                          compressed, rel, snapshot)
-from test_latent_attention import static_cache_steps
+from test_compress import (FULL_RANK, MODELS, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged,
+                          calib, compressed, llama, mistral, qwen2, rel, snapshot)
 
-SHAPE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-             num_key_value_heads=2, max_position_embeddings=256)
-
-
-def mistral(attn="sdpa", sliding_window=None):
-    """MistralConfig's default window is 4096 tokens; None (full attention) unless asked."""
-    return MistralForCausalLM(MistralConfig(**SHAPE, attn_implementation=attn, sliding_window=sliding_window)).eval()
-
-
-def qwen2(attn="sdpa", **kw):
-    """Random q/k/v biases: HF initialises them to zero, which would leave their handling untested."""
-    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation=attn, **kw)).eval()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen))
-    return model
-
-
-MODELS = {"mistral": mistral, "qwen2": qwen2}
 CLASSES = {"mistral": (MistralAttention, MistralTuckerMPSAttention), "qwen2": (Qwen2Attention, Qwen2TuckerMPSAttention)}
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-@pytest.mark.parametrize("mode", ["kv", "weights"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_full_rank_reproduces_dense_logits(arch, mode, attn):
-    dense = MODELS[arch](attn)
-    model = compressed(dense, mode=mode, **FULL_RANK[mode])
+def test_replaced_modules_subclass_hf(arch):
+    """The full-rank, cache and static-cache tests of test_compress.py and test_latent_attention.py run
+    over these two models too (their MODELS); here, what replaces their attention."""
+    model = compressed(MODELS[arch](), ratio=0.5)
     hf_class, ours = CLASSES[arch]
     attention = model.model.layers[1].self_attn
     assert type(attention) is ours and isinstance(attention, hf_class) and attention.layer_idx == 1
-    ids = torch.randint(0, VOCAB, (3, 17))
-    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
-
-
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-@pytest.mark.parametrize("mode", ["kv", "weights"])
-def test_full_rank_with_cache_padding_and_generate(arch, mode):
-    dense = MODELS[arch]()
-    assert_cached_steps_and_generate_match(compressed(dense, mode=mode, **FULL_RANK[mode]), dense)
-
-
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-@pytest.mark.parametrize("path", ["latent", "rebuild"])
-def test_kv_mode_static_cache_decodes_like_dense(arch, path):
-    dense = MODELS[arch]()
-    model = compressed(dense, mode="kv", ratio=1.0)
-    tmps.set_paths(model, kv_attention=path)
-    ids = torch.randint(1, VOCAB, (2, 9))
-    torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
-                               rtol=1e-4, atol=1e-4)
 
 
 def test_qwen2_kv_cache_holds_latents_of_the_biased_projections():
@@ -157,8 +114,6 @@ def test_save_load_identical_logits(tmp_path, arch, mode):
 def test_llama_weights_as_mistral_or_qwen2_compress_to_the_same_model(arch, mode):
     """Below full rank too: a Llama's weights in a Mistral (no window) or a Qwen2 (zero biases) give
     the Llama's compressed logits, so everything tested on Llama holds for them."""
-    from test_compress import llama
-
     source = llama()
     config = (MistralConfig if arch == "mistral" else Qwen2Config)(**SHAPE, attn_implementation="sdpa")
     if arch == "mistral":

@@ -10,8 +10,12 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 import tmps
@@ -21,11 +25,29 @@ from tmps.models import LlamaTuckerMPSAttention, OPTTuckerMPSAttention, OPTTucke
 VOCAB = 96
 
 
+# The Llama-family shape (GQA 6 / 2): Llama, and Mistral and Qwen2, whose attention is Llama's.
+SHAPE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
 def llama(attn="sdpa", **kw):
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-                      attn_implementation=attn, **kw)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=attn, **kw)).eval()
+
+
+def mistral(attn="sdpa", sliding_window=None):
+    """MistralConfig's default window is 4096 tokens; None (full attention) unless asked."""
+    return MistralForCausalLM(MistralConfig(**SHAPE, attn_implementation=attn, sliding_window=sliding_window)).eval()
+
+
+def qwen2(attn="sdpa", **kw):
+    """Random q/k/v biases: HF initialises them to zero, which would leave their handling untested."""
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation=attn, **kw)).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen))
+    return model
 
 
 def opt(attn="sdpa"):
@@ -34,7 +56,8 @@ def opt(attn="sdpa"):
     return OPTForCausalLM(cfg).eval()
 
 
-MODELS = {"llama": llama, "opt": opt}
+MODELS = {"llama": llama, "opt": opt, "mistral": mistral, "qwen2": qwen2}
+ARCHS = list(MODELS)
 FULL_RANK = {"kv": {"ratio": 1.0}, "weights": {"hooi_ranks": [48]}}
 
 
@@ -51,7 +74,7 @@ def compressed(model, **kw):
     return tmps.compress(copy.deepcopy(model), kw.pop("calibration", calib()), **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 @pytest.mark.parametrize("method", ["tucker-mps", "tucker", "mps", "svd", "eigen"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -64,7 +87,7 @@ def test_full_rank_reproduces_dense_logits(arch, mode, method, attn):
     assert rel(model(ids).logits, dense(ids).logits) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 def test_full_rank_with_cache_padding_and_generate(arch, mode):
     dense = MODELS[arch]()

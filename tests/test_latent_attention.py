@@ -12,7 +12,7 @@ from tmps.models import attention as attention_module
 from tmps.models.rope import rotate_half
 from tmps.models.latent_attention import latent_attention, prefers_latent, rope_key_scores_torch
 
-from test_compress import VOCAB, calib, llama, opt
+from test_compress import ARCHS, MODELS, VOCAB, calib, llama, opt
 from test_rope import RecordOps
 
 
@@ -196,11 +196,11 @@ def static_cache_steps(model, ids, steps, max_len=32):
     return torch.stack(logits, 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("path", ["latent", "rebuild"])
 def test_static_cache_decodes_like_dense(arch, path):
     """A static cache holds more slots than are filled: RoPE must use the filled positions, not its size."""
-    dense = {"llama": llama, "opt": opt}[arch]()
+    dense = MODELS[arch]()
     model = tmps.compress(copy.deepcopy(dense), calib(), mode="kv", ratio=1.0, progress=False)
     tmps.set_paths(model, kv_attention=path)
     ids = torch.randint(1, VOCAB, (2, 9))
