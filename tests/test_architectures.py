@@ -1,6 +1,7 @@
 """Mistral, Qwen2 and Qwen3 (Llama-shaped attention; Qwen2 with q/k/v biases, Qwen3 with per-head
-q/k norms; all with optional sliding windows) on small random models: exact at full rank, through
-caches, saved and loaded; sliding windows kept in weights mode, and what tmps would get wrong refused."""
+q/k norms; all with optional sliding windows, in Qwen2 also mixed with full attention) on small random
+models: exact at full rank, through caches, saved and loaded; sliding windows kept in weights mode, each
+layer calibrated on what the model hands it, and what tmps would get wrong refused."""
 import pytest
 import torch
 from transformers import (
@@ -16,6 +17,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import tmps
+from tmps.calibration import calibration_batches, capture_layer_inputs, run_layer
 from tmps.models import MistralTuckerMPSAttention, Qwen2TuckerMPSAttention, Qwen3TuckerMPSAttention
 from tmps.models import attention as attention_module
 
@@ -84,12 +86,49 @@ def test_kv_mode_refuses_a_sliding_window_and_leaves_the_model_unchanged(arch):
     assert_unchanged(model, snap)
 
 
-def test_layers_mixing_full_and_sliding_attention_are_refused():
-    model = qwen2(use_sliding_window=True, sliding_window=5, max_window_layers=1)  # layer 0 full, layer 1 sliding
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"mixes attention windows \(layer 1: 5 tokens, layer 0: all\)"):
-        tmps.compress(model, calib(), mode="weights", ratio=0.5, progress=False)
-    assert_unchanged(model, snap)
+def mixed_qwen2(attn="sdpa"):
+    """Layer 0 full attention, layer 1 a window of 5 tokens (Qwen2's ``max_window_layers``)."""
+    return qwen2(attn, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_weights_mode_keeps_layers_that_mix_full_and_sliding_attention(attn):
+    dense = mixed_qwen2(attn)
+    assert [layer.self_attn.sliding_window for layer in dense.model.layers] == [None, 5]
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+    assert_cached_steps_and_generate_match(model, dense)
+
+
+@pytest.mark.parametrize("build", ["mixed_qwen2", "llama"])
+def test_calibration_hands_each_layer_what_the_model_hands_it(build):
+    """Each layer rerun on the captured inputs, one after another as tmps.compress runs them, gives the
+    outputs it gives inside the model's own forward: the sliding layers get the window's mask, the full
+    ones the causal mask. With every layer on the first
+    layer's arguments, the sliding layers' outputs differ from the model's."""
+    model = {"mixed_qwen2": mixed_qwen2, "llama": llama}[build]()
+    layers = model.model.layers
+    batches = calibration_batches(torch.randint(0, VOCAB, (3, 17)), model)
+    want = []
+    handles = [layer.register_forward_hook(lambda m, a, k, out: want.append(out[0] if isinstance(out, tuple) else out),
+                                           with_kwargs=True) for layer in layers]
+    with torch.no_grad():
+        model(input_ids=batches[0][0], attention_mask=batches[0][1], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    (first, kwargs), = capture_layer_inputs(model, layers, batches)
+    assert len(kwargs) == len(layers)
+    with torch.no_grad():
+        hidden = first
+        for index, layer in enumerate(layers):
+            hidden = run_layer(layer, hidden, kwargs[index])
+            torch.testing.assert_close(hidden, want[index], rtol=1e-5, atol=1e-5)
+        if build != "llama":
+            hidden = first
+            for layer in layers:
+                hidden = run_layer(layer, hidden, kwargs[0])
+            assert rel(hidden, want[-1]) > 1e-3  # a hundred times the tolerance above
 
 
 def test_a_window_set_after_kv_compression_is_an_error_not_a_wrong_answer():
@@ -181,3 +220,12 @@ def test_qwen3_save_load_identical_logits(tmp_path):
     loaded = tmps.load(tmp_path / "qwen3")
     ids = torch.randint(0, VOCAB, (2, 9))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+
+def test_kv_mode_refuses_mixed_windows_and_leaves_the_model_unchanged():
+    model = mixed_qwen2()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"kv mode does not support sliding-window attention \(Qwen2ForCausalLM: 5 tokens\)"):
+        tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
+    assert_unchanged(model, snap)

@@ -87,28 +87,59 @@ def calibration_batches(calibration, model: nn.Module, batch_size: int = 8) -> l
     return batches
 
 
-def capture_first_layer_inputs(model: nn.Module, first_layer: nn.Module, batches) -> list[tuple[torch.Tensor, dict]]:
-    """Run the embeddings for each batch and keep what the first decoder layer receives: ``(hidden, kwargs)``."""
+def layer_kinds(model: nn.Module, num_layers: int) -> list:
+    """Each decoder layer's attention kind: ``config.layer_types`` where the model has one (Gemma 3's and
+    Qwen2's ``"sliding_attention"`` / ``"full_attention"``), else one kind (None) for every layer.
+
+    HF hands every layer of one kind the same keyword arguments (mask, rotary tables), picked by
+    ``config.layer_types[i]``."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    return list(types) if types is not None and len(types) == num_layers else [None] * num_layers
+
+
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches) -> list[tuple[torch.Tensor, list[dict]]]:
+    """What the decoder layers receive for each batch: ``(hidden entering layer 0, [kwargs of layer i])``.
+
+    Layers of one kind (:func:`layer_kinds`) share one kwargs dict, recorded at the first layer of
+    that kind: the forward runs only as far as the last such layer (layer 0 when all are alike;
+    layer 5 of Gemma 3 270M's 18, its first full-attention layer). Caches are dropped and
+    ``use_cache`` set False, so the layers can be rerun one by one on these inputs.
+    """
+    kinds = layer_kinds(model, len(layers))
+    first = {}
+    for index, kind in enumerate(kinds):
+        first.setdefault(kind, index)
+    last = max(first.values())
+    current: dict = {}
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            for key in ("cache", "past_key_values"):
+                kwargs.pop(key, None)
+            kwargs["use_cache"] = False
+            if index == 0:
+                current["hidden"] = hidden.detach()
+            current[("kwargs", kinds[index])] = kwargs
+            if index == last:
+                raise _StopForward
+        return hook
+
+    handles = [layers[index].register_forward_pre_hook(make_hook(index), with_kwargs=True)
+               for index in sorted(first.values())]
     captured = []
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        for key in ("cache", "past_key_values"):
-            kwargs.pop(key, None)
-        kwargs["use_cache"] = False
-        captured.append((hidden.detach(), kwargs))
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids, mask in batches:
+            current.clear()
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
+            captured.append((current["hidden"], [current[("kwargs", kind)] for kind in kinds]))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
 
 

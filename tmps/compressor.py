@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .calibration import (
     augmented_moment,
     calibration_batches,
-    capture_first_layer_inputs,
+    capture_layer_inputs,
     run_layer,
     sample_from_model,
 )
@@ -68,7 +68,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
 
     Parameters
     ----------
-    model : an OPT, Llama, Mistral, Qwen2 or Qwen3 (weights mode) ``*ForCausalLM`` / ``*Model``
+    model : an OPT, Llama, Mistral, Qwen2, or Qwen3 / Gemma 3 (weights mode) ``*ForCausalLM`` / ``*Model``
         (:func:`tmps.models.supported_model_types`).
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
@@ -131,15 +131,15 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: b
     hidden = [h for h, _ in inputs]
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
-        moment = _run_with_moment(arch, layer, hidden, inputs, masks)
+        moment = _run_with_moment(arch, index, layer, hidden, inputs, masks)
         solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None)
         summaries.append(solver.summary())
         del solver, moment
     return summaries
 
 
-def _run_over_batches(layer, hidden, inputs, masks, module, hook, after: bool = False) -> None:
-    """Run ``layer`` over every batch, updating ``hidden`` in place, with ``hook`` on ``module``.
+def _run_over_batches(index, layer, hidden, inputs, masks, module, hook, after: bool = False) -> None:
+    """Run ``layer`` (decoder layer ``index``) over every batch, updating ``hidden`` in place, with ``hook`` on ``module``.
 
     ``hook(mask, args, kwargs)`` runs before ``module``'s forward (``after=False``) or
     ``hook(mask, args, kwargs, output)`` after it; ``mask`` is the batch's token mask.
@@ -152,12 +152,12 @@ def _run_over_batches(layer, hidden, inputs, masks, module, hook, after: bool = 
     try:
         for i, (_, kwargs) in enumerate(inputs):
             current["mask"] = masks[i]
-            hidden[i] = run_layer(layer, hidden[i], kwargs)
+            hidden[i] = run_layer(layer, hidden[i], kwargs[index])
     finally:
         handle.remove()
 
 
-def _run_with_moment(arch, layer, hidden, inputs, masks):
+def _run_with_moment(arch, index, layer, hidden, inputs, masks):
     """Run ``layer`` over every batch (updating ``hidden`` in place) and return its attention input moment."""
     state = {"moment": None, "count": 0}
 
@@ -165,7 +165,7 @@ def _run_with_moment(arch, layer, hidden, inputs, masks):
         state["moment"] = augmented_moment(args[0] if args else kwargs["hidden_states"], mask, out=state["moment"])
         state["count"] += int(mask.sum())
 
-    _run_over_batches(layer, hidden, inputs, masks, arch.attention_of(layer), hook)
+    _run_over_batches(index, layer, hidden, inputs, masks, arch.attention_of(layer), hook)
     return state["moment"].div_(max(state["count"], 1))
 
 
@@ -348,9 +348,9 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
         fisher_batches = _first_tokens(batches, fisher_tokens)
         fisher = projection_fisher(model, arch, fisher_batches, names, progress)
-        summaries = _planning_summaries(arch, layers, capture_first_layer_inputs(model, layers[0], fisher_batches),
+        summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
                                         [mask for _, mask in fisher_batches], config, fisher, progress)
-    inputs = capture_first_layer_inputs(model, layers[0], batches)
+    inputs = capture_layer_inputs(model, layers, batches)
     masks = [mask for _, mask in batches]
     if fisher is None:
         summaries = _planning_summaries(arch, layers, inputs, masks, config, None, progress)
@@ -364,12 +364,12 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
                       disable=not progress):
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
-        moment = _moment_only(arch, layer, hidden, inputs, masks)
+        moment = _moment_only(arch, index, layer, hidden, inputs, masks)
         solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)
-        error = _run_and_measure(arch, layers[index], compressed, dense_attention, hidden, inputs, masks)
+        error = _run_and_measure(index, layers[index], compressed, dense_attention, hidden, inputs, masks)
         if not math.isfinite(error):
             raise FloatingPointError(f"layer {index}: the compressed attention produced NaN/Inf on the calibration "
                                      "data; try a larger ratio or damping")
@@ -380,7 +380,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     return info
 
 
-def _moment_only(arch, layer, hidden, inputs, masks):
+def _moment_only(arch, index, layer, hidden, inputs, masks):
     attention = arch.attention_of(layer)
     total, count = None, 0
 
@@ -390,7 +390,7 @@ def _moment_only(arch, layer, hidden, inputs, masks):
     for i, (_, kwargs) in enumerate(inputs):
         handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            run_layer(layer, hidden[i], kwargs)
+            run_layer(layer, hidden[i], kwargs[index])
         except _Captured as cap:
             total = augmented_moment(cap.x, masks[i], out=total)
             count += int(masks[i].sum())
@@ -404,7 +404,7 @@ class _Captured(Exception):
         self.x = x
 
 
-def _run_and_measure(arch, layer, compressed, dense_attention, hidden, inputs, masks) -> float:
+def _run_and_measure(index, layer, compressed, dense_attention, hidden, inputs, masks) -> float:
     """Run the (compressed) layer over every batch and return the relative attention output error."""
     sums = {"err": 0.0, "ref": 0.0}
 
@@ -414,7 +414,7 @@ def _run_and_measure(arch, layer, compressed, dense_attention, hidden, inputs, m
         sums["err"] += float((((output[0] - ref) * mask).double() ** 2).sum())
         sums["ref"] += float(((ref * mask).double() ** 2).sum())
 
-    _run_over_batches(layer, hidden, inputs, masks, compressed, hook, after=True)
+    _run_over_batches(index, layer, hidden, inputs, masks, compressed, hook, after=True)
     return math.sqrt(sums["err"] / max(sums["ref"], 1e-300))
 
 
@@ -432,7 +432,7 @@ def build_compressed_attention(arch, dense_attention, solver: LayerSolver, plan:
 
 def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dtype):
     """Wrap factors into ``arch.compressed_attention_class`` sharing the dense block's attributes and its
-    children other than the Q/K/V projections (o_proj; Qwen3's q_norm and k_norm)."""
+    children other than the Q/K/V projections (o_proj; Qwen3's and Gemma 3's q_norm and k_norm)."""
     device = arch.projections(dense_attention)[3].weight.device
     module = new_like(arch.compressed_attention_class, dense_attention)
     module.mode = mode

@@ -1,8 +1,8 @@
 """Llama family: RoPE, grouped-query attention, usually no biases.
 
 :class:`LlamaFamilyForward` is what every Llama-shaped attention shares (the forward's signature,
-``o_proj``, the model-level rotary embedding); Mistral and Qwen2 (``mistral.py``, ``qwen2.py``) add
-only their sliding window.
+``o_proj``, the model-level rotary embedding); Mistral, Qwen2, Qwen3 and Gemma 3 (a file each) add
+their sliding windows, biases and per-head norms.
 """
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ class LlamaFamilyForward(CompressedAttentionMixin):
 class LlamaFamilyArchitecture(Architecture):
     def decoder_layers(self, model):
         return self.base_model(model).layers
+
+
+class LayerWindowArchitecture(LlamaFamilyArchitecture):
+    """A Llama-shaped architecture whose attention fixes its sliding window at construction, per layer,
+    from ``config.layer_types`` (Qwen2, Qwen3, Gemma 3): ``attention.sliding_window``, None for full."""
+
+    def sliding_window(self, attention):
+        return getattr(attention, "sliding_window", None)
 
 
 class LlamaTuckerMPSAttention(LlamaFamilyForward, LlamaAttention):

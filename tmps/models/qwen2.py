@@ -6,7 +6,7 @@ from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 from .base import register
-from .llama import LlamaFamilyArchitecture, LlamaFamilyForward
+from .llama import LayerWindowArchitecture, LlamaFamilyForward
 
 
 class Qwen2TuckerMPSAttention(LlamaFamilyForward, Qwen2Attention):
@@ -15,13 +15,7 @@ class Qwen2TuckerMPSAttention(LlamaFamilyForward, Qwen2Attention):
     eager_fallback = staticmethod(modeling_qwen2.eager_attention_forward)
 
 
-class Qwen2Architecture(LlamaFamilyArchitecture):
-    def sliding_window(self, attention):
-        # Qwen2Attention fixes its window at construction, from config.layer_types.
-        return getattr(attention, "sliding_window", None)
-
-
-QWEN2 = register(Qwen2Architecture(
+QWEN2 = register(LayerWindowArchitecture(
     model_type="qwen2",
     dense_attention_class=Qwen2Attention,
     compressed_attention_class=Qwen2TuckerMPSAttention,

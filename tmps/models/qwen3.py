@@ -7,8 +7,7 @@ from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from .base import register
-from .llama import LlamaFamilyForward
-from .qwen2 import Qwen2Architecture
+from .llama import LayerWindowArchitecture, LlamaFamilyForward
 
 
 class Qwen3TuckerMPSAttention(LlamaFamilyForward, Qwen3Attention):
@@ -18,16 +17,7 @@ class Qwen3TuckerMPSAttention(LlamaFamilyForward, Qwen3Attention):
     eager_fallback = staticmethod(modeling_qwen3.eager_attention_forward)
 
 
-class Qwen3Architecture(Qwen2Architecture):
-    def check_supported(self, model, mode):
-        if mode == "kv":
-            raise ValueError(f"kv mode does not support {type(model).__name__}: Qwen3 RMS-normalises each key head "
-                             "(k_norm) before RoPE, so its keys are not linear in the input and cannot be cached as "
-                             "latents of one projection; use mode='weights'")
-        super().check_supported(model, mode)
-
-
-QWEN3 = register(Qwen3Architecture(
+QWEN3 = register(LayerWindowArchitecture(
     model_type="qwen3",
     dense_attention_class=Qwen3Attention,
     compressed_attention_class=Qwen3TuckerMPSAttention,
