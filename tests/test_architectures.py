@@ -1,10 +1,12 @@
-"""Mistral, Qwen2 and Qwen3 (Llama-shaped attention; Qwen2 with q/k/v biases, Qwen3 with per-head
-q/k norms; all with optional sliding windows, in Qwen2 also mixed with full attention) on small random
+"""Mistral, Qwen2, Qwen3 and Gemma 3 (Llama-shaped attention; Qwen2 with q/k/v biases, Qwen3 and Gemma 3
+with per-head q/k norms; sliding windows, in Gemma 3 alternating with full attention) on small random
 models: exact at full rank, through caches, saved and loaded; sliding windows kept in weights mode, each
 layer calibrated on what the model hands it, and what tmps would get wrong refused."""
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
@@ -12,13 +14,15 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import tmps
 from tmps.calibration import calibration_batches, capture_layer_inputs, run_layer
-from tmps.models import MistralTuckerMPSAttention, Qwen2TuckerMPSAttention, Qwen3TuckerMPSAttention
+from tmps.models import (Gemma3TuckerMPSAttention, MistralTuckerMPSAttention, Qwen2TuckerMPSAttention,
+                         Qwen3TuckerMPSAttention)
 from tmps.models import attention as attention_module
 
 from test_compress import (FULL_RANK, MODELS, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged,
@@ -101,13 +105,13 @@ def test_weights_mode_keeps_layers_that_mix_full_and_sliding_attention(attn):
     assert_cached_steps_and_generate_match(model, dense)
 
 
-@pytest.mark.parametrize("build", ["mixed_qwen2", "llama"])
+@pytest.mark.parametrize("build", ["mixed_qwen2", "gemma3", "llama"])
 def test_calibration_hands_each_layer_what_the_model_hands_it(build):
     """Each layer rerun on the captured inputs, one after another as tmps.compress runs them, gives the
-    outputs it gives inside the model's own forward: the sliding layers get the window's mask, the full
-    ones the causal mask. With every layer on the first
-    layer's arguments, the sliding layers' outputs differ from the model's."""
-    model = {"mixed_qwen2": mixed_qwen2, "llama": llama}[build]()
+    outputs it gives inside the model's own forward: the sliding layers get the window's mask (and in
+    Gemma 3 their own RoPE tables), the full ones the causal mask. With every layer on the first layer's
+    arguments, the sliding layers' outputs differ from the model's."""
+    model = {"mixed_qwen2": mixed_qwen2, "gemma3": gemma3, "llama": llama}[build]()
     layers = model.model.layers
     batches = calibration_batches(torch.randint(0, VOCAB, (3, 17)), model)
     want = []
@@ -222,10 +226,77 @@ def test_qwen3_save_load_identical_logits(tmp_path):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def gemma3(attn="sdpa"):
+    """Gemma 3's layout at toy size: 4 query heads over 1 key/value head of 16 (q 64 wide on a hidden
+    size of 48), layers alternating a window of 5 tokens with full attention (each kind with its own
+    RoPE base), a softmax scale of 24^-½ (query_pre_attn_scalar) rather than 16^-½, and random q/k norm
+    weights (HF initialises Gemma's ``1 + weight`` norms to the identity)."""
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              sliding_window=5, query_pre_attn_scalar=24,
+                              layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation=attn)
+    model = Gemma3ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) - 0.5)
+    return model
 
-def test_kv_mode_refuses_mixed_windows_and_leaves_the_model_unchanged():
-    model = mixed_qwen2()
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma3_weights_mode_full_rank_reproduces_dense_logits(attn):
+    dense = gemma3(attn)
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    attention, dense_attention = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
+    assert type(attention) is Gemma3TuckerMPSAttention and isinstance(attention, Gemma3Attention)
+    assert [n for n, _ in attention.named_children()] == ["o_proj", "q_norm", "k_norm", "qkv"]
+    assert attention.scaling == dense_attention.scaling == 24 ** -0.5
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [5, None, 5, None]
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+    assert_cached_steps_and_generate_match(model, dense)
+
+
+def test_gemma3_generation_past_the_window_matches_dense():
+    """17 prompt tokens and 8 new ones through HF's hybrid cache: the sliding layers drop keys older than 5."""
+    dense = gemma3()
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    ids = torch.randint(1, VOCAB, (2, 17))
+    g_dense = dense.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), g_dense)
+
+
+def test_gemma3_below_full_rank_stays_close_and_keeps_its_norms():
+    """At half the Q/K/V parameters the calibration error is finite and below 1 in every layer; scaling a
+    k_norm then changes the compressed model's logits as it changes the dense one's."""
+    dense = gemma3()
+    model = compressed(dense, mode="weights", ratio=0.5, calibration=calib(16, 24))
+    errors = [layer["calibration_error"] for layer in model.tmps_info["layers"]]
+    assert all(0 < e < 1 for e in errors), errors
+    ids = torch.randint(0, VOCAB, (2, 9))
+    before = model(ids).logits
+    with torch.no_grad():
+        for m in (dense, model):
+            m.model.layers[1].self_attn.k_norm.weight.add_(1.0)
+    assert rel(model(ids).logits, before) > 1e-3
+
+
+@pytest.mark.parametrize("build", ["gemma3", "mixed_qwen2"])
+def test_kv_mode_refuses_gemma3_and_mixed_windows_and_leaves_the_model_unchanged(build):
+    model = gemma3() if build == "gemma3" else mixed_qwen2()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"kv mode does not support sliding-window attention \(Qwen2ForCausalLM: 5 tokens\)"):
+    message = (r"kv mode does not support Gemma3ForCausalLM: .*k_norm.*use mode='weights'" if build == "gemma3"
+               else r"kv mode does not support sliding-window attention \(Qwen2ForCausalLM: 5 tokens\)")
+    with pytest.raises(ValueError, match=message):
         tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
     assert_unchanged(model, snap)
+
+
+def test_gemma3_save_load_identical_logits(tmp_path):
+    model = compressed(gemma3(), mode="weights", ratio=0.5)
+    tmps.save(model, tmp_path / "gemma3")
+    loaded = tmps.load(tmp_path / "gemma3")
+    assert type(loaded.model.layers[0].self_attn) is Gemma3TuckerMPSAttention
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

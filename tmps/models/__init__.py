@@ -1,5 +1,6 @@
 """Per-architecture adapters and the compressed attention modules."""
 from .base import architecture_of, supported_model_types
+from .gemma3 import Gemma3TuckerMPSAttention
 from .llama import LlamaTuckerMPSAttention
 from .mistral import MistralTuckerMPSAttention
 from .opt import OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
@@ -8,4 +9,4 @@ from .qwen3 import Qwen3TuckerMPSAttention
 
 __all__ = ["architecture_of", "supported_model_types", "OPTTuckerMPSAttention", "OPTTuckerMPSDecoderLayer",
            "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention",
-           "Qwen3TuckerMPSAttention"]
+           "Qwen3TuckerMPSAttention", "Gemma3TuckerMPSAttention"]

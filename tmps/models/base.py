@@ -126,7 +126,7 @@ def register(arch: Architecture) -> Architecture:
 
 def _registry() -> dict[str, Architecture]:
     """REGISTRY with every model file imported (each registers its architecture on import)."""
-    from . import llama, mistral, opt, qwen2, qwen3  # noqa: F401
+    from . import gemma3, llama, mistral, opt, qwen2, qwen3  # noqa: F401
 
     return REGISTRY
 
