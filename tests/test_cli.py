@@ -285,3 +285,51 @@ def test_python_dash_m_tmps(workdir):
     proc = subprocess.run([sys.executable, "-m", "tmps", "compress", "no-such-org/no-such-model", "--out",
                            str(workdir / "hub")], capture_output=True, text=True, env=env, timeout=120)
     assert_one_line_error(proc.returncode, proc.stderr, "no-such-org/no-such-model", "hub", "local model folder")
+
+
+# ------------------------------------------------------------------------------- named models
+
+
+def test_named_models_are_the_fetchable_ones():
+    from tmps import assets, cli
+
+    assert sorted(cli.NAMED_MODELS) == sorted(assets.REAL_MODELS)
+
+
+def test_a_named_model_is_fetched_then_loaded(workdir, monkeypatch):
+    """``gemma3-270m`` resolves to its fetcher's file, loaded as a GGUF (both stand-ins here: no download)."""
+    from transformers import AutoModelForCausalLM
+
+    from tmps import assets, cli
+
+    fetched, loaded = [], []
+    monkeypatch.setitem(assets.REAL_MODELS, "gemma3-270m",
+                        (lambda: fetched.append(1) or workdir / "g.gguf", "a stand-in"))
+
+    def load_gguf(path, dtype):
+        loaded.append((path, dtype))
+        return AutoModelForCausalLM.from_pretrained(workdir / "llama"), make_tokenizer()
+
+    monkeypatch.setattr(assets, "load_gguf_model", load_gguf)
+    model, tok = cli.load_model("gemma3-270m")
+    assert fetched == [1] and loaded == [(workdir / "g.gguf", torch.float32)]
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training and tok is not None
+
+
+def test_text_windows_start_with_bos_where_the_tokenizer_adds_it(workdir):
+    """As Gemma's tokenizer does; the word-level one of these tests adds none and its windows are the text's."""
+    from tokenizers import processors
+    from transformers import AutoModelForCausalLM
+
+    from tmps import cli
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "llama")
+    plain = make_tokenizer()
+    with_bos = make_tokenizer()
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    text = make_text(100, seed=3)
+    ids = plain(text)["input_ids"]
+    windows = cli._text_windows(plain, model, text, 16, 3, "evaluation", "--seq-len")
+    assert windows.flatten().tolist() == ids[:48]
+    windows = cli._text_windows(with_bos, model, text, 16, 3, "evaluation", "--seq-len")
+    assert windows[:, 0].tolist() == [1, 1, 1] and windows[:, 1:].tolist() == [ids[k:k + 15] for k in (0, 16, 32)]

