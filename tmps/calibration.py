@@ -110,7 +110,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches) -> li
     for index, kind in enumerate(kinds):
         first.setdefault(kind, index)
     last = max(first.values())
-    current: dict = {}
+    entering, by_kind = [], {}  # this batch's hidden states entering layer 0, and kwargs per kind
 
     def make_hook(index: int):
         def hook(module, args, kwargs):
@@ -120,8 +120,8 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches) -> li
                 kwargs.pop(key, None)
             kwargs["use_cache"] = False
             if index == 0:
-                current["hidden"] = hidden.detach()
-            current[("kwargs", kinds[index])] = kwargs
+                entering.append(hidden.detach())
+            by_kind[kinds[index]] = kwargs
             if index == last:
                 raise _StopForward
         return hook
@@ -131,12 +131,13 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches) -> li
     captured = []
     try:
         for ids, mask in batches:
-            current.clear()
+            entering.clear()
+            by_kind.clear()
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
-            captured.append((current["hidden"], [current[("kwargs", kind)] for kind in kinds]))
+            captured.append((entering[0], [by_kind[kind] for kind in kinds]))
     finally:
         for handle in handles:
             handle.remove()
