@@ -38,6 +38,8 @@ LAYOUTS = {
     "s_eq_head_dim": dict(groups=[(2, 64, 64), (1, 64, 64)], bias=[True, False]),
     # one group
     "single": dict(groups=[(3, "s", None)], bias=[True]),
+    # Gemma 3's weights mode: head_dim 256 (4 query heads, 1 key/value head), no out factor, no bias
+    "gemma3": dict(groups=[(4, 256, None), (1, 256, None), (1, 256, None)], bias=[False, False, False]),
     # kv mode as tmps.compress builds it (no in factor): dense per-head Q, K and V latents of one
     # wide "head" each; OPT's biases on all three
     "kv_model": dict(groups=[(6, 32, None), (1, 24, None), (1, 40, None)], bias=[True, True, True]),
@@ -119,7 +121,7 @@ def nan_outputs(inputs, lead):
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", ["llama_gqa", "opt"])
+@pytest.mark.parametrize("layout", ["llama_gqa", "opt", "gemma3"])
 @pytest.mark.parametrize("r", [24, 40, 96])
 @pytest.mark.parametrize("m", [1, 7, 129])
 def test_fp32_matches_reference(m, r, layout):
