@@ -173,130 +173,105 @@ def test_llama_weights_as_mistral_or_qwen2_compress_to_the_same_model(arch, mode
                                rtol=1e-5, atol=1e-5)
 
 
-def qwen3(attn="sdpa"):
-    """head_dim 16 with 6 heads: q is 96 wide on a hidden size of 48, as in Qwen3 (head_dim 128 at
-    hidden 1024); the norms' weights random (HF initialises them to ones)."""
-    model = Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16, attn_implementation=attn)).eval()
-    gen = torch.Generator().manual_seed(8)
+def randomise_head_norms(model, seed: int, offset: float):
+    """Random q_norm / k_norm weights (HF initialises them to the identity, which would leave them untested)."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) + 0.5)
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) + offset)
     return model
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_qwen3_weights_mode_full_rank_reproduces_dense_logits(attn):
-    dense = qwen3(attn)
-    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
-    attention, dense_attention = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
-    assert type(attention) is Qwen3TuckerMPSAttention and isinstance(attention, Qwen3Attention)
-    assert [n for n, _ in attention.named_children()] == ["o_proj", "q_norm", "k_norm", "qkv"]
-    ids = torch.randint(0, VOCAB, (3, 17))
-    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
-    assert_cached_steps_and_generate_match(model, dense)
-
-
-def test_qwen3_norms_are_applied():
-    """Scaling a k_norm weight changes the compressed model's logits, and as it changes the dense one's."""
-    dense = qwen3()
-    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
-    ids = torch.randint(0, VOCAB, (2, 9))
-    before = model(ids).logits
-    with torch.no_grad():
-        for m in (dense, model):
-            m.model.layers[0].self_attn.k_norm.weight.mul_(3.0)
-    assert rel(model(ids).logits, before) > 1e-3
-    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
-
-
-def test_qwen3_kv_mode_is_refused_and_leaves_the_model_unchanged():
-    model = qwen3()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"kv mode does not support Qwen3ForCausalLM: .*k_norm.*use mode='weights'"):
-        tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
-    assert_unchanged(model, snap)
-
-
-def test_qwen3_save_load_identical_logits(tmp_path):
-    model = compressed(qwen3(), mode="weights", ratio=0.5)
-    tmps.save(model, tmp_path / "qwen3")
-    loaded = tmps.load(tmp_path / "qwen3")
-    ids = torch.randint(0, VOCAB, (2, 9))
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+def qwen3(attn="sdpa"):
+    """head_dim 16 with 6 heads: q is 96 wide on a hidden size of 48, as in Qwen3 (head_dim 128 at
+    hidden 1024); norm gains in [0.5, 1.5)."""
+    return randomise_head_norms(Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16, attn_implementation=attn)).eval(),
+                                seed=8, offset=0.5)
 
 
 def gemma3(attn="sdpa"):
     """Gemma 3's layout at toy size: 4 query heads over 1 key/value head of 16 (q 64 wide on a hidden
     size of 48), layers alternating a window of 5 tokens with full attention (each kind with its own
-    RoPE base), a softmax scale of 24^-½ (query_pre_attn_scalar) rather than 16^-½, and random q/k norm
-    weights (HF initialises Gemma's ``1 + weight`` norms to the identity)."""
+    RoPE base), a softmax scale of 24^-½ (query_pre_attn_scalar) rather than 16^-½, and norm gains
+    ``1 + w`` in [0.5, 1.5)."""
     config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                               sliding_window=5, query_pre_attn_scalar=24,
                               layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation=attn)
-    model = Gemma3ForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen) - 0.5)
-    return model
+    return randomise_head_norms(Gemma3ForCausalLM(config).eval(), seed=9, offset=-0.5)
 
 
+# Models with per-head q/k norms (weights mode only): builder, HF attention class, ours.
+NORMED = {"qwen3": (qwen3, Qwen3Attention, Qwen3TuckerMPSAttention),
+          "gemma3": (gemma3, Gemma3Attention, Gemma3TuckerMPSAttention)}
+
+
+@pytest.mark.parametrize("arch", list(NORMED))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_gemma3_weights_mode_full_rank_reproduces_dense_logits(attn):
-    dense = gemma3(attn)
+def test_normed_weights_mode_full_rank_reproduces_dense_logits(arch, attn):
+    build, hf_class, ours = NORMED[arch]
+    dense = build(attn)
     model = compressed(dense, mode="weights", **FULL_RANK["weights"])
-    attention, dense_attention = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
-    assert type(attention) is Gemma3TuckerMPSAttention and isinstance(attention, Gemma3Attention)
+    attention = model.model.layers[0].self_attn
+    assert type(attention) is ours and isinstance(attention, hf_class)
     assert [n for n, _ in attention.named_children()] == ["o_proj", "q_norm", "k_norm", "qkv"]
-    assert attention.scaling == dense_attention.scaling == 24 ** -0.5
-    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [5, None, 5, None]
     ids = torch.randint(0, VOCAB, (3, 17))
     assert rel(model(ids).logits, dense(ids).logits) < 1e-4
     assert_cached_steps_and_generate_match(model, dense)
 
 
-def test_gemma3_generation_past_the_window_matches_dense():
-    """17 prompt tokens and 8 new ones through HF's hybrid cache: the sliding layers drop keys older than 5."""
-    dense = gemma3()
+@pytest.mark.parametrize("arch", list(NORMED))
+def test_normed_models_apply_their_norms(arch):
+    """Scaling a k_norm weight changes the compressed model's logits, and as it changes the dense one's."""
+    dense = NORMED[arch][0]()
     model = compressed(dense, mode="weights", **FULL_RANK["weights"])
-    ids = torch.randint(1, VOCAB, (2, 17))
-    g_dense = dense.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), g_dense)
-
-
-def test_gemma3_below_full_rank_stays_close_and_keeps_its_norms():
-    """At half the Q/K/V parameters the calibration error is finite and below 1 in every layer; scaling a
-    k_norm then changes the compressed model's logits as it changes the dense one's."""
-    dense = gemma3()
-    model = compressed(dense, mode="weights", ratio=0.5, calibration=calib(16, 24))
-    errors = [layer["calibration_error"] for layer in model.tmps_info["layers"]]
-    assert all(0 < e < 1 for e in errors), errors
     ids = torch.randint(0, VOCAB, (2, 9))
     before = model(ids).logits
     with torch.no_grad():
         for m in (dense, model):
-            m.model.layers[1].self_attn.k_norm.weight.add_(1.0)
+            m.model.layers[1].self_attn.k_norm.weight.mul_(3.0)
     assert rel(model(ids).logits, before) > 1e-3
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
 
 
-@pytest.mark.parametrize("build", ["gemma3", "mixed_qwen2"])
-def test_kv_mode_refuses_gemma3_and_mixed_windows_and_leaves_the_model_unchanged(build):
-    model = gemma3() if build == "gemma3" else mixed_qwen2()
+@pytest.mark.parametrize("arch", list(NORMED))
+def test_normed_models_below_full_rank(arch):
+    """At half the Q/K/V parameters every layer's calibration error is in (0, 1)."""
+    model = compressed(NORMED[arch][0](), mode="weights", ratio=0.5, calibration=calib(16, 24))
+    errors = [layer["calibration_error"] for layer in model.tmps_info["layers"]]
+    assert all(0 < e < 1 for e in errors), errors
+
+
+@pytest.mark.parametrize("arch", list(NORMED))
+def test_normed_save_load_identical_logits(tmp_path, arch):
+    model = compressed(NORMED[arch][0](), mode="weights", ratio=0.5)
+    tmps.save(model, tmp_path / arch)
+    loaded = tmps.load(tmp_path / arch)
+    assert type(loaded.model.layers[0].self_attn) is NORMED[arch][2]
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("build", ["qwen3", "gemma3", "mixed_qwen2"])
+def test_kv_mode_refuses_head_norms_and_mixed_windows_and_leaves_the_model_unchanged(build):
+    model = {"qwen3": qwen3, "gemma3": gemma3, "mixed_qwen2": mixed_qwen2}[build]()
     snap = snapshot(model)
-    message = (r"kv mode does not support Gemma3ForCausalLM: .*k_norm.*use mode='weights'" if build == "gemma3"
-               else r"kv mode does not support sliding-window attention \(Qwen2ForCausalLM: 5 tokens\)")
-    with pytest.raises(ValueError, match=message):
+    message = {"qwen3": r"kv mode does not support Qwen3ForCausalLM: .*k_norm.*use mode='weights'",
+               "gemma3": r"kv mode does not support Gemma3ForCausalLM: .*k_norm.*use mode='weights'",
+               "mixed_qwen2": r"kv mode does not support sliding-window attention \(Qwen2ForCausalLM: 5 tokens\)"}
+    with pytest.raises(ValueError, match=message[build]):
         tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
     assert_unchanged(model, snap)
 
 
-def test_gemma3_save_load_identical_logits(tmp_path):
-    model = compressed(gemma3(), mode="weights", ratio=0.5)
-    tmps.save(model, tmp_path / "gemma3")
-    loaded = tmps.load(tmp_path / "gemma3")
-    assert type(loaded.model.layers[0].self_attn) is Gemma3TuckerMPSAttention
-    ids = torch.randint(0, VOCAB, (2, 9))
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+def test_gemma3_keeps_its_scale_and_windows_and_generates_past_the_window():
+    """query_pre_attn_scalar's scale and each layer's window stay the dense layer's; 17 prompt tokens
+    and 8 new ones through HF's hybrid cache, whose sliding layers drop keys older than 5."""
+    dense = gemma3()
+    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    assert model.model.layers[1].self_attn.scaling == dense.model.layers[1].self_attn.scaling == 24 ** -0.5
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [5, None, 5, None]
+    ids = torch.randint(1, VOCAB, (2, 17))
+    g_dense = dense.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), g_dense)
