@@ -210,7 +210,18 @@ def test_plot_frontier_draws_rows(tmp_path):
     rows = [{"mode": "dense", "method": "dense", "ppl": 10.0, "kv_cache_kept": 1.0, "qkv_parameters_kept": 1.0},
             {"mode": "kv", "method": "svd", "ppl": 12.0, "kv_cache_kept": 0.5, "qkv_parameters_kept": 0.9},
             {"mode": "kv", "method": "svd", "ppl": 15.0, "kv_cache_kept": 0.3, "qkv_parameters_kept": 0.8}]
-    assert plot_frontier(rows, tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
+    png = plot_frontier(rows, tmp_path / "f.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and int.from_bytes(png[16:20], "big") == 1320  # two panels of 5.5 in
+
+
+def test_plot_frontier_of_weights_mode_alone_draws_the_parameter_panel_only(tmp_path):
+    """Every weights-mode point keeps the whole KV cache: a KV panel would stack them on one vertical line."""
+    from tmps.cli import plot_frontier
+
+    rows = [{"mode": "dense", "method": "dense", "ppl": 10.0, "kv_cache_kept": 1.0, "qkv_parameters_kept": 1.0},
+            {"mode": "weights", "method": "svd", "ppl": 12.0, "kv_cache_kept": 1.0, "qkv_parameters_kept": 0.75}]
+    png = plot_frontier(rows, tmp_path / "f.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 660
 
 
 # -------------------------------------------------------------------------------------- errors

@@ -476,6 +476,7 @@ def plot_frontier(rows, path, title: str | None = None) -> Path:
     title : the figure's title.
 
     Returns the path written. One line per (method, mode): solid for kv mode, dashed for weights mode.
+    Without a kv-mode row every point keeps the whole KV cache, and only the parameter panel is drawn.
     """
     import matplotlib
 
@@ -486,9 +487,12 @@ def plot_frontier(rows, path, title: str | None = None) -> Path:
     dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
     compressed = [r for r in rows if r["method"] != "dense"]
     styles = {"kv": "-o", "weights": "--s"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "kv_cache_kept", "fraction of KV cache kept"),
-                           (axes[1], "qkv_parameters_kept", "fraction of Q/K/V parameters kept")):
+    panels = [("kv_cache_kept", "fraction of KV cache kept"), ("qkv_parameters_kept", "fraction of Q/K/V parameters kept")]
+    if not any(r["mode"] == "kv" for r in compressed):
+        panels = panels[1:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    axes = axes[0]
+    for ax, (key, label) in zip(axes, panels):
         for mode in sorted({r["mode"] for r in compressed}):
             for method in sorted({r["method"] for r in compressed if r["mode"] == mode}):
                 pts = sorted((r[key], r["ppl"]) for r in compressed if r["mode"] == mode and r["method"] == method)
