@@ -1,7 +1,8 @@
 """Mistral, Qwen2, Qwen3 and Gemma 3 (Llama-shaped attention; Qwen2 with q/k/v biases, Qwen3 and Gemma 3
 with per-head q/k norms; sliding windows, in Gemma 3 alternating with full attention) on small random
-models: exact at full rank, through caches, saved and loaded; sliding windows kept in weights mode, each
-layer calibrated on what the model hands it, and what tmps would get wrong refused."""
+models: exact at full rank, through caches, saved and loaded; sliding windows kept in both modes (kv mode
+through HF's window caches), each layer calibrated on what the model hands it, and what tmps would get
+wrong refused."""
 import pytest
 import torch
 from transformers import (
@@ -13,6 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StaticCache,
 )
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
 from transformers.models.mistral.modeling_mistral import MistralAttention
@@ -21,6 +23,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import tmps
 from tmps.calibration import calibration_batches, capture_layer_inputs, run_layer
+from tmps.compat import cache_keyword
 from tmps.models import (Gemma3TuckerMPSAttention, MistralTuckerMPSAttention, Qwen2TuckerMPSAttention,
                          Qwen3TuckerMPSAttention)
 from tmps.models import attention as attention_module
@@ -79,17 +82,6 @@ def test_attention_function_gets_the_dense_sliding_window(monkeypatch):
     assert windows == [("MistralAttention", 5)] * 2 + [("MistralTuckerMPSAttention", 5)] * 2
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_kv_mode_refuses_a_sliding_window_and_leaves_the_model_unchanged(arch):
-    model = mistral(sliding_window=5) if arch == "mistral" else qwen2(use_sliding_window=True, sliding_window=5,
-                                                                         max_window_layers=0)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"kv mode does not support sliding-window attention \(.*5 tokens\).*"
-                                         r"use mode='weights'.*exact while contexts stay within 5 tokens"):
-        tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
-    assert_unchanged(model, snap)
-
-
 def mixed_qwen2(attn="sdpa"):
     """Layer 0 full attention, layer 1 a window of 5 tokens (Qwen2's ``max_window_layers``)."""
     return qwen2(attn, use_sliding_window=True, sliding_window=5, max_window_layers=1)
@@ -103,6 +95,55 @@ def test_weights_mode_keeps_layers_that_mix_full_and_sliding_attention(attn):
     ids = torch.randint(0, VOCAB, (3, 17))
     assert rel(model(ids).logits, dense(ids).logits) < 1e-4
     assert_cached_steps_and_generate_match(model, dense)
+
+
+WINDOWED = {"mistral": lambda attn="sdpa": mistral(attn, sliding_window=5), "mixed_qwen2": mixed_qwen2}
+
+
+@pytest.mark.parametrize("build", list(WINDOWED))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", ["latent", "rebuild"])
+def test_kv_mode_keeps_sliding_windows(build, attn, path):
+    """kv mode caches latents in HF's sliding-window cache layers, which drop the oldest keys: the
+    keys' RoPE slots shift, and at full rank the logits, a cached step and generation past the window
+    are still the dense model's (Mistral: every layer a window of 5; mixed Qwen2: one full layer, one
+    window)."""
+    dense = WINDOWED[build](attn)
+    model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
+    ids = torch.randint(0, VOCAB, (3, 17))
+    assert rel(model(ids).logits, dense(ids).logits) < 1e-4
+    assert_cached_steps_and_generate_match(model, dense)
+    ids = torch.randint(1, VOCAB, (2, 3))  # a short prompt: generation crosses the window step by step
+    g_dense = dense.generate(ids, max_new_tokens=9, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=9, do_sample=False), g_dense)
+
+
+def static_window_steps(model, ids, chunks, steps=4):
+    """Logits of a prompt fed in ``chunks`` (token counts) through HF's StaticCache, then of greedy steps."""
+    cache, logits, start = StaticCache(config=model.config, max_cache_len=32), [], 0
+    for size in chunks:
+        out = model(ids[:, start:start + size], **{cache_keyword(model): cache}, use_cache=True)
+        logits.append(out.logits)
+        start += size
+    for _ in range(steps):
+        out = model(out.logits[:, -1:].argmax(-1), **{cache_keyword(model): cache}, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("build", list(WINDOWED))
+@pytest.mark.parametrize("chunks", [(3,), (9,), (3, 4), (5, 2)])
+@pytest.mark.parametrize("path", ["latent", "rebuild"])
+def test_kv_mode_static_cache_past_the_window(build, chunks, path):
+    """HF's static sliding-window layer counts filled slots on the device until the window (5) is full,
+    then shifts its keys left and returns the latest ones in order. Prompts within the window, past it
+    in one chunk, crossing it in a second chunk (3 then 4) and starting full (5 then 2), then steps
+    past it: as the dense model takes them."""
+    dense = WINDOWED[build]()
+    model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
+    ids = torch.randint(1, VOCAB, (2, sum(chunks)))
+    torch.testing.assert_close(static_window_steps(model, ids, chunks), static_window_steps(dense, ids, chunks),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("build", ["mixed_qwen2", "gemma3", "llama"])
@@ -133,13 +174,6 @@ def test_calibration_hands_each_layer_what_the_model_hands_it(build):
             for layer in layers:
                 hidden = run_layer(layer, hidden, kwargs[0])
             assert rel(hidden, want[-1]) > 1e-3  # a hundred times the tolerance above
-
-
-def test_a_window_set_after_kv_compression_is_an_error_not_a_wrong_answer():
-    model = compressed(mistral(), mode="kv", ratio=1.0)
-    model.config.sliding_window = 5
-    with pytest.raises(ValueError, match="layer 0: kv mode does not support sliding-window attention"):
-        model(torch.randint(0, VOCAB, (1, 9)))
 
 
 @pytest.mark.parametrize("arch, mode", [("qwen2", "kv"), ("mistral", "weights")])
@@ -253,13 +287,12 @@ def test_normed_save_load_identical_logits(tmp_path, arch):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("build", ["qwen3", "gemma3", "mixed_qwen2"])
-def test_kv_mode_refuses_head_norms_and_mixed_windows_and_leaves_the_model_unchanged(build):
-    model = {"qwen3": qwen3, "gemma3": gemma3, "mixed_qwen2": mixed_qwen2}[build]()
+@pytest.mark.parametrize("build", ["qwen3", "gemma3"])
+def test_kv_mode_refuses_head_norms_and_leaves_the_model_unchanged(build):
+    model = {"qwen3": qwen3, "gemma3": gemma3}[build]()
     snap = snapshot(model)
     message = {"qwen3": r"kv mode does not support Qwen3ForCausalLM: .*k_norm.*use mode='weights'",
-               "gemma3": r"kv mode does not support Gemma3ForCausalLM: .*k_norm.*use mode='weights'",
-               "mixed_qwen2": r"kv mode does not support sliding-window attention \(Qwen2ForCausalLM: 5 tokens\)"}
+               "gemma3": r"kv mode does not support Gemma3ForCausalLM: .*k_norm.*use mode='weights'"}
     with pytest.raises(ValueError, match=message[build]):
         tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
     assert_unchanged(model, snap)

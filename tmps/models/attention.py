@@ -63,9 +63,6 @@ class CompressedAttentionMixin:
         window = self.attention_window()
 
         if self.mode == "kv":
-            if window is not None:  # tmps.compress refuses it; a config changed since would be wrong silently
-                raise ValueError(f"layer {self.layer_idx}: kv mode does not support sliding-window attention "
-                                 f"(window {window} set after compression); set it back to None")
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
@@ -170,13 +167,19 @@ class CompressedAttentionMixin:
     def _query_slots(self, cache, total: int, q_len: int, device):
         """Cache slots of this step's queries (their RoPE positions): the last ``q_len`` filled ones.
 
-        A dynamic cache holds exactly the filled slots, ``total``. HF's StaticCache preallocates
-        ``total`` slots and counts the filled ones in its layer's ``cumulative_length``, a device
-        tensor: indexing with it keeps the step free of host syncs (CUDA graphs).
+        A dynamic cache returns exactly the filled slots, ``total``, in order, the queries' last; so
+        does HF's dynamic sliding-window layer, which keeps the latest ``window - 1`` keys and returns
+        them with the new ones. HF's StaticCache preallocates ``total`` slots and counts the filled ones
+        in its layer's ``cumulative_length``, a device tensor: indexing with it keeps the step free of
+        host syncs (CUDA graphs). Its sliding-window layer stops counting there once the window is
+        full (its host count ``cumulative_length_int`` passes the slots it holds): from then on it
+        returns the latest keys in order, shifted left, the queries' last again.
         """
         layers = getattr(cache, "layers", None)
-        filled = getattr(layers[self.layer_idx], "cumulative_length", None) if layers else None
-        if not isinstance(filled, torch.Tensor):
+        layer = layers[self.layer_idx] if layers else None
+        filled = getattr(layer, "cumulative_length", None)
+        past_window = getattr(layer, "cumulative_length_int", 0) > getattr(layer, "max_cache_len", float("inf"))
+        if not isinstance(filled, torch.Tensor) or past_window:
             return slice(total - q_len, total)
         if q_len == 1:  # decode: one subtraction, no arange
             return (filled.to(device) - 1).view(1)

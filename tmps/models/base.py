@@ -89,11 +89,10 @@ class Architecture:
     def check_supported(self, model: nn.Module, mode: str) -> None:
         """ValueError where ``mode`` cannot reproduce ``model``'s attention.
 
-        kv mode needs keys linear in the input (no per-head key norm: the compressed class's
-        ``head_norms``, Qwen3's and Gemma 3's q_norm / k_norm) and full causal
-        attention: its cache rotates keys by cache slot (RoPE), and HF's sliding-window caches shift
-        the slots as they drop the oldest keys. weights mode keeps every layer's window, also where
-        layers mix windows (calibration hands each layer what the model hands it).
+        kv mode needs keys linear in the input: no per-head key norm (the compressed class's
+        ``head_norms``, Qwen3's and Gemma 3's q_norm / k_norm). Sliding windows are kept in both modes
+        (calibration hands each layer what the model hands it, and kv mode's cache is HF's, window
+        layers included: see :meth:`CompressedAttentionMixin._query_slots`).
         """
         if mode != "kv":
             return
@@ -101,15 +100,6 @@ class Architecture:
             raise ValueError(f"kv mode does not support {type(model).__name__}: it RMS-normalises each key head "
                              "(k_norm) before RoPE, so its keys are not linear in the input and cannot be cached as "
                              "latents of one projection; use mode='weights'")
-        windows = [self.sliding_window(self.attention_of(layer)) for layer in self.decoder_layers(model)]
-        window = next((w for w in windows if w is not None), None)
-        if window is not None:
-            raise ValueError(f"kv mode does not support sliding-window attention ({type(model).__name__}: "
-                             f"{window} tokens): its RoPE rotates keys by cache slot, and HF's window caches "
-                             f"shift the slots as they drop the oldest keys; use mode='weights', or load the "
-                             f"model with sliding-window attention off (sliding_window=None, or for Qwen2 "
-                             f"use_sliding_window=False, in its config): exact while contexts stay within "
-                             f"{window} tokens")
 
 
 REGISTRY: dict[str, Architecture] = {}
