@@ -4,7 +4,8 @@
     python benchmarks/full_rank_check.py                   # CPU: Triton's interpreter, ~80 s
 
 Tiny random Llama (8 / 2 heads, RoPE) and OPT models (hidden 256, 2 layers; also Qwen2, Llama's
-layout with random q/k/v biases, by ``--cases qwen2:float32``), compressed in weights
+layout with random q/k/v biases, by ``--cases qwen2:float32``, and Gemma 3, random q/k norms and a
+16-token window on its first layer, by ``--cases gemma3:float32``), compressed in weights
 and kv mode at full rank (``hooi_ranks=[hidden]``, ``ratio=1.0``), so the compressed model must give
 the dense logits. With every projection's backend forced to "triton", per case it checks:
 
@@ -27,8 +28,8 @@ from _bench_common import count_kernel_calls, cuda_unusable, device_parser, inte
 
 VOCAB, HIDDEN, LAYERS, STEPS = 512, 256, 2, 3
 CASES = ("llama:float32", "opt:float32", "llama:float16")
-ARCHS = ("llama", "opt", "qwen2")
-ROPE_ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "opt", "qwen2", "gemma3")
+ROPE_ARCHS = ("llama", "qwen2", "gemma3")
 TOLERANCE = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}  # relative Frobenius error of the logits
 
 
@@ -47,8 +48,20 @@ def parse_args(argv=None):
 
 def build(arch: str):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+    if arch == "gemma3":  # per-head q/k norms: kv mode caches latents of the normalised keys
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=LAYERS,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+            attn_implementation="sdpa"))
+        with torch.no_grad():  # HF initialises the norms to the identity, which would leave them untested
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.uniform_(-0.5, 0.5)
+        return model
     if arch in ROPE_ARCHS:
         config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
         model = model_class(config_class(

@@ -1,8 +1,8 @@
 """Mistral, Qwen2, Qwen3 and Gemma 3 (Llama-shaped attention; Qwen2 with q/k/v biases, Qwen3 and Gemma 3
 with per-head q/k norms; sliding windows, in Gemma 3 alternating with full attention) on small random
-models: exact at full rank, through caches, saved and loaded; sliding windows kept in both modes (kv mode
-through HF's window caches), each layer calibrated on what the model hands it, and what tmps would get
-wrong refused."""
+models: exact at full rank in both modes, through caches, saved and loaded; kv mode caching latents of
+the normalised keys where the model normalises them; sliding windows kept in both modes (kv mode through
+HF's window caches), and each layer calibrated on what the model hands it."""
 import pytest
 import torch
 from transformers import (
@@ -22,11 +22,13 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import tmps
-from tmps.calibration import calibration_batches, capture_layer_inputs, run_layer
+from tmps.calibration import calibration_batches, capture_layer_inputs, head_norm_moments, run_layer
 from tmps.compat import cache_keyword
 from tmps.models import (Gemma3TuckerMPSAttention, MistralTuckerMPSAttention, Qwen2TuckerMPSAttention,
                          Qwen3TuckerMPSAttention)
 from tmps.models import attention as attention_module
+from tmps.models.base import architecture_of
+from tmps.sensitivity import projection_fisher
 
 from test_compress import (FULL_RANK, MODELS, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged,
                           calib, compressed, llama, mistral, qwen2, rel, snapshot)
@@ -224,42 +226,72 @@ def qwen3(attn="sdpa"):
                                 seed=8, offset=0.5)
 
 
-def gemma3(attn="sdpa"):
+def gemma3(attn="sdpa", kv_heads=1):
     """Gemma 3's layout at toy size: 4 query heads over 1 key/value head of 16 (q 64 wide on a hidden
     size of 48), layers alternating a window of 5 tokens with full attention (each kind with its own
     RoPE base), a softmax scale of 24^-½ (query_pre_attn_scalar) rather than 16^-½, and norm gains
     ``1 + w`` in [0.5, 1.5)."""
     config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16,
+                              max_position_embeddings=256,
                               sliding_window=5, query_pre_attn_scalar=24,
                               layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation=attn)
     return randomise_head_norms(Gemma3ForCausalLM(config).eval(), seed=9, offset=-0.5)
 
 
-# Models with per-head q/k norms (weights mode only): builder, HF attention class, ours.
+# Models with per-head q/k norms: builder, HF attention class, ours.
 NORMED = {"qwen3": (qwen3, Qwen3Attention, Qwen3TuckerMPSAttention),
           "gemma3": (gemma3, Gemma3Attention, Gemma3TuckerMPSAttention)}
 
 
 @pytest.mark.parametrize("arch", list(NORMED))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_normed_weights_mode_full_rank_reproduces_dense_logits(arch, attn):
+@pytest.mark.parametrize("mode", ["weights", "kv"])
+def test_normed_full_rank_reproduces_dense_logits(arch, attn, mode):
     build, hf_class, ours = NORMED[arch]
     dense = build(attn)
-    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    model = compressed(dense, mode=mode, **FULL_RANK[mode])
     attention = model.model.layers[0].self_attn
     assert type(attention) is ours and isinstance(attention, hf_class)
     assert [n for n, _ in attention.named_children()] == ["o_proj", "q_norm", "k_norm", "qkv"]
+    assert (attention.k_down is not None) == (mode == "kv")
     ids = torch.randint(0, VOCAB, (3, 17))
     assert rel(model(ids).logits, dense(ids).logits) < 1e-4
     assert_cached_steps_and_generate_match(model, dense)
 
 
 @pytest.mark.parametrize("arch", list(NORMED))
-def test_normed_models_apply_their_norms(arch):
+@pytest.mark.parametrize("path", ["latent", "rebuild"])
+def test_normed_kv_mode_caches_latents_of_the_normalised_keys(arch, path):
+    """At full rank the cached key latents, taken back up by ``k_up``, are the dense layer's keys after
+    its k_norm (before RoPE); generation through a static cache (Gemma 3: past its 5-token window, in
+    two chunks) takes the dense model's steps, on the latent and the rebuild path."""
+    dense = NORMED[arch][0]()
+    model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    attention, dense_attention = model.model.layers[1].self_attn, dense.model.layers[1].self_attn
+    captured = {}
+    handle = dense_attention.k_norm.register_forward_hook(lambda m, a, out: captured.update(k=out))
+    with torch.no_grad():
+        dense(ids)
+        cache = model(ids, use_cache=True).past_key_values
+    handle.remove()
+    keys = captured["k"]  # (b, s, kv_heads, head_dim) in Qwen3, (b, kv_heads, s, head_dim) in Gemma 3
+    if keys.shape[1] != ids.shape[1]:
+        keys = keys.transpose(1, 2)
+    rebuilt = cache.layers[1].keys.squeeze(1) @ attention.k_up.T
+    torch.testing.assert_close(rebuilt, keys.flatten(2), rtol=1e-4, atol=1e-5)
+    chunks = (3, 4)
+    torch.testing.assert_close(static_window_steps(model, ids, chunks), static_window_steps(dense, ids, chunks),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(NORMED))
+@pytest.mark.parametrize("mode", ["weights", "kv"])
+def test_normed_models_apply_their_norms(arch, mode):
     """Scaling a k_norm weight changes the compressed model's logits, and as it changes the dense one's."""
     dense = NORMED[arch][0]()
-    model = compressed(dense, mode="weights", **FULL_RANK["weights"])
+    model = compressed(dense, mode=mode, **FULL_RANK[mode])
     ids = torch.randint(0, VOCAB, (2, 9))
     before = model(ids).logits
     with torch.no_grad():
@@ -270,16 +302,19 @@ def test_normed_models_apply_their_norms(arch):
 
 
 @pytest.mark.parametrize("arch", list(NORMED))
-def test_normed_models_below_full_rank(arch):
-    """At half the Q/K/V parameters every layer's calibration error is in (0, 1)."""
-    model = compressed(NORMED[arch][0](), mode="weights", ratio=0.5, calibration=calib(16, 24))
+@pytest.mark.parametrize("mode", ["weights", "kv"])
+def test_normed_models_below_full_rank(arch, mode):
+    """At half the Q/K/V parameters (weights) or half the KV cache (kv) every layer's calibration
+    error is in (0, 1)."""
+    model = compressed(NORMED[arch][0](), mode=mode, ratio=0.5, calibration=calib(16, 24))
     errors = [layer["calibration_error"] for layer in model.tmps_info["layers"]]
     assert all(0 < e < 1 for e in errors), errors
 
 
 @pytest.mark.parametrize("arch", list(NORMED))
-def test_normed_save_load_identical_logits(tmp_path, arch):
-    model = compressed(NORMED[arch][0](), mode="weights", ratio=0.5)
+@pytest.mark.parametrize("mode", ["weights", "kv"])
+def test_normed_save_load_identical_logits(tmp_path, arch, mode):
+    model = compressed(NORMED[arch][0](), mode=mode, ratio=0.5)
     tmps.save(model, tmp_path / arch)
     loaded = tmps.load(tmp_path / arch)
     assert type(loaded.model.layers[0].self_attn) is NORMED[arch][2]
@@ -287,15 +322,65 @@ def test_normed_save_load_identical_logits(tmp_path, arch):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("build", ["qwen3", "gemma3"])
-def test_kv_mode_refuses_head_norms_and_leaves_the_model_unchanged(build):
-    model = {"qwen3": qwen3, "gemma3": gemma3}[build]()
-    snap = snapshot(model)
-    message = {"qwen3": r"kv mode does not support Qwen3ForCausalLM: .*k_norm.*use mode='weights'",
-               "gemma3": r"kv mode does not support Gemma3ForCausalLM: .*k_norm.*use mode='weights'"}
-    with pytest.raises(ValueError, match=message[build]):
-        tmps.compress(model, calib(), mode="kv", ratio=0.5, progress=False)
-    assert_unchanged(model, snap)
+@pytest.mark.parametrize("arch", list(NORMED))
+def test_head_norm_moments_are_those_of_the_dense_norms_outputs(arch):
+    """``Σ q̂ q̂ᵀ`` and ``Σ k̂ k̂ᵀ`` over the real tokens, from the attention's input alone, equal those of
+    what the dense layer's q_norm and k_norm output inside the model's forward."""
+    model = NORMED[arch][0]()
+    attention = model.model.layers[1].self_attn
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    seen = {}
+    handles = [attention.register_forward_pre_hook(lambda m, a, k: seen.update(x=k["hidden_states"]),
+                                                   with_kwargs=True),
+               attention.q_norm.register_forward_hook(lambda m, a, out: seen.update(q=out)),
+               attention.k_norm.register_forward_hook(lambda m, a, out: seen.update(k=out))]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    got = head_norm_moments(attention, architecture_of(model), seen["x"], mask)
+    for name in ("q", "k"):
+        heads = seen[name] if seen[name].shape[1] == ids.shape[1] else seen[name].transpose(1, 2)
+        flat = heads.flatten(2)[mask.bool()].double()
+        torch.testing.assert_close(got[name], flat.T @ flat, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", list(NORMED))
+def test_key_fisher_is_taken_at_the_normalised_keys(arch):
+    """kv mode's K Fisher is ``(1/N) Σ g gᵀ`` over real tokens with ``g = ∂loss/∂k̂``, the gradient at
+    the key norm's output, heads concatenated per token. The reference finds the token axis of that
+    output by its length (9 tokens, 2 key heads), so it holds for both models' layouts (Qwen3 hands
+    its norms (b, s, heads, head_dim), Gemma 3 (b, heads, s, head_dim))."""
+    model = NORMED[arch][0]()
+    if arch == "gemma3":
+        model = randomise_head_norms(gemma3(kv_heads=2), seed=9, offset=-0.5)
+    ids = torch.randint(1, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    got = projection_fisher(model, architecture_of(model), [(ids, mask)], ("k",), progress=False, key_norms=True)
+
+    deltas = []
+
+    def add_leaf(module, args, out):
+        deltas.append(torch.zeros_like(out, requires_grad=True))
+        return out + deltas[-1]
+
+    handles = [layer.self_attn.k_norm.register_forward_hook(add_leaf) for layer in model.model.layers]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                      reduction="sum").backward()
+    for handle in handles:
+        handle.remove()
+    for layer_fisher, delta in zip(got, deltas):
+        grad = delta.grad
+        if grad.shape[1] != ids.shape[1]:
+            grad = grad.transpose(1, 2)
+        g = grad.flatten(2)[mask.bool()]
+        assert layer_fisher["k"].shape == (32, 32)
+        torch.testing.assert_close(layer_fisher["k"], g.T @ g / mask.sum(), rtol=1e-4, atol=1e-8)
 
 
 def test_gemma3_keeps_its_scale_and_windows_and_generates_past_the_window():

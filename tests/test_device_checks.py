@@ -62,6 +62,17 @@ def test_full_rank_check_qwen2_passes():
     assert "latent score kernel calls 6" in lines[1] and "latent decode kernel calls 6" in lines[1]
 
 
+def test_full_rank_check_gemma3_passes():
+    # Gemma 3: per-head q/k norms (kv mode: full key heads out of the kernel, then the norm and the key
+    # basis), a window on one layer, a RoPE table per kind of layer; every kernel counted in both modes
+    rc, output = run_script("full_rank_check.py", "--cases", "gemma3:float32")
+    assert rc == 0, output
+    lines = [line for line in output.splitlines() if line.startswith("gemma3 float32")]
+    assert len(lines) == 2 and all(" ok " in line for line in lines), output
+    assert "latent score kernel calls 6" in lines[1] and "latent decode kernel calls 6" in lines[1]
+    assert "torch.compile(fullgraph)" in lines[1]
+
+
 def test_full_rank_check_fails_beyond_its_tolerance():
     rc, output = run_patched("script.TOLERANCE['float16'] = 1e-9", "full_rank_check",
                              "--cases", "llama:float16", "--modes", "weights")

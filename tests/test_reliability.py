@@ -427,9 +427,9 @@ def test_planning_holds_one_layer_moment_at_a_time(monkeypatch, metric):
     run_with_moment, solver = compressor._run_with_moment, compressor._solver
 
     def tracked_moment(*args):
-        m = run_with_moment(*args)
+        m, normed = run_with_moment(*args)
         moments.append(weakref.ref(m))
-        return m
+        return m, normed
 
     def counting_solver(*args):
         alive_at_solver.append(_alive(moments))

@@ -158,3 +158,23 @@ def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor, out: torch.Tenso
     flat = x.reshape(-1, x.shape[-1])[token_mask.reshape(-1).bool()].double()
     flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)], dim=1)
     return flat.T @ flat if out is None else out.add_(flat.T @ flat)
+
+
+def head_norm_moments(attention: nn.Module, arch, x: torch.Tensor, token_mask: torch.Tensor,
+                      out: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{"q": Σ q̂ q̂ᵀ (d_q, d_q), "k": Σ k̂ k̂ᵀ (d_kv, d_kv)}`` float64, over the unmasked tokens of ``x``.
+
+    ``q̂``, ``k̂`` are the dense attention's queries and keys after its per-head norms (Qwen3's and
+    Gemma 3's q_norm / k_norm), before RoPE, heads concatenated: what kv mode caches latents of
+    (keys) and weights its key basis by (queries). Computed from the attention's input ``x: (b, s, d)``
+    with the dense modules themselves, so the attention need not run. ``out`` accumulates in place.
+    """
+    q_proj, k_proj, _, _ = arch.projections(attention)
+    keep = token_mask.reshape(-1).bool()
+    sums = {} if out is None else out
+    with torch.no_grad():
+        for name, proj, norm in (("q", q_proj, attention.q_norm), ("k", k_proj, attention.k_norm)):
+            heads = norm(proj(x).view(*x.shape[:-1], -1, attention.head_dim))
+            flat = heads.reshape(-1, heads.shape[-2] * heads.shape[-1])[keep].double()
+            sums[name] = flat.T @ flat if name not in sums else sums[name].add_(flat.T @ flat)
+    return sums

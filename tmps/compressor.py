@@ -26,6 +26,7 @@ from .calibration import (
     augmented_moment,
     calibration_batches,
     capture_layer_inputs,
+    head_norm_moments,
     run_layer,
     sample_from_model,
 )
@@ -91,7 +92,6 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     if is_compressed(model):
         raise ValueError("this model is already compressed by tmps; compress the dense model again "
                          "(recompressing stored factors would compound their error)")
-    arch.check_supported(model, config.mode)
     _check_weights(model)
     if isinstance(fisher_tokens, bool) or not isinstance(fisher_tokens, int) or fisher_tokens < 1:
         raise ValueError(f"fisher_tokens={fisher_tokens!r} must be a positive number of tokens, e.g. 8192")
@@ -131,11 +131,16 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: b
     hidden = [h for h, _ in inputs]
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
-        moment = _run_with_moment(arch, index, layer, hidden, inputs, masks)
-        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None)
+        moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
+        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed)
         summaries.append(solver.summary())
-        del solver, moment
+        del solver, moment, normed
     return summaries
+
+
+def _normed_keys(arch, config) -> bool:
+    """Whether kv mode caches latents of normalised keys (Qwen3, Gemma 3: per-head q/k norms)."""
+    return config.mode == "kv" and arch.compressed_attention_class.head_norms
 
 
 def _run_over_batches(index, layer, hidden, inputs, masks, module, hook, after: bool = False) -> None:
@@ -157,23 +162,33 @@ def _run_over_batches(index, layer, hidden, inputs, masks, module, hook, after: 
         handle.remove()
 
 
-def _run_with_moment(arch, index, layer, hidden, inputs, masks):
-    """Run ``layer`` over every batch (updating ``hidden`` in place) and return its attention input moment."""
-    state = {"moment": None, "count": 0}
+def _run_with_moment(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False):
+    """Run ``layer`` over every batch (updating ``hidden`` in place); return its attention input moment and,
+    with ``normed_keys``, the moments of its normalised queries and keys (else None)."""
+    attention = arch.attention_of(layer)
+    state = {"moment": None, "count": 0, "normed": None}
 
     def hook(mask, args, kwargs):
-        state["moment"] = augmented_moment(args[0] if args else kwargs["hidden_states"], mask, out=state["moment"])
+        x = args[0] if args else kwargs["hidden_states"]
+        state["moment"] = augmented_moment(x, mask, out=state["moment"])
+        if normed_keys:
+            state["normed"] = head_norm_moments(attention, arch, x, mask, out=state["normed"])
         state["count"] += int(mask.sum())
 
-    _run_over_batches(index, layer, hidden, inputs, masks, arch.attention_of(layer), hook)
-    return state["moment"].div_(max(state["count"], 1))
+    _run_over_batches(index, layer, hidden, inputs, masks, attention, hook)
+    return _mean_moments(state["moment"], state["normed"], state["count"])
 
 
-def _solver(arch, attention, config, moment, fisher=None) -> LayerSolver:
+def _mean_moments(moment, normed, count):
+    count = max(count, 1)
+    return moment.div_(count), None if normed is None else {name: m.div_(count) for name, m in normed.items()}
+
+
+def _solver(arch, attention, config, moment, fisher=None, normed=None) -> LayerSolver:
     q, k, v, o = arch.projections(attention)
     weights = DenseAttentionWeights.from_linears(q, k, v, o)
     return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping,
-                       fisher)
+                       fisher, normed)
 
 
 def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
@@ -347,7 +362,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     if config.metric == "fisher":
         names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
         fisher_batches = _first_tokens(batches, fisher_tokens)
-        fisher = projection_fisher(model, arch, fisher_batches, names, progress)
+        fisher = projection_fisher(model, arch, fisher_batches, names, progress, key_norms=_normed_keys(arch, config))
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
                                         [mask for _, mask in fisher_batches], config, fisher, progress)
     inputs = capture_layer_inputs(model, layers, batches)
@@ -364,8 +379,8 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
                       disable=not progress):
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
-        moment = _moment_only(arch, index, layer, hidden, inputs, masks)
-        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None)
+        moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
+        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)
@@ -380,9 +395,10 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     return info
 
 
-def _moment_only(arch, index, layer, hidden, inputs, masks):
+def _moment_only(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False):
+    """The moments of :func:`_run_with_moment` without running the layer past its attention's input."""
     attention = arch.attention_of(layer)
-    total, count = None, 0
+    total, normed, count = None, None, 0
 
     def hook(module, args, kwargs):
         raise _Captured(args[0] if args else kwargs["hidden_states"])
@@ -393,10 +409,12 @@ def _moment_only(arch, index, layer, hidden, inputs, masks):
             run_layer(layer, hidden[i], kwargs[index])
         except _Captured as cap:
             total = augmented_moment(cap.x, masks[i], out=total)
+            if normed_keys:
+                normed = head_norm_moments(attention, arch, cap.x, masks[i], out=normed)
             count += int(masks[i].sum())
         finally:
             handle.remove()
-    return total.div_(max(count, 1))
+    return _mean_moments(total, normed, count)
 
 
 class _Captured(Exception):
@@ -422,17 +440,18 @@ def build_compressed_attention(arch, dense_attention, solver: LayerSolver, plan:
     """The compressed attention for one block, its factors cast to the model's dtype and device."""
     if config.mode == "kv":
         q_rank = max(1, round(config.q_ratio * solver.shape.head_dim))
-        qkv, k_up, v_up = solver.build_kv(plan, q_rank)
+        qkv, k_up, v_up, k_down = solver.build_kv(plan, q_rank)
     else:
         qkv = solver.build_weights(plan.get("r_in"), plan.get("r_head"), plan.get("r_out"), plan.get("mps_eps"),
                                    plan.get("svd_ranks"))
-        k_up = v_up = None
-    return assemble_attention(arch, dense_attention, config.mode, qkv, k_up, v_up, rotary, dtype)
+        k_up = v_up = k_down = None
+    return assemble_attention(arch, dense_attention, config.mode, qkv, k_up, v_up, rotary, dtype, k_down)
 
 
-def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dtype):
+def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dtype, k_down=None):
     """Wrap factors into ``arch.compressed_attention_class`` sharing the dense block's attributes and its
-    children other than the Q/K/V projections (o_proj; Qwen3's and Gemma 3's q_norm and k_norm)."""
+    children other than the Q/K/V projections (o_proj; Qwen3's and Gemma 3's q_norm and k_norm).
+    ``k_down: (r_k, d_kv)``, kv mode on those two only: the key basis applied after the key norm."""
     device = arch.projections(dense_attention)[3].weight.device
     module = new_like(arch.compressed_attention_class, dense_attention)
     module.mode = mode
@@ -442,6 +461,7 @@ def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dty
     module.add_module("qkv", qkv.to(device=device, dtype=dtype))
     module.register_buffer("k_up", None if k_up is None else k_up.to(device=device, dtype=dtype))
     module.register_buffer("v_up", None if v_up is None else v_up.to(device=device, dtype=dtype))
+    module.register_buffer("k_down", None if k_down is None else k_down.to(device=device, dtype=dtype))
     if rotary is not None:
         detach_rotary(module, rotary)
     return module
@@ -453,6 +473,8 @@ def layer_info(attention, shape: AttentionShape, error: float, plan: dict) -> di
     params = qkv.num_parameters()
     if attention.k_up is not None:
         params += attention.k_up.numel() + attention.v_up.numel()
+    if attention.k_down is not None:
+        params += attention.k_down.numel()
     bias = 1 if qkv.bias_0 is not None else 0
     dense = (shape.q_width + 2 * shape.kv_width) * (shape.hidden_size + bias)
     if attention.mode == "kv":

@@ -41,6 +41,7 @@ def _layer_structure(attention) -> dict:
         "buffers": {name: (list(buf.shape) if buf is not None else None) for name, buf in qkv._buffers.items()},
         "k_up": list(attention.k_up.shape) if attention.k_up is not None else None,
         "v_up": list(attention.v_up.shape) if attention.v_up is not None else None,
+        "k_down": list(attention.k_down.shape) if attention.k_down is not None else None,
     }
 
 
@@ -121,7 +122,6 @@ def load(path, device: str | torch.device = "cpu"):
     dtype = getattr(torch, meta["dtype"])
     model = model_class(config).to(dtype).eval()
     arch = architecture_of(model)
-    arch.check_supported(model, meta["compression"]["mode"])
     layers = arch.decoder_layers(model)
     if len(layers) != len(meta["structure"]):
         raise ValueError(f"{path}: {len(meta['structure'])} compressed layers recorded but the config builds {len(layers)}")
@@ -129,7 +129,9 @@ def load(path, device: str | torch.device = "cpu"):
     for index, layer_meta in enumerate(meta["structure"]):
         qkv = FactoredProjection.empty(layer_meta["buffers"], dtype)
         up = [torch.empty(s, dtype=dtype) if s is not None else None for s in (layer_meta["k_up"], layer_meta["v_up"])]
-        attention = assemble_attention(arch, arch.attention_of(layers[index]), layer_meta["mode"], qkv, *up, rotary, dtype)
+        down = layer_meta.get("k_down")  # absent from files written before kv mode took head norms
+        attention = assemble_attention(arch, arch.attention_of(layers[index]), layer_meta["mode"], qkv, *up, rotary,
+                                       dtype, torch.empty(down, dtype=dtype) if down is not None else None)
         arch.set_attention(layers, index, attention)
     state = load_file(str(path / TENSORS))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -31,8 +31,11 @@ def has_language_model_head(model: nn.Module) -> bool:
 
 
 def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
-                      progress: bool = True) -> list[dict[str, torch.Tensor]]:
+                      progress: bool = True, key_norms: bool = False) -> list[dict[str, torch.Tensor]]:
     """Per decoder layer, ``{name: F (d_p, d_p) float32}`` for the projections in ``names`` ("q", "k", "v").
+
+    With ``key_norms`` (kv mode on Qwen3 / Gemma 3) the "k" Fisher is taken at the key norm's output
+    (the normalised key heads, concatenated), which is what kv mode caches latents of.
 
     ``model`` must be a ``*ForCausalLM`` (it needs the LM loss); ``batches`` are ``(input_ids, mask)``
     pairs, run ``TOKENS_PER_STEP`` tokens at a time. One forward and backward per step with the model's own weights frozen (no weight
@@ -52,15 +55,17 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     current = {}
     handles = []
 
-    def make_hook(layer_idx: int, name: str):
+    def make_hook(layer_idx: int, name: str, heads_first: bool = False):
         def hook(module, args, output):
             # y + 0 with a zero leaf that requires grad: the graph after y is recorded (nothing else
             # requires grad), the paths through later layers' projections stay intact, and y's
             # gradient is the total derivative of the loss.
             tracked = output + torch.zeros_like(output, requires_grad=True)
 
-            def accumulate(grad):
-                g = grad.reshape(-1, grad.shape[-1])[current["mask"]].float()
+            def accumulate(grad):  # (b, s, d_p), or (b, s, heads, head_dim) out of a head norm
+                if heads_first:  # Gemma 3 normalises (b, heads, s, head_dim)
+                    grad = grad.transpose(1, 2)
+                g = grad.reshape(grad.shape[0] * grad.shape[1], -1)[current["mask"]].float()
                 if sums[layer_idx][name] is None:
                     sums[layer_idx][name] = g.T @ g
                 else:
@@ -76,9 +81,14 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
             p.requires_grad_(False)
         model.eval()
         for li, layer in enumerate(layers):
-            projections = arch.projections(arch.attention_of(layer))
+            attention = arch.attention_of(layer)
+            projections = arch.projections(attention)
             for name in names:
-                handles.append(projections[index[name]].register_forward_hook(make_hook(li, name)))
+                if key_norms and name == "k":
+                    hook = make_hook(li, name, heads_first=arch.head_norms_heads_first)
+                    handles.append(attention.k_norm.register_forward_hook(hook))
+                else:
+                    handles.append(projections[index[name]].register_forward_hook(make_hook(li, name)))
         steps = []
         for ids, mask in batches:
             rows = max(1, TOKENS_PER_STEP // ids.shape[1])

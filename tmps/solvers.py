@@ -15,6 +15,9 @@ kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P
     half of it is the analytic metric scaled to the same energy (:func:`fisher_blend`).
   * svd: the same with ``S = I`` (per-projection output PCA = activation-aware SVD, Palu-like).
   * eigen (EigenAttention): one basis per head; K's from the K and Q activations of its group.
+  Models that normalise each query and key head (Qwen3, Gemma 3) hand the solver the second moments
+  of the normalised queries and keys (``normed``), which stand for ``W̃ C W̃ᵀ`` of q and k: the key
+  latents are then taken after the norm (``k_down``, see :meth:`LayerSolver.build_kv`).
 weights mode: the whitened stacked weights ``T = [W_q; W_k; W_v] L`` (``L Lᵀ = E[xxᵀ]``) as a
   3-way tensor ``(d, heads, head_dim)``, decomposed by HOOI / TT-SVD / Tucker-MPS into a shared
   input factor, per-head cores and an optional output factor; ``svd`` factors each projection alone.
@@ -113,10 +116,13 @@ class LayerSolver:
 
     def __init__(self, method: str, mode: str, shape: AttentionShape, weights: DenseAttentionWeights,
                  second_moment: torch.Tensor, uses_rope: bool, damping: float = 1e-6,
-                 fisher: dict[str, torch.Tensor] | None = None):
+                 fisher: dict[str, torch.Tensor] | None = None, normed: dict[str, torch.Tensor] | None = None):
         self.method, self.mode, self.shape, self.w = method, mode, shape, weights
         self.fisher = fisher
         self.c = second_moment
+        # kv mode on models with per-head q/k norms: the second moments of the normalised queries
+        # and keys (:func:`tmps.calibration.head_norm_moments`), which the input moment cannot give.
+        self.normed = normed
         self.uses_rope, self.damping = uses_rope, damping
         self._cache: dict = {}
 
@@ -141,6 +147,10 @@ class LayerSolver:
 
     # ------------------------------------------------------------------ kv mode
     def output_moment(self, name: str) -> torch.Tensor:
+        """``E[y yᵀ]`` of projection ``name``'s outputs; of the normalised heads for q and k where the model
+        normalises them (``normed``), since the key latents and the key metric are taken after the norm."""
+        if self.normed is not None and name in self.normed:
+            return self.normed[name]
         w = self.w.augmented(name)
         return w @ self.c @ w.T
 
@@ -209,11 +219,14 @@ class LayerSolver:
         return {n: [self.kv_basis(n)[0]] for n in ("k", "v")}
 
     def build_kv(self, ranks: dict[str, list[int]], q_rank: int | None = None
-                 ) -> tuple[FactoredProjection, torch.Tensor, torch.Tensor]:
-        """Factored projection (q, k/v latents) and the up-projections ``k_up (d_kv, r_k)``, ``v_up``.
+                 ) -> tuple[FactoredProjection, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Factored projection (q, k/v latents), the up-projections ``k_up (d_kv, r_k)``, ``v_up``, and ``k_down``.
 
-        Q is dense unless ``q_rank < head_dim`` (see :meth:`query_factors`)."""
-        ups, latents = {}, {}
+        Q is dense unless ``q_rank < head_dim`` (see :meth:`query_factors`). ``k_down`` is None, the
+        key basis folded into the projection (``c_k = (P_k W_k) x``), unless the model normalises its
+        key heads (``normed``): then ``c_k = P_k k̂`` with ``k̂ = norm(W_k x)``, not linear in ``x``, so
+        the projection outputs full keys and ``k_down = P_k: (r_k, d_kv)`` follows the norm."""
+        ups, latents, downs = {}, {}, {}
         for name in ("k", "v"):
             if self.method == "eigen":
                 down_blocks, up_blocks = [], []
@@ -227,11 +240,16 @@ class LayerSolver:
                 down, up = down_full[:r], up_full[:, :r]
             w = self.w.augmented(name)
             latents[name] = down @ w  # (r, d+1): weight and bias of the latent projection
-            ups[name] = up
+            ups[name], downs[name] = up, down
         q_core, q_out = self.query_factors(q_rank)
         cores = [q_core, latents["k"][None, :, :-1], latents["v"][None, :, :-1]]
         biases = [self.w.bq, latents["k"][:, -1], latents["v"][:, -1]] if self.w.has_bias else [None] * 3
-        return FactoredProjection(None, cores, [q_out, None, None], biases), ups["k"], ups["v"]
+        k_down = None
+        if self.normed is not None:  # full keys out of the projection; the basis after the norm
+            s = self.shape
+            cores[1], biases[1] = self.w.wk.reshape(s.num_kv_heads, s.head_dim, -1), self.w.bk if self.w.has_bias else None
+            k_down = downs["k"]
+        return FactoredProjection(None, cores, [q_out, None, None], biases), ups["k"], ups["v"], k_down
 
     def query_factors(self, rank: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Q in kv mode: per-head cores ``(H, s, d)`` and a shared output factor ``A (head_dim, s)``.

@@ -43,7 +43,12 @@ LAYOUTS = {
     # kv mode as tmps.compress builds it (no in factor): dense per-head Q, K and V latents of one
     # wide "head" each; OPT's biases on all three
     "kv_model": dict(groups=[(6, 32, None), (1, 24, None), (1, 40, None)], bias=[True, True, True]),
+    # kv mode on a model with per-head key norms (Qwen3, Gemma 3): full key heads out (the norm and the
+    # key basis follow), the V latent; no biases
+    "kv_normed_model": dict(groups=[(4, 16, None), (2, 16, None), (1, 24, None)], bias=[False, False, False]),
 }
+# the layouts tmps.compress builds in kv mode, which have no in factor (z = x)
+NO_IN_FACTOR_LAYOUTS = ("kv_model", "kv_normed_model")
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +134,7 @@ def test_fp32_matches_reference(m, r, layout):
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "kv_model"])  # kv_model: below
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name not in NO_IN_FACTOR_LAYOUTS])  # those: below
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_matches_reference(dtype, layout):
     check(make_inputs((33,), 64, 40, 24, layout, dtype), dtype)
@@ -207,8 +212,9 @@ NO_IN_FACTOR_CONFIGS = {
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("m", [1, 7, 129])
-def test_no_in_factor_matches_reference(m, dtype):
-    inputs = make_inputs((m,), 40, None, 24, "kv_model", dtype, with_in_factor=False)
+@pytest.mark.parametrize("layout", NO_IN_FACTOR_LAYOUTS)
+def test_no_in_factor_matches_reference(layout, m, dtype):
+    inputs = make_inputs((m,), 40, None, 24, layout, dtype, with_in_factor=False)
     assert inputs[1] is None
     # the interpreter takes the launcher's own pick; on a GPU one fixed config keeps the compile count
     # down (the autotuner would compile every z-pass candidate per dtype; gpu_check c3 covers it)

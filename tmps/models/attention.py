@@ -10,7 +10,10 @@ commute with a basis that mixes rotation pairs, so for RoPE models the rotation 
 rebuilt keys, with the cos/sin of their cache slots ``0 … T-1``, and to the queries at theirs (the
 last q filled slots: ``T-q … T-1`` in a dynamic cache, counted by a static one): attention scores
 depend only on relative positions, and within a sequence the model's position ids are contiguous,
-so this is exact (at full rank it reproduces the dense model).
+so this is exact (at full rank it reproduces the dense model). Models that RMS-normalise each key
+head (Qwen3, Gemma 3) cache latents of the normalised keys, ``c_k = P_k k_norm(W_k x)``: the
+projection outputs full keys and ``k_down = P_k`` follows the norm (a norm is not linear, so the
+basis cannot be folded into the projection as it is elsewhere).
 
 When the queries are few (decode), kv mode skips the rebuild and attends over the latents directly
 (:mod:`tmps.models.latent_attention`): ``module.kv_attention`` is ``"auto"`` (latent when that costs
@@ -38,12 +41,19 @@ class CompressedAttentionMixin:
     Expects on ``self``: ``qkv``, ``mode``, ``head_dim``, ``num_heads``, ``num_kv_heads``,
     ``query_prescale`` (OPT multiplies q by ``scaling`` and passes 1.0 to attention), ``scaling``,
     ``layer_idx``, ``config``, ``output_projection`` (the o_proj module), and in kv mode the
-    buffers ``k_up: (d_kv, r_k)``, ``v_up: (d_kv, r_v)``; for RoPE models ``rotary_emb()``.
+    buffers ``k_up: (d_kv, r_k)``, ``v_up: (d_kv, r_v)``, and ``k_down: (r_k, d_kv)`` where the model
+    normalises its key heads (else None: the key basis is folded into ``qkv``); for RoPE models
+    ``rotary_emb()``.
     """
 
     uses_rope = False
-    head_norms = False  # Qwen3: each q and k head RMS-normalised (q_norm, k_norm) before RoPE; weights mode only
+    head_norms = False  # Qwen3, Gemma 3: each q and k head RMS-normalised (q_norm, k_norm) before RoPE
     kv_attention = "auto"  # kv mode: "auto" | "latent" | "rebuild" (see the module docstring)
+
+    def rope_layer_type(self) -> str | None:
+        """The kind of layer whose RoPE table this one uses, where the rotary embedding keeps one per kind
+        (Gemma 3: ``config.layer_types``), else None."""
+        return None
 
     def attention_window(self) -> int | None:
         """The sliding window passed to the attention function (Mistral, Qwen2), None for full attention;
@@ -63,6 +73,8 @@ class CompressedAttentionMixin:
         window = self.attention_window()
 
         if self.mode == "kv":
+            if self.k_down is not None:  # full keys: normalise each head, then take the latent (c_k = P_k k̂)
+                k = self.k_norm(k.view(*input_shape, -1, self.head_dim)).flatten(-2) @ self.k_down.T
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx)
@@ -159,7 +171,7 @@ class CompressedAttentionMixin:
 
     def _rotate_queries(self, q, total: int, cache):
         """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
-        pairs = rope_pairs(self.rotary_emb(), total, q)
+        pairs = rope_pairs(self.rotary_emb(), total, q, self.rope_layer_type())
         slots = self._query_slots(cache, total, q.shape[2], q.device)
         cos_q, sin_q = pairs[slots].unbind(1)  # one gather for both (static cache), a view otherwise
         return rotate(q, cos_q, sin_q), pairs[:, 0], pairs[:, 1]

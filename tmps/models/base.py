@@ -42,6 +42,9 @@ class Architecture:
     o_name: str = "o_proj"
     uses_rope: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Per-head q/k norms: whether the dense forward hands them (b, heads, s, head_dim) (Gemma 3) rather
+    # than (b, s, heads, head_dim) (Qwen3). Their outputs are the same; hooks on them read the layout.
+    head_norms_heads_first: bool = False
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The bare ``*Model`` inside a ``*ForCausalLM`` (or the model itself)."""
@@ -85,21 +88,6 @@ class Architecture:
     def sliding_window(self, attention: nn.Module) -> int | None:
         """How many of the latest keys ``attention`` sees (HF's sliding-window attention), None for all of them."""
         return None
-
-    def check_supported(self, model: nn.Module, mode: str) -> None:
-        """ValueError where ``mode`` cannot reproduce ``model``'s attention.
-
-        kv mode needs keys linear in the input: no per-head key norm (the compressed class's
-        ``head_norms``, Qwen3's and Gemma 3's q_norm / k_norm). Sliding windows are kept in both modes
-        (calibration hands each layer what the model hands it, and kv mode's cache is HF's, window
-        layers included: see :meth:`CompressedAttentionMixin._query_slots`).
-        """
-        if mode != "kv":
-            return
-        if self.compressed_attention_class.head_norms:
-            raise ValueError(f"kv mode does not support {type(model).__name__}: it RMS-normalises each key head "
-                             "(k_norm) before RoPE, so its keys are not linear in the input and cannot be cached as "
-                             "latents of one projection; use mode='weights'")
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -4,9 +4,9 @@ rather than ``head_dim^-½``, and layers that alternate a sliding window with fu
 (``config.layer_types``: five local layers, then one global, each kind with its own RoPE base).
 
 HF hands each layer the mask and the rotary tables of its kind; the compressed forward takes both as
-given and passes the layer's window on, so only the Q/K/V projections change. Weights mode only, as
-Qwen3: the key norm is not linear, so keys cannot be cached as latents of one projection. The
-multimodal ``gemma3`` (``Gemma3ForConditionalGeneration``) is not registered.
+given and passes the layer's window on, so only the Q/K/V projections change. kv mode caches latents
+of the normalised keys, as for Qwen3, and rotates the rebuilt keys with the RoPE table of the layer's
+kind. The multimodal ``gemma3`` (``Gemma3ForConditionalGeneration``) is not registered.
 """
 from __future__ import annotations
 
@@ -24,10 +24,14 @@ class Gemma3TuckerMPSAttention(LlamaFamilyForward, Gemma3Attention):
     head_norms = True
     eager_fallback = staticmethod(modeling_gemma3.eager_attention_forward)
 
+    def rope_layer_type(self) -> str:
+        return self.config.layer_types[self.layer_idx]
+
 
 GEMMA3 = register(LayerWindowArchitecture(
     model_type="gemma3_text",
     dense_attention_class=Gemma3Attention,
     compressed_attention_class=Gemma3TuckerMPSAttention,
     uses_rope=True,
+    head_norms_heads_first=True,
 ))

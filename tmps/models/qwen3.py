@@ -1,6 +1,6 @@
 """Qwen3: Qwen2's attention without q/k/v biases (``attention_bias`` optional) and with each query and
-key head RMS-normalised (``q_norm``, ``k_norm``) before RoPE. Weights mode only: kv mode folds the key
-and value projections into its latent ones, which the per-head key norm, not linear, forbids."""
+key head RMS-normalised (``q_norm``, ``k_norm``) before RoPE. The key norm is not linear, so kv mode
+caches latents of the normalised keys (``k_down`` after the norm, see :mod:`tmps.models.attention`)."""
 from __future__ import annotations
 
 from transformers.models.qwen3 import modeling_qwen3

@@ -19,7 +19,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-def rope_pairs(rotary, total: int, like: torch.Tensor) -> torch.Tensor:
+def rope_pairs(rotary, total: int, like: torch.Tensor, layer_type: str | None = None) -> torch.Tensor:
     """``(total, 2, head_dim)`` in ``like``'s dtype: HF's ``rotary(like, positions)`` cos and sin at cache
     slots ``0 … total-1`` side by side (``pairs[:, 0]`` is cos, ``pairs[:, 1]`` sin: views with unit
     stride on head_dim), so that the rows of a few slots are one gather (``pairs[slots]``), not two.
@@ -31,23 +31,30 @@ def rope_pairs(rotary, total: int, like: torch.Tensor) -> torch.Tensor:
     recomputed whenever ``inv_freq`` is replaced or changed in place, and never grown inside a
     CUDA-graph capture (the capture would own its memory): there, for dynamic types, and in code that
     ``torch.compile`` traces, each call computes the table as before.
+
+    ``layer_type``: Gemma 3's rotary embedding holds one table per kind of layer (its sliding and
+    full-attention layers rotate at different bases) and takes the kind as an argument.
     """
     def compute(length):
         positions = torch.arange(length, device=like.device).unsqueeze(0)
-        cos, sin = rotary(like, positions)
+        cos, sin = rotary(like, positions) if layer_type is None else rotary(like, positions, layer_type)
         return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
 
-    rope_type = getattr(rotary, "rope_type", "default")
-    inv_freq = getattr(rotary, "inv_freq", None)
+    if layer_type is None:
+        rope_type, inv_freq = getattr(rotary, "rope_type", "default"), getattr(rotary, "inv_freq", None)
+    else:
+        rope_type = getattr(rotary, "rope_type", {}).get(layer_type)
+        inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
     if not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
         return compute(total)
     if torch.compiler.is_compiling():  # the cache's data-pointer check breaks the graph; the compiler fuses compute
         return compute(total)
     source = (inv_freq.data_ptr(), inv_freq.dtype, inv_freq._version)
-    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype) -> (source, pairs)
-    cached = tables.get((like.device, like.dtype))
+    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype, layer_type) -> (source, pairs)
+    key = (like.device, like.dtype, layer_type)
+    cached = tables.get(key)
     if cached is None or cached[0] != source or cached[1].shape[0] < total:
         if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return compute(total)
-        cached = tables[(like.device, like.dtype)] = (source, compute(1 << max(0, total - 1).bit_length()))
+        cached = tables[key] = (source, compute(1 << max(0, total - 1).bit_length()))
     return cached[1][:total]
