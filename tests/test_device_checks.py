@@ -53,21 +53,14 @@ def test_full_rank_check_kv_mode_passes():
     assert "torch.compile(fullgraph)" in line
 
 
-def test_full_rank_check_qwen2_passes():
-    # Qwen2: Llama's layout with q/k/v biases, so the kernels get biased (latent) groups next to RoPE
-    rc, output = run_script("full_rank_check.py", "--cases", "qwen2:float32")
-    assert rc == 0, output
-    lines = [line for line in output.splitlines() if line.startswith("qwen2  float32")]
-    assert len(lines) == 2 and all(" ok " in line for line in lines), output
-    assert "latent score kernel calls 6" in lines[1] and "latent decode kernel calls 6" in lines[1]
-
-
-def test_full_rank_check_gemma3_passes():
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_full_rank_check_passes_on_other_layouts(arch):
+    # Qwen2: Llama's layout with q/k/v biases, so the kernels get biased (latent) groups next to RoPE.
     # Gemma 3: per-head q/k norms (kv mode: full key heads out of the kernel, then the norm and the key
-    # basis), a window on one layer, a RoPE table per kind of layer; every kernel counted in both modes
-    rc, output = run_script("full_rank_check.py", "--cases", "gemma3:float32")
+    # basis), a window on one layer, a RoPE table per kind of layer.
+    rc, output = run_script("full_rank_check.py", "--cases", f"{arch}:float32")
     assert rc == 0, output
-    lines = [line for line in output.splitlines() if line.startswith("gemma3 float32")]
+    lines = [line for line in output.splitlines() if line.startswith(f"{arch:<6} float32")]
     assert len(lines) == 2 and all(" ok " in line for line in lines), output
     assert "latent score kernel calls 6" in lines[1] and "latent decode kernel calls 6" in lines[1]
     assert "torch.compile(fullgraph)" in lines[1]
