@@ -51,9 +51,16 @@ def main(argv=None):
                    help="tmps.compress's rank_multiple (tucker family): ranks in steps of N; 1 turns it off")
     p.add_argument("--metric", default="auto", choices=["auto", "fisher", "analytic"],
                    help="tmps.compress's metric (auto: fisher for the tucker family, the baselines' own rules)")
+    p.add_argument("--kv-widths", nargs=2, type=int, metavar=("K", "V"),
+                   help="kv mode: keep K and V at these latent widths in every layer (tmps.compress's hooi_ranks) "
+                        "instead of a --ratios budget")
+    p.add_argument("--k-share", type=float, default=0.35,
+                   help="tmps.compress's k_share: with --metric analytic, K's share of the kv budget")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only merge the rows of earlier runs' JSON files (same dense model) into --out")
     args = p.parse_args(argv)
+    if args.kv_widths and args.modes != ["kv"]:
+        p.error("--kv-widths sets kv mode's K and V widths: use it with --modes kv")
     if args.merge:
         return merge(args)
     if args.threads:
@@ -78,22 +85,26 @@ def main(argv=None):
         for method in args.methods:
             if method == "eigen" and mode != "kv":
                 continue
-            for ratio in args.ratios:
+            rules = [{"hooi_ranks": args.kv_widths}] if args.kv_widths else [{"ratio": r} for r in args.ratios]
+            for rule in rules:
                 candidate = copy.deepcopy(model)
                 start = time.time()
                 q_ratio = args.q_ratio if mode == "kv" and method in FISHER_METHODS else 1.0
-                tmps.compress(candidate, calib, mode=mode, method=method, ratio=ratio, metric=args.metric,
-                              q_ratio=q_ratio, fisher_tokens=args.fisher_tokens, rank_multiple=args.rank_multiple,
-                              progress=False)
+                tmps.compress(candidate, calib, mode=mode, method=method, metric=args.metric, q_ratio=q_ratio,
+                              k_share=args.k_share, fisher_tokens=args.fisher_tokens,
+                              rank_multiple=args.rank_multiple, progress=False, **rule)
                 seconds = time.time() - start
                 ppl = perplexity(candidate, evaluation, batch_size=args.eval_batch, progress=False)
                 s = tmps.summary(candidate.tmps_info)
                 metric = candidate.tmps_info["config"]["metric"]
+                ratio = rule.get("ratio", s["kv_cache_kept"])
                 # The tucker family's analytic-metric ablation gets its own line in the table and plot.
                 label = f"{method}/analytic" if metric == "analytic" and method in FISHER_METHODS else method
                 label += f" q{q_ratio:g}" if q_ratio < 1.0 else ""
                 label += f" F{args.fisher_tokens}" if metric == "fisher" and args.fisher_tokens != 8192 else ""
                 label += f" m{args.rank_multiple}" if method in FISHER_METHODS and args.rank_multiple != 8 else ""
+                label += " K{}/V{}".format(*args.kv_widths) if args.kv_widths else ""
+                label += f" k_share{args.k_share:g}" if metric == "analytic" and args.k_share != 0.35 else ""
                 row = {"mode": mode, "method": label, "metric": metric,
                        "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
                        "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],
