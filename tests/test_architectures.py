@@ -14,7 +14,6 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
-    StaticCache,
 )
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
 from transformers.models.mistral.modeling_mistral import MistralAttention
@@ -23,13 +22,13 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import tmps
 from tmps.calibration import calibration_batches, capture_layer_inputs, head_norm_moments, run_layer
-from tmps.compat import cache_keyword
 from tmps.models import (Gemma3TuckerMPSAttention, MistralTuckerMPSAttention, Qwen2TuckerMPSAttention,
                          Qwen3TuckerMPSAttention)
 from tmps.models import attention as attention_module
 from tmps.models.base import architecture_of
 from tmps.sensitivity import projection_fisher
 
+from test_latent_attention import static_cache_steps
 from test_compress import (FULL_RANK, MODELS, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged,
                           calib, compressed, llama, mistral, qwen2, rel, snapshot)
 
@@ -120,19 +119,6 @@ def test_kv_mode_keeps_sliding_windows(build, attn, path):
     assert torch.equal(model.generate(ids, max_new_tokens=9, do_sample=False), g_dense)
 
 
-def static_window_steps(model, ids, chunks, steps=4):
-    """Logits of a prompt fed in ``chunks`` (token counts) through HF's StaticCache, then of greedy steps."""
-    cache, logits, start = StaticCache(config=model.config, max_cache_len=32), [], 0
-    for size in chunks:
-        out = model(ids[:, start:start + size], **{cache_keyword(model): cache}, use_cache=True)
-        logits.append(out.logits)
-        start += size
-    for _ in range(steps):
-        out = model(out.logits[:, -1:].argmax(-1), **{cache_keyword(model): cache}, use_cache=True)
-        logits.append(out.logits)
-    return torch.cat(logits, 1)
-
-
 @pytest.mark.parametrize("build", list(WINDOWED))
 @pytest.mark.parametrize("chunks", [(3,), (9,), (3, 4), (5, 2)])
 @pytest.mark.parametrize("path", ["latent", "rebuild"])
@@ -144,7 +130,7 @@ def test_kv_mode_static_cache_past_the_window(build, chunks, path):
     dense = WINDOWED[build]()
     model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
     ids = torch.randint(1, VOCAB, (2, sum(chunks)))
-    torch.testing.assert_close(static_window_steps(model, ids, chunks), static_window_steps(dense, ids, chunks),
+    torch.testing.assert_close(static_cache_steps(model, ids, 4, chunks), static_cache_steps(dense, ids, 4, chunks),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -282,7 +268,7 @@ def test_normed_kv_mode_caches_latents_of_the_normalised_keys(arch, path):
     rebuilt = cache.layers[1].keys.squeeze(1) @ attention.k_up.T
     torch.testing.assert_close(rebuilt, keys.flatten(2), rtol=1e-4, atol=1e-5)
     chunks = (3, 4)
-    torch.testing.assert_close(static_window_steps(model, ids, chunks), static_window_steps(dense, ids, chunks),
+    torch.testing.assert_close(static_cache_steps(model, ids, 4, chunks), static_cache_steps(dense, ids, 4, chunks),
                                rtol=1e-4, atol=1e-4)
 
 

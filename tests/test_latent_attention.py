@@ -183,17 +183,20 @@ def test_unknown_kv_attention_is_a_clear_error():
         model(torch.randint(1, VOCAB, (1, 5)))
 
 
-def static_cache_steps(model, ids, steps, max_len=32):
-    """Prefill then greedy single-token steps through HF's StaticCache: logits of every step."""
+def static_cache_steps(model, ids, steps, chunks=None, max_len=32):
+    """Logits ``(b, s + steps, vocab)`` of ``ids`` fed through HF's StaticCache in ``chunks`` (token counts;
+    default all at once), then of ``steps`` greedy single-token steps."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=max_len)
-    out = model(ids, **{cache_keyword(model): cache}, use_cache=True)
-    logits = [out.logits[:, -1]]
+    cache, logits, start = StaticCache(config=model.config, max_cache_len=max_len), [], 0
+    for size in chunks or (ids.shape[1],):
+        out = model(ids[:, start:start + size], **{cache_keyword(model): cache}, use_cache=True)
+        logits.append(out.logits)
+        start += size
     for _ in range(steps):
-        out = model(logits[-1].argmax(-1, keepdim=True), **{cache_keyword(model): cache}, use_cache=True)
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, 1)
+        out = model(out.logits[:, -1:].argmax(-1), **{cache_keyword(model): cache}, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
