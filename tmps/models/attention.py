@@ -190,8 +190,8 @@ class CompressedAttentionMixin:
         layers = getattr(cache, "layers", None)
         layer = layers[self.layer_idx] if layers else None
         filled = getattr(layer, "cumulative_length", None)
-        past_window = getattr(layer, "cumulative_length_int", 0) > getattr(layer, "max_cache_len", float("inf"))
-        if not isinstance(filled, torch.Tensor) or past_window:
+        static = isinstance(filled, torch.Tensor)  # the window count is read for static layers only
+        if not static or getattr(layer, "cumulative_length_int", 0) > getattr(layer, "max_cache_len", 0):
             return slice(total - q_len, total)
         if q_len == 1:  # decode: one subtraction, no arange
             return (filled.to(device) - 1).view(1)
