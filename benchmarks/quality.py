@@ -54,8 +54,6 @@ def main(argv=None):
     p.add_argument("--kv-widths", nargs=2, type=int, metavar=("K", "V"),
                    help="kv mode: keep K and V at these latent widths in every layer (tmps.compress's hooi_ranks) "
                         "instead of a --ratios budget")
-    p.add_argument("--k-share", type=float, default=0.35,
-                   help="tmps.compress's k_share: with --metric analytic, K's share of the kv budget")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only merge the rows of earlier runs' JSON files (same dense model) into --out")
     args = p.parse_args(argv)
@@ -91,8 +89,8 @@ def main(argv=None):
                 start = time.time()
                 q_ratio = args.q_ratio if mode == "kv" and method in FISHER_METHODS else 1.0
                 tmps.compress(candidate, calib, mode=mode, method=method, metric=args.metric, q_ratio=q_ratio,
-                              k_share=args.k_share, fisher_tokens=args.fisher_tokens,
-                              rank_multiple=args.rank_multiple, progress=False, **rule)
+                              fisher_tokens=args.fisher_tokens, rank_multiple=args.rank_multiple, progress=False,
+                              **rule)
                 seconds = time.time() - start
                 ppl = perplexity(candidate, evaluation, batch_size=args.eval_batch, progress=False)
                 s = tmps.summary(candidate.tmps_info)
@@ -104,7 +102,6 @@ def main(argv=None):
                 label += f" F{args.fisher_tokens}" if metric == "fisher" and args.fisher_tokens != 8192 else ""
                 label += f" m{args.rank_multiple}" if method in FISHER_METHODS and args.rank_multiple != 8 else ""
                 label += " K{}/V{}".format(*args.kv_widths) if args.kv_widths else ""
-                label += f" k_share{args.k_share:g}" if metric == "analytic" and args.k_share != 0.35 else ""
                 row = {"mode": mode, "method": label, "metric": metric,
                        "ratio": ratio, "ppl": ppl, "ppl_vs_dense": ppl / dense_ppl,
                        "kv_cache_kept": s["kv_cache_kept"], "qkv_parameters_kept": s["qkv_parameters_kept"],
