@@ -7,8 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import tmps
 from tmps.models.base import architecture_of
-from tmps.sensitivity import prefix_costs, projection_fisher
-from tmps.solvers import aligned_rank, allocate_by_cost, non_increasing, psd_sqrt
+from tmps.sensitivity import direction_costs, projection_fisher
+from tmps.solvers import aligned_rank, allocate_by_cost, non_increasing
 
 VOCAB = 96
 
@@ -62,24 +62,6 @@ def test_aligned_rank_rounds_within_the_width():
     assert aligned_rank(5, 8, 5) == 5 and aligned_rank(717, 1, 2048) == 717 and aligned_rank(0, 1, 9) == 1
 
 
-def test_prefix_costs_equal_the_trace_formula():
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(7, 7, generator=gen, dtype=torch.float64)
-    c = a @ a.T                                   # E[y yᵀ]
-    b = torch.randn(7, 7, generator=gen, dtype=torch.float64)
-    metric = b @ b.T                              # the basis' weighting
-    g = torch.randn(7, 7, generator=gen, dtype=torch.float64)
-    fisher = g @ g.T
-    root, inv_root = psd_sqrt(metric, 1e-12)
-    evals, evecs = torch.linalg.eigh(root @ c @ root)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    down, up = evecs.T @ root, inv_root @ evecs   # as LayerSolver.kv_basis builds them
-    costs = prefix_costs(evals, up, fisher)
-    for r in range(8):
-        e = torch.eye(7, dtype=torch.float64) - up[:, :r] @ down[:r]
-        assert torch.isclose(costs[r:].sum(), torch.trace(fisher @ e @ c @ e.T), rtol=1e-9, atol=1e-9)
-
-
 def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
     model = llama()
     ids = torch.randint(0, VOCAB, (2, 9))
@@ -91,22 +73,58 @@ def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
     # Reference: retain the k/v outputs' gradients of the same summed loss.
-    outputs = []
-    hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda m, a, o: outputs.append(o) or o.retain_grad())
-             for layer in model.model.layers for name in ("k_proj", "v_proj")]
-    ref_model = model.requires_grad_(True)
-    logits = ref_model(input_ids=ids, attention_mask=mask).logits
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").backward()
-    for h in hooks:
-        h.remove()
-    keep = mask.reshape(-1).bool()
-    for i, out in enumerate(outputs):
-        g = out.grad.reshape(-1, out.shape[-1])[keep].double()
-        expected = g.T @ g / keep.sum()
+    for i, (_, g) in enumerate(summed_loss_outputs(model, ids, mask)):
+        expected = g.T @ g / g.shape[0]
         got = fisher[i // 2]["kv"[i % 2]]
         assert got.shape == expected.shape
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
+
+
+def summed_loss_outputs(model, ids, mask):
+    """The k/v projection outputs of every layer, with their gradients of the summed next-token loss."""
+    outputs = []
+    hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda m, a, o: outputs.append(o) or o.retain_grad())
+             for layer in model.model.layers for name in ("k_proj", "v_proj")]
+    try:
+        logits = model.requires_grad_(True)(input_ids=ids, attention_mask=mask).logits
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    keep = mask.reshape(-1).bool()
+    return [(o.detach().reshape(-1, o.shape[-1])[keep].double(), o.grad.reshape(-1, o.shape[-1])[keep].double())
+            for o in outputs]
+
+
+def test_direction_costs_match_the_per_token_formula_and_leave_the_model_alone():
+    """c_i = mean_t (g_tᵀ u_i)² (p_iᵀ y_t)² over the unmasked tokens, for any basis with U P = I."""
+    model = llama()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    bases = []
+    for _ in model.model.layers:
+        layer = {}
+        for name in ("k", "v"):
+            down = torch.randn(16, 16, generator=gen, dtype=torch.float64) + 4 * torch.eye(16, dtype=torch.float64)
+            layer[name] = (down.float(), torch.linalg.inv(down).float())
+        bases.append(layer)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    costs = direction_costs(model, architecture_of(model), [(ids, mask)], bases, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+    for i, (y, g) in enumerate(summed_loss_outputs(model, ids, mask)):
+        down, up = (m.double() for m in bases[i // 2]["kv"[i % 2]])
+        expected = ((y @ down.T) * (g @ up)).square().mean(0)
+        got = costs[i // 2]["kv"[i % 2]]
+        assert got.shape == (16,) and got.dtype == torch.float64
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-10)
+    # Independent of the model's own gradients: a second call gives the same costs.
+    again = direction_costs(model.requires_grad_(False), architecture_of(model), [(ids, mask)], bases, progress=False)
+    assert all(torch.allclose(a[n], b[n]) for a, b in zip(costs, again) for n in "kv")
 
 
 @pytest.mark.parametrize("mode, full", [("kv", {"ratio": 1.0}), ("weights", {"hooi_ranks": [48]})])

@@ -5,7 +5,8 @@ layer's hidden states and one ``(d+1)²`` second moment at a time (no stored act
 
 1. dense pass, one layer at a time: each attention input's second moment becomes that layer's
    planning summary at once (spectra, and with the Fisher metric the loss cost of each direction,
-   from a forward/backward pass over the first ``fisher_tokens`` tokens run before it); a global
+   from a forward/backward pass over the first ``fisher_tokens`` tokens run before it; in kv mode
+   a second such pass measures the cost of each direction of the bases just found); a global
    ``ratio`` is then spent where the loss (or the calibration error) drops most;
 2. sequential pass: layer l is decomposed from the inputs that the *already compressed* layers
    0..l-1 produce, swapped in, and run to make layer l+1's inputs; the attention output error on
@@ -32,7 +33,7 @@ from .calibration import (
 )
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
-from .sensitivity import has_language_model_head, projection_fisher
+from .sensitivity import direction_costs, has_language_model_head, projection_fisher
 from .solvers import (
     DenseAttentionWeights,
     LayerSolver,
@@ -134,8 +135,15 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: b
         moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
         solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed)
         summaries.append(solver.summary())
+        if not _kv_costs_needed(config):
+            summaries[-1].kv_bases = None
         del solver, moment, normed
     return summaries
+
+
+def _kv_costs_needed(config) -> bool:
+    """Whether rank planning spends a kv budget by the directions' loss costs (:func:`_plan_kv_fisher`)."""
+    return config.mode == "kv" and config.ratio is not None and config.allocation == "greedy"
 
 
 def _normed_keys(arch, config) -> bool:
@@ -201,7 +209,7 @@ def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> lis
     multiple = _rank_multiple(config)
     fisher = summaries[0].kv_gains is not None or summaries[0].input_costs is not None
     if config.mode == "kv":
-        if fisher and config.ratio is not None and config.allocation == "greedy":
+        if fisher and _kv_costs_needed(config):
             return _plan_kv_fisher(config, summaries)
         spectra = [s.kv_spectra for s in summaries]
         if config.ratio is not None and config.method == "eigen" and config.allocation == "greedy":
@@ -304,11 +312,7 @@ def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]
 
 
 def _plan_kv_fisher(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
-    """Keep the K/V directions of all layers that cost the most loss (:func:`prefix_costs`) within the budget.
-
-    With Fisher-weighted bases each cost is the basis' own eigenvalue (``u_iᵀ F u_i = 1``); the
-    general formula also serves any other basis.
-    """
+    """Keep the K/V directions of all layers that cost the most loss (:func:`direction_costs`) within the budget."""
     gains, widths = [], 0
     for summary in summaries:
         for name in ("k", "v"):
@@ -365,6 +369,11 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         fisher = projection_fisher(model, arch, fisher_batches, names, progress, key_norms=_normed_keys(arch, config))
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
                                         [mask for _, mask in fisher_batches], config, fisher, progress)
+        if summaries[0].kv_bases is not None:
+            costs = direction_costs(model, arch, fisher_batches, [s.kv_bases for s in summaries], progress,
+                                    key_norms=_normed_keys(arch, config))
+            for summary, layer_costs in zip(summaries, costs):
+                summary.kv_gains, summary.kv_bases = layer_costs, None
     inputs = capture_layer_inputs(model, layers, batches)
     masks = [mask for _, mask in batches]
     if fisher is None:

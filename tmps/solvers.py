@@ -33,7 +33,6 @@ from .decompose import hooi, input_metric, tt_svd, tucker_mps_tensor
 from .decompose.tt import energy_rank
 from .models.base import AttentionShape
 from .projection import FactoredProjection
-from .sensitivity import prefix_costs
 
 
 @dataclass
@@ -96,14 +95,16 @@ def fisher_blend(fisher: torch.Tensor, analytic: torch.Tensor, moment: torch.Ten
 class LayerSummary:
     """What rank planning needs from one layer, small enough to keep for every layer at once.
 
-    ``kv_spectra``: K/V spectra (one per basis); ``kv_gains``: with the Fisher metric, the loss cost
-    of each K/V basis direction; ``weight_spectrum`` / ``input_costs`` / ``tensor_shape``: the shared
+    ``kv_spectra``: K/V spectra (one per basis); ``kv_bases``: with the Fisher metric, the full
+    ``(P, U)`` of K and V (float32), until :func:`tmps.sensitivity.direction_costs` has turned them
+    into ``kv_gains``, the loss cost of each direction; ``weight_spectrum`` / ``input_costs`` / ``tensor_shape``: the shared
     input factor's spectrum, its directions' loss costs and the (input, heads, head_dim) shape;
     ``projection_spectra``: the svd baseline's per-projection spectra.
     """
 
     shape: AttentionShape
     kv_spectra: dict | None = None
+    kv_bases: dict | None = None
     kv_gains: dict | None = None
     weight_spectrum: torch.Tensor | None = None
     input_costs: torch.Tensor | None = None
@@ -132,10 +133,7 @@ class LayerSolver:
         if self.mode == "kv":
             out.kv_spectra = self.kv_spectra()
             if self.fisher is not None and self.method != "eigen":
-                out.kv_gains = {}
-                for name in ("k", "v"):
-                    evals, _, up = self.kv_basis(name)
-                    out.kv_gains[name] = prefix_costs(evals, up, self.fisher[name].double())
+                out.kv_bases = {name: tuple(m.float() for m in self.kv_basis(name)[1:]) for name in ("k", "v")}
         elif self.method == "svd":
             out.projection_spectra = self.projection_spectra()
         else:
@@ -472,7 +470,7 @@ def allocate_by_cost(gains: list[torch.Tensor], budget: float, unit_costs: list[
     """Prefix lengths that keep the largest gains (in common units) across all lists within ``budget``.
 
     ``gains[j][i]`` is what keeping direction ``i`` of basis ``j`` saves (e.g. loss from
-    :func:`tmps.sensitivity.prefix_costs`); each rank unit of basis ``j`` costs ``unit_costs[j]``
+    :func:`tmps.sensitivity.direction_costs`); each rank unit of basis ``j`` costs ``unit_costs[j]``
     (default 1) of the budget. Every basis keeps ``minimum``; ranks grow in steps of ``multiple``.
     Gains are made non-increasing per basis first (:func:`non_increasing`), so that a global
     threshold on gain per cost picks prefixes.
