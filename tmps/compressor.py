@@ -135,15 +135,15 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: b
         moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
         solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed)
         summaries.append(solver.summary())
-        if not _kv_costs_needed(config):
-            summaries[-1].kv_bases = None
+        if not _costs_needed(config):
+            summaries[-1].bases = None
         del solver, moment, normed
     return summaries
 
 
-def _kv_costs_needed(config) -> bool:
-    """Whether rank planning spends a kv budget by the directions' loss costs (:func:`_plan_kv_fisher`)."""
-    return config.mode == "kv" and config.ratio is not None and config.allocation == "greedy"
+def _costs_needed(config) -> bool:
+    """Whether rank planning spends a ``ratio`` budget by the directions' loss costs (with the Fisher metric)."""
+    return config.ratio is not None and config.allocation == "greedy"
 
 
 def _normed_keys(arch, config) -> bool:
@@ -209,7 +209,7 @@ def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> lis
     multiple = _rank_multiple(config)
     fisher = summaries[0].kv_gains is not None or summaries[0].input_costs is not None
     if config.mode == "kv":
-        if fisher and _kv_costs_needed(config):
+        if fisher and _costs_needed(config):
             return _plan_kv_fisher(config, summaries)
         spectra = [s.kv_spectra for s in summaries]
         if config.ratio is not None and config.method == "eigen" and config.allocation == "greedy":
@@ -369,11 +369,15 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         fisher = projection_fisher(model, arch, fisher_batches, names, progress, key_norms=_normed_keys(arch, config))
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
                                         [mask for _, mask in fisher_batches], config, fisher, progress)
-        if summaries[0].kv_bases is not None:
-            costs = direction_costs(model, arch, fisher_batches, [s.kv_bases for s in summaries], progress,
+        if summaries[0].bases is not None:
+            costs = direction_costs(model, arch, fisher_batches, [s.bases for s in summaries], progress,
                                     key_norms=_normed_keys(arch, config))
             for summary, layer_costs in zip(summaries, costs):
-                summary.kv_gains, summary.kv_bases = layer_costs, None
+                if config.mode == "kv":
+                    summary.kv_gains = layer_costs
+                else:
+                    summary.input_costs = layer_costs["x"]
+                summary.bases = None
     inputs = capture_layer_inputs(model, layers, batches)
     masks = [mask for _, mask in batches]
     if fisher is None:

@@ -12,9 +12,10 @@ layers and between K and V. That is what rank allocation needs and what per-laye
 (normalised within each layer) cannot give: the same relative error costs far more in some layers
 than in others.
 
-``F`` weights the bases (:mod:`tmps.solvers`) and weights mode's input-direction costs. kv mode
-prices its bases' directions token by token instead (:func:`direction_costs`): where a few tokens
-carry both the largest gradients and atypical outputs, the independence assumption misprices them.
+``F`` weights the bases (:mod:`tmps.solvers`). The costs that rank allocation spends a budget by
+are measured token by token instead (:func:`direction_costs`, for kv mode's K/V bases and weights
+mode's shared input directions): where a few tokens carry both the largest gradients and atypical
+outputs, the independence assumption misprices them.
 """
 from __future__ import annotations
 
@@ -74,9 +75,12 @@ def direction_costs(model: nn.Module, arch, batches, bases: list[dict[str, tuple
     measured token by token. With ``F`` and ``C = E[y yᵀ]`` alone (K-FAC: a token's gradient and
     output taken as independent) it would be ``(u_iᵀ F u_i)(p_iᵀ C p_i)``; they are not independent
     where a few tokens carry both the largest gradients and atypical outputs. On Gemma 3 270M that
-    estimate priced the V directions far from their measured costs, and kv 0.75 ended at ×1.39 of
-    dense perplexity against ×1.07 priced per token (README, Gemma 3 section). Cross terms between
-    directions are left out, as in any per-direction allocation.
+    estimate priced the V directions far from their measured costs: kv 0.75 ended at ×1.39 of
+    dense perplexity against ×1.07 priced per token, weights 0.5 at ×2.66 against ×2.06 (README,
+    Gemma 3 section). Cross terms between directions are left out, as in any per-direction allocation.
+
+    Weights mode passes ``{"x": (P, U)}`` per layer (:meth:`tmps.solvers.LayerSolver.input_direction_basis`):
+    ``y`` is then the attention's input and ``g`` its gradient through Q, K and V.
 
     One more forward/backward over ``batches`` (the Fisher pass's tokens); memory: the bases, as
     much as the Fisher itself.
@@ -112,7 +116,8 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
 
     For every layer ``l`` and projection ``name`` in ``names``, calls ``accumulate(l, name, y, g)``
     with the unmasked tokens' gradients ``g = ∂L/∂y: (n, d_p)`` float32 and, with ``outputs``, their
-    outputs ``y`` (else None). "k" is taken at the key norm's output with ``key_norms``.
+    outputs ``y`` (else None). "k" is taken at the key norm's output with ``key_norms``; "x" is the
+    attention's input (which feeds only the Q/K/V projections: its gradient is ``Σ_p W_pᵀ g_p``).
 
     One forward and backward per ``TOKENS_PER_STEP`` tokens with the model's own weights frozen (no
     weight gradients are computed: zero tensors added to the hooked outputs are the only leaves
@@ -142,6 +147,15 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
             return tracked
         return hook
 
+    def input_hook(layer_idx: int):
+        track = make_hook(layer_idx, "x")
+
+        def hook(module, args, kwargs):
+            if args:
+                return (track(module, None, args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": track(module, None, kwargs["hidden_states"])}
+        return hook
+
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     try:
@@ -152,7 +166,9 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
             attention = arch.attention_of(layer)
             projections = arch.projections(attention)
             for name in names:
-                if key_norms and name == "k":
+                if name == "x":
+                    handles.append(attention.register_forward_pre_hook(input_hook(li), with_kwargs=True))
+                elif key_norms and name == "k":
                     hook = make_hook(li, name, heads_first=arch.head_norms_heads_first)
                     handles.append(attention.k_norm.register_forward_hook(hook))
                 else:

@@ -95,16 +95,18 @@ def fisher_blend(fisher: torch.Tensor, analytic: torch.Tensor, moment: torch.Ten
 class LayerSummary:
     """What rank planning needs from one layer, small enough to keep for every layer at once.
 
-    ``kv_spectra``: K/V spectra (one per basis); ``kv_bases``: with the Fisher metric, the full
-    ``(P, U)`` of K and V (float32), until :func:`tmps.sensitivity.direction_costs` has turned them
-    into ``kv_gains``, the loss cost of each direction; ``weight_spectrum`` / ``input_costs`` / ``tensor_shape``: the shared
+    ``kv_spectra``: K/V spectra (one per basis); ``kv_gains``: with the Fisher metric, the loss cost
+    of each K/V basis direction; ``weight_spectrum`` / ``input_costs`` / ``tensor_shape``: the shared
     input factor's spectrum, its directions' loss costs and the (input, heads, head_dim) shape;
+    ``bases``: with the Fisher metric, the ``(P, U)`` pairs (float32) whose directions the costs are of
+    (kv: "k" and "v"; weights: "x", the shared input), until
+    :func:`tmps.sensitivity.direction_costs` has turned them into ``kv_gains`` / ``input_costs``;
     ``projection_spectra``: the svd baseline's per-projection spectra.
     """
 
     shape: AttentionShape
     kv_spectra: dict | None = None
-    kv_bases: dict | None = None
+    bases: dict | None = None
     kv_gains: dict | None = None
     weight_spectrum: torch.Tensor | None = None
     input_costs: torch.Tensor | None = None
@@ -133,14 +135,14 @@ class LayerSolver:
         if self.mode == "kv":
             out.kv_spectra = self.kv_spectra()
             if self.fisher is not None and self.method != "eigen":
-                out.kv_bases = {name: tuple(m.float() for m in self.kv_basis(name)[1:]) for name in ("k", "v")}
+                out.bases = {name: tuple(m.float() for m in self.kv_basis(name)[1:]) for name in ("k", "v")}
         elif self.method == "svd":
             out.projection_spectra = self.projection_spectra()
         else:
             out.weight_spectrum = self.weight_spectrum()
             out.tensor_shape = tuple(self.whitened_tensor()[0].shape)
             if self.fisher is not None:
-                out.input_costs = self.input_direction_costs(self.fisher)
+                out.bases = {"x": self.input_direction_basis()}
         return out
 
     # ------------------------------------------------------------------ kv mode
@@ -376,19 +378,17 @@ class LayerSolver:
         """Squared singular values of T's input-mode unfolding (the shared input factor's spectrum)."""
         return self.weight_basis()[0]
 
-    def input_direction_costs(self, fisher: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Loss cost of each shared-input direction, in the order of :meth:`weight_spectrum`: ``(d,)``.
+    def input_direction_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared input factor's directions as ``(P, U)``, both ``(d, d)`` float32, ``U P = I``.
 
-        Dropping whitened input directions ``v_i`` (orthonormal) from every projection changes the
-        outputs by ``ΔW L = W L V_d V_dᵀ``, which costs ``Σ_p tr(F_p ΔW_p C ΔW_pᵀ) = Σ_{i∈d} v_iᵀ M v_i``
-        with ``M = Σ_p (W_p L)ᵀ F_p (W_p L)`` and the Fisher ``F_p`` of :mod:`tmps.sensitivity`:
-        additive over directions, in loss units comparable across layers.
+        Row ``i`` of ``P = Vᵀ L⁻¹`` reads direction ``i`` of an input ``x`` (``v_iᵀ L⁻¹ x``, with ``V``
+        from :meth:`weight_basis` and ``L Lᵀ = E[xxᵀ]``); column ``i`` of ``U = L V`` maps it back.
+        Dropping it from every projection changes them by ``−W_p u_i (p_iᵀ x)``: for the loss, an
+        input change ``−u_i (p_iᵀ x)`` (the attention input feeds only Q, K and V).
         """
         _, metric = self.whitened_tensor(output_weighted=False)
-        m = sum((w @ metric.sqrt).T @ fisher[name].double() @ (w @ metric.sqrt)
-                for name, w in (("q", self.w.wq), ("k", self.w.wk), ("v", self.w.wv)))
         _, vectors = self.weight_basis()
-        return torch.einsum("ji,jk,ki->i", vectors, m, vectors)
+        return (vectors.T @ metric.inv_sqrt).float(), (metric.sqrt @ vectors).float()
 
     def projection_spectra(self) -> list[torch.Tensor]:
         """svd baseline: the whitened spectrum of each projection."""
