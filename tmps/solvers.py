@@ -33,6 +33,7 @@ from .decompose import hooi, input_metric, tt_svd, tucker_mps_tensor
 from .decompose.tt import energy_rank
 from .models.base import AttentionShape
 from .projection import FactoredProjection
+from .sensitivity import DirectionBasis
 
 
 @dataclass
@@ -98,7 +99,8 @@ class LayerSummary:
     ``kv_spectra``: K/V spectra (one per basis); ``kv_gains``: with the Fisher metric, the loss cost
     of each K/V basis direction; ``weight_spectrum`` / ``input_costs`` / ``tensor_shape``: the shared
     input factor's spectrum, its directions' loss costs and the (input, heads, head_dim) shape;
-    ``bases``: with the Fisher metric, the ``(P, U)`` pairs (float32) whose directions the costs are of
+    ``bases``: with the Fisher metric, the ``(P, U)`` pairs (:class:`tmps.sensitivity.DirectionBasis`)
+    whose directions the costs are of
     (kv: "k" and "v"; weights: "x", the shared input), until
     :func:`tmps.sensitivity.direction_costs` has turned them into ``kv_gains`` / ``input_costs``;
     ``projection_spectra``: the svd baseline's per-projection spectra.
@@ -135,14 +137,14 @@ class LayerSolver:
         if self.mode == "kv":
             out.kv_spectra = self.kv_spectra()
             if self.fisher is not None and self.method != "eigen":
-                out.bases = {name: tuple(m.float() for m in self.kv_basis(name)[1:]) for name in ("k", "v")}
+                out.bases = {name: DirectionBasis(*self.kv_basis(name)[1:]) for name in ("k", "v")}
         elif self.method == "svd":
             out.projection_spectra = self.projection_spectra()
         else:
             out.weight_spectrum = self.weight_spectrum()
             out.tensor_shape = tuple(self.whitened_tensor()[0].shape)
             if self.fisher is not None:
-                out.bases = {"x": self.input_direction_basis()}
+                out.bases = {"x": DirectionBasis(*self.input_direction_basis())}
         return out
 
     # ------------------------------------------------------------------ kv mode
@@ -379,7 +381,7 @@ class LayerSolver:
         return self.weight_basis()[0]
 
     def input_direction_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared input factor's directions as ``(P, U)``, both ``(d, d)`` float32, ``U P = I``.
+        """The shared input factor's directions as ``(P, U)``, both ``(d, d)`` float64, ``U P = I``.
 
         Row ``i`` of ``P = Vᵀ L⁻¹`` reads direction ``i`` of an input ``x`` (``v_iᵀ L⁻¹ x``, with ``V``
         from :meth:`weight_basis` and ``L Lᵀ = E[xxᵀ]``); column ``i`` of ``U = L V`` maps it back.
@@ -388,7 +390,7 @@ class LayerSolver:
         """
         _, metric = self.whitened_tensor(output_weighted=False)
         _, vectors = self.weight_basis()
-        return (vectors.T @ metric.inv_sqrt).float(), (metric.sqrt @ vectors).float()
+        return vectors.T @ metric.inv_sqrt, metric.sqrt @ vectors
 
     def projection_spectra(self) -> list[torch.Tensor]:
         """svd baseline: the whitened spectrum of each projection."""
