@@ -80,11 +80,20 @@ def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
 
 
-def summed_loss_outputs(model, ids, mask):
-    """The k/v projection outputs of every layer, with their gradients of the summed next-token loss."""
-    outputs = []
-    hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda m, a, o: outputs.append(o) or o.retain_grad())
-             for layer in model.model.layers for name in ("k_proj", "v_proj")]
+def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False):
+    """Every layer's k/v projection outputs (or, with ``attention_inputs``, its attention's input), masked
+    rows ``(n, d)`` float64, with their gradients of the summed next-token loss."""
+    tensors = []
+
+    def keep(t):
+        tensors.append(t)
+        t.retain_grad()
+    if attention_inputs:
+        hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, k: keep(k["hidden_states"]), with_kwargs=True)
+                 for layer in model.model.layers]
+    else:
+        hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda m, a, o: keep(o))
+                 for layer in model.model.layers for name in ("k_proj", "v_proj")]
     try:
         logits = model.requires_grad_(True)(input_ids=ids, attention_mask=mask).logits
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -92,9 +101,9 @@ def summed_loss_outputs(model, ids, mask):
     finally:
         for h in hooks:
             h.remove()
-    keep = mask.reshape(-1).bool()
-    return [(o.detach().reshape(-1, o.shape[-1])[keep].double(), o.grad.reshape(-1, o.shape[-1])[keep].double())
-            for o in outputs]
+    rows = mask.reshape(-1).bool()
+    return [(t.detach().reshape(-1, t.shape[-1])[rows].double(), t.grad.reshape(-1, t.shape[-1])[rows].double())
+            for t in tensors]
 
 
 def test_direction_costs_match_the_per_token_formula_and_leave_the_model_alone():
@@ -158,20 +167,7 @@ def test_input_direction_costs_are_measured_at_the_attention_input():
     bases = [{"x": DirectionBasis(down, torch.linalg.inv(down))} for _ in model.model.layers]
     costs = direction_costs(model, architecture_of(model), [(ids, mask)], bases, progress=False)
 
-    inputs = []
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda m, a, k: inputs.append(k["hidden_states"]) or k["hidden_states"].retain_grad(), with_kwargs=True)
-        for layer in model.model.layers]
-    try:
-        logits = model.requires_grad_(True)(input_ids=ids, attention_mask=mask).logits
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    keep = mask.reshape(-1).bool()
-    for layer, x in enumerate(inputs):
-        y, g = (t.reshape(-1, 48)[keep].double() for t in (x.detach(), x.grad))
+    for layer, (y, g) in enumerate(summed_loss_outputs(model, ids, mask, attention_inputs=True)):
         expected = ((y @ down.T) * (g @ torch.linalg.inv(down))).square().mean(0)
         assert torch.allclose(costs[layer]["x"], expected, rtol=2e-2, atol=1e-10)  # float16 bases
 
