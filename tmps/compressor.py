@@ -5,8 +5,9 @@ layer's hidden states and one ``(d+1)²`` second moment at a time (no stored act
 
 1. dense pass, one layer at a time: each attention input's second moment becomes that layer's
    planning summary at once (spectra, and with the Fisher metric the loss cost of each direction,
-   from a forward/backward pass over the first ``fisher_tokens`` tokens run before it; in kv mode
-   a second such pass measures the cost of each direction of the bases just found); a global
+   from a forward/backward pass over the first ``fisher_tokens`` tokens run before it; with a
+   greedy ``ratio`` a second such pass measures the cost of each direction of the bases just
+   found: kv mode's K/V bases, weights mode's shared input directions); a global
    ``ratio`` is then spent where the loss (or the calibration error) drops most;
 2. sequential pass: layer l is decomposed from the inputs that the *already compressed* layers
    0..l-1 produce, swapped in, and run to make layer l+1's inputs; the attention output error on

@@ -129,8 +129,9 @@ def _token_means(sums: list[dict], count: int) -> list[dict[str, torch.Tensor]]:
         for name, s in per_layer.items():
             s /= max(count, 1)
             if not torch.isfinite(s).all():
+                where = "the attention input" if name == "x" else f"{name}_proj"
                 raise FloatingPointError(
-                    f"layer {li}: the loss gradient of {name}_proj has NaN/Inf entries (overflow in a half-precision "
+                    f"layer {li}: the loss gradient of {where} has NaN/Inf entries (overflow in a half-precision "
                     "backward?); compress in float32, or use metric='analytic'")
     return sums
 
