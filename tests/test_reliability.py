@@ -444,25 +444,27 @@ def test_planning_holds_one_layer_moment_at_a_time(monkeypatch, metric):
 
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, mode):
+    """The Fisher (and kv mode's gradient-weighted moments) of a layer die once it is compressed."""
     import weakref
 
     import tmps.compressor as compressor
 
     refs, alive_at_build = [], []
-    fisher_pass, build = compressor.projection_fisher, compressor.build_compressed_attention
+    statistics_pass, build = compressor.loss_statistics, compressor.build_compressed_attention
 
-    def tracked_fisher(*args, **kwargs):
-        fisher = fisher_pass(*args, **kwargs)
-        refs.extend([weakref.ref(f) for f in per_layer.values()] for per_layer in fisher)
-        return fisher
+    def tracked_statistics(*args, **kwargs):
+        fisher, weighted = statistics_pass(*args, **kwargs)
+        for per_layer, layer_weighted in zip(fisher, weighted):
+            refs.append([weakref.ref(f) for f in (*per_layer.values(), *layer_weighted.values())])
+        return fisher, weighted
 
     def counting_build(*args, **kwargs):
         alive_at_build.append([_alive(layer) for layer in refs])
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(compressor, "projection_fisher", tracked_fisher)
+    monkeypatch.setattr(compressor, "loss_statistics", tracked_statistics)
     monkeypatch.setattr(compressor, "build_compressed_attention", counting_build)
     compressed(llama(layers=4), mode=mode, metric="fisher")
-    per_layer = 2 if mode == "kv" else 3
-    for index, alive in enumerate(alive_at_build):  # at layer `index`, earlier layers' Fisher is gone
+    per_layer = 4 if mode == "kv" else 3  # kv: F and C_g of k and v; weights: F of q, k, v
+    for index, alive in enumerate(alive_at_build):  # at layer `index`, earlier layers' statistics are gone
         assert alive == [0] * index + [per_layer] * (4 - index)

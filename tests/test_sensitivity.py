@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import tmps
 from tmps.models.base import architecture_of
-from tmps.sensitivity import DirectionBasis, direction_costs, projection_fisher
+from tmps.sensitivity import DirectionBasis, direction_costs, loss_statistics, projection_fisher
 from tmps.solvers import aligned_rank, allocate_by_cost, non_increasing
 
 VOCAB = 96
@@ -104,6 +104,64 @@ def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False):
     rows = mask.reshape(-1).bool()
     return [(t.detach().reshape(-1, t.shape[-1])[rows].double(), t.grad.reshape(-1, t.shape[-1])[rows].double())
             for t in tensors]
+
+
+def test_loss_statistics_weight_each_output_by_its_gradients_norm():
+    """C_g = Σ_t ‖g_t‖² y_t y_tᵀ / Σ_t ‖g_t‖² for the weighted projections, the same Fisher as projection_fisher."""
+    model = llama()
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    arch = architecture_of(model)
+    fisher, weighted = loss_statistics(model, arch, [(ids, mask)], ("k", "v"), ("v",), progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    alone = projection_fisher(model, arch, [(ids, mask)], ("k", "v"), progress=False)
+    for i, (y, g) in enumerate(summed_loss_outputs(model, ids, mask)):
+        layer, name = i // 2, "kv"[i % 2]
+        assert torch.allclose(fisher[layer][name], alone[layer][name])
+        if name == "k":
+            assert "k" not in weighted[layer]
+            continue
+        w = g.square().sum(1)
+        expected = (y * w[:, None]).T @ y / w.sum()
+        got = weighted[layer]["v"]
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
+        # not the plain moment: the tokens' gradient norms differ
+        assert not torch.allclose(got.double(), y.T @ y / y.shape[0], rtol=1e-2)
+
+
+def test_gradient_weighted_kv_basis_keeps_what_the_sensitive_tokens_need():
+    """Tokens with large gradients whose outputs lie off the bulk's directions: the kv basis from C_g keeps
+    those outputs, and its per-token loss mean_t (g_tᵀ (I − U P) y_t)² is far below the plain moment's."""
+    from tmps.calibration import augmented_moment
+    from tmps.solvers import DenseAttentionWeights, LayerSolver
+
+    model = llama()
+    arch = architecture_of(model)
+    attn = model.model.layers[0].self_attn
+    weights = DenseAttentionWeights.from_linears(*arch.projections(attn))
+    gen = torch.Generator().manual_seed(3)
+    n, rare = 600, 12
+    x = torch.randn(n, 48, generator=gen, dtype=torch.float64) * torch.linspace(3, 0.1, 48, dtype=torch.float64)
+    x[:rare] = 0  # the rare tokens' inputs span 4 directions where the bulk has little variance
+    x[:rare, -4:] = torch.randn(rare, 4, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, 16, generator=gen, dtype=torch.float64)
+    g[:rare] *= 300  # the rare tokens carry most of the loss gradient (as attention sinks do)
+    y = x @ weights.wv.double().T
+    fisher = {name: g.T @ g / n for name in "kv"}
+    w = g.square().sum(1)
+    weighted = {name: (y * w[:, None]).T @ y / w.sum() for name in "kv"}
+    moment = augmented_moment(x[None].float(), torch.ones(1, n)).double() / n
+
+    def per_token_loss(weighted_moments):
+        solver = LayerSolver("tucker-mps", "kv", arch.shape(attn), weights, moment, True, fisher=fisher,
+                             weighted=weighted_moments)
+        _, down, up = solver.kv_basis("v")
+        e = y - (y @ down[:4].T) @ up[:, :4].T
+        return (g * e).sum(1).square().mean()
+    assert per_token_loss(weighted) < 0.25 * per_token_loss(None)
 
 
 def test_direction_costs_match_the_per_token_formula_and_leave_the_model_alone():

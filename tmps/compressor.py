@@ -34,7 +34,7 @@ from .calibration import (
 )
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
-from .sensitivity import direction_costs, has_language_model_head, projection_fisher
+from .sensitivity import direction_costs, has_language_model_head, loss_statistics
 from .solvers import (
     DenseAttentionWeights,
     LayerSolver,
@@ -123,7 +123,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     return model
 
 
-def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: bool) -> list[LayerSummary]:
+def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, progress: bool) -> list[LayerSummary]:
     """Dense pass, one layer at a time: each layer's input moment, turned into its planning summary at once.
 
     Only the current layer's moment and solver are alive (for OPT-1.3B a solver holds ~300 MB of
@@ -134,7 +134,8 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, progress: b
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
         moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
-        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed)
+        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed,
+                         weighted[index] if weighted else None)
         summaries.append(solver.summary())
         if not _costs_needed(config):
             summaries[-1].bases = None
@@ -193,11 +194,11 @@ def _mean_moments(moment, normed, count):
     return moment.div_(count), None if normed is None else {name: m.div_(count) for name, m in normed.items()}
 
 
-def _solver(arch, attention, config, moment, fisher=None, normed=None) -> LayerSolver:
+def _solver(arch, attention, config, moment, fisher=None, normed=None, weighted=None) -> LayerSolver:
     q, k, v, o = arch.projections(attention)
     weights = DenseAttentionWeights.from_linears(q, k, v, o)
     return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping,
-                       fisher, normed)
+                       fisher, normed, weighted)
 
 
 def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
@@ -363,13 +364,15 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     # Pass 1: per-layer planning summaries from the dense model. With the Fisher metric, the loss
     # sensitivity comes first from one forward/backward pass over the first ``fisher_tokens``
     # calibration tokens, and the moments that go with it from the same tokens.
-    fisher = None
+    fisher = weighted = None
     if config.metric == "fisher":
         names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
         fisher_batches = _first_tokens(batches, fisher_tokens)
-        fisher = projection_fisher(model, arch, fisher_batches, names, progress, key_norms=_normed_keys(arch, config))
+        # kv mode's bases take the K/V moments weighted by each token's gradient norm (same pass).
+        fisher, weighted = loss_statistics(model, arch, fisher_batches, names, ("k", "v") if config.mode == "kv" else (),
+                                           progress, key_norms=_normed_keys(arch, config))
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
-                                        [mask for _, mask in fisher_batches], config, fisher, progress)
+                                        [mask for _, mask in fisher_batches], config, fisher, weighted, progress)
         if summaries[0].bases is not None:
             costs = direction_costs(model, arch, fisher_batches, [s.bases for s in summaries], progress,
                                     key_norms=_normed_keys(arch, config))
@@ -382,7 +385,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     inputs = capture_layer_inputs(model, layers, batches)
     masks = [mask for _, mask in batches]
     if fisher is None:
-        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, progress)
+        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, None, progress)
     plans = _plan_ranks(config, summaries)
 
     # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
@@ -394,7 +397,8 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
         moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
-        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed)
+        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed,
+                         weighted[index] if weighted else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)
@@ -405,7 +409,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         info.append(layer_info(compressed, arch.shape(dense_attention), error, plans[index]))
         del solver
         if fisher:
-            fisher[index] = None  # this layer's Fisher has served: free it while later layers grow
+            fisher[index] = weighted[index] = None  # served: free them while later layers grow
     return info
 
 

@@ -121,9 +121,13 @@ class LayerSolver:
 
     def __init__(self, method: str, mode: str, shape: AttentionShape, weights: DenseAttentionWeights,
                  second_moment: torch.Tensor, uses_rope: bool, damping: float = 1e-6,
-                 fisher: dict[str, torch.Tensor] | None = None, normed: dict[str, torch.Tensor] | None = None):
+                 fisher: dict[str, torch.Tensor] | None = None, normed: dict[str, torch.Tensor] | None = None,
+                 weighted: dict[str, torch.Tensor | None] | None = None):
         self.method, self.mode, self.shape, self.w = method, mode, shape, weights
         self.fisher = fisher
+        # kv mode with the Fisher metric: the gradient-weighted moments C_g of the K/V outputs
+        # (:func:`tmps.sensitivity.loss_statistics`), which the bases diagonalise in place of E[y yᵀ].
+        self.weighted = weighted
         self.c = second_moment
         # kv mode on models with per-head q/k norms: the second moments of the normalised queries
         # and keys (:func:`tmps.calibration.head_norm_moments`), which the input moment cannot give.
@@ -190,6 +194,8 @@ class LayerSolver:
                 metric = self._query_metric() if name == "k" else self._output_metric()
                 if self.fisher is not None:
                     metric = fisher_blend(self.fisher[name].double(), metric, moment)
+                    if self.weighted is not None and self.weighted.get(name) is not None:
+                        moment = self.weighted[name].double()
                 root, inv_root = psd_sqrt(metric, self.damping)
                 evals, evecs = torch.linalg.eigh(root @ moment @ root)
                 evals, evecs = evals.flip(0), evecs.flip(1)
