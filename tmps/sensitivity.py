@@ -87,11 +87,12 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     for layer_moments, layer_weights in zip(moments, weights):
         for name, total in layer_weights.items():
             # No gradient at all (nothing to weight by): None, and the basis keeps the plain moment.
-            layer_moments[name] = layer_moments[name] / total if total > 0 else None
+            layer_moments[name] = layer_moments[name].div_(total) if total > 0 else None
     return _token_means(fisher, count), moments
 
 
 def _add(sums: dict, name: str, value: torch.Tensor) -> None:
+    """``sums[name] += value``, in place after the first (out-of-place sums of large matrices fragment the heap)."""
     if sums[name] is None:
         sums[name] = value
     else:

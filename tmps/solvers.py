@@ -12,7 +12,9 @@ kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P
     With ``metric="fisher"`` the weighting is instead the empirical Fisher of the projection's
     outputs (``M = E[g gᵀ]``, ``g = ∂loss/∂k``; :mod:`tmps.sensitivity`): the loss itself, through
     the softmax, the attention pattern and every later layer, and in units comparable across layers;
-    half of it is the analytic metric scaled to the same energy (:func:`fisher_blend`).
+    half of it is the analytic metric scaled to the same energy (:func:`fisher_blend`). The moment
+    is then the gradient-weighted ``C_g = Σ_t ‖g_t‖² k_t k_tᵀ / Σ_t ‖g_t‖²`` (``weighted``), which keeps
+    what the loss-sensitive tokens need (:func:`tmps.sensitivity.loss_statistics`).
   * svd: the same with ``S = I`` (per-projection output PCA = activation-aware SVD, Palu-like).
   * eigen (EigenAttention): one basis per head; K's from the K and Q activations of its group.
   Models that normalise each query and key head (Qwen3, Gemma 3) hand the solver the second moments
