@@ -67,7 +67,7 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     ``E = I − U P``: the outputs of the tokens the loss is most sensitive to (attention sinks and
     the like) count more. The K-FAC form, ``tr(F E C Eᵀ)`` with the plain moment ``C``, takes the
     magnitude as independent of the output too. Gemma 3 270M, kv 0.5, the same allocation rule:
-    ×2.71 of dense perplexity with ``C``, ×1.4 with ``C_g`` (README, "How it works").
+    ×2.71 of dense perplexity with ``C``, ×1.44 with ``C_g`` (README, "Measured quality").
 
     Memory: one more ``d_p²`` float32 sum per weighted projection and layer, as much as the Fisher.
     """
