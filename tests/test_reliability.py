@@ -449,20 +449,19 @@ def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, m
 
     import tmps.compressor as compressor
 
-    refs, alive_at_build = [], []
-    statistics_pass, build = compressor.loss_statistics, compressor.build_compressed_attention
+    packed, alive_at_build = [], []
+    pack, build = compressor.pack_layers, compressor.build_compressed_attention
 
-    def tracked_statistics(*args, **kwargs):
-        fisher, weighted = statistics_pass(*args, **kwargs)
-        for per_layer, layer_weighted in zip(fisher, weighted):
-            refs.append([weakref.ref(f) for f in (*per_layer.values(), *layer_weighted.values())])
-        return fisher, weighted
+    def tracked_pack(statistics):  # the Fisher, then the weighted moments, as the compressor keeps them
+        pack(statistics)
+        packed.append([[weakref.ref(m) for m in layer.values() if m is not None] for layer in statistics])
 
     def counting_build(*args, **kwargs):
-        alive_at_build.append([_alive(layer) for layer in refs])
+        per_layer_refs = [sum(layers, []) for layers in zip(*packed)]
+        alive_at_build.append([_alive(layer) for layer in per_layer_refs])
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(compressor, "loss_statistics", tracked_statistics)
+    monkeypatch.setattr(compressor, "pack_layers", tracked_pack)
     monkeypatch.setattr(compressor, "build_compressed_attention", counting_build)
     compressed(llama(layers=4), mode=mode, metric="fisher")
     per_layer = 4 if mode == "kv" else 3  # kv: F and C_g of k and v; weights: F of q, k, v

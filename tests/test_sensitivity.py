@@ -164,6 +164,23 @@ def test_gradient_weighted_kv_basis_keeps_what_the_sensitive_tokens_need():
     assert per_token_loss(weighted) < 0.25 * per_token_loss(None)
 
 
+def test_packed_symmetric_rebuilds_the_matrix_exactly_at_half_the_size():
+    from tmps.sensitivity import PackedSymmetric, pack_layers, unpacked
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 7, 48):
+        a = torch.randn(n, n, generator=gen)
+        m = a @ a.T
+        m = (m + m.T) / 2  # exactly symmetric
+        packed = PackedSymmetric(m)
+        assert packed.values.numel() == n * (n + 1) // 2
+        assert torch.equal(packed.full(), m) and packed.full().dtype == m.dtype
+    layers = [{"k": m.double(), "v": None}]
+    pack_layers(layers)
+    assert isinstance(layers[0]["k"], PackedSymmetric) and layers[0]["v"] is None
+    assert torch.equal(unpacked(layers[0])["k"], m.double()) and unpacked(layers[0])["v"] is None
+    assert unpacked(None) is None
+
+
 def test_direction_costs_match_the_per_token_formula_and_leave_the_model_alone():
     """c_i = mean_t (g_tᵀ u_i)² (p_iᵀ y_t)² over the unmasked tokens, for any basis with U P = I."""
     model = llama()

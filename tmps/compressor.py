@@ -34,7 +34,7 @@ from .calibration import (
 )
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
-from .sensitivity import direction_costs, has_language_model_head, loss_statistics
+from .sensitivity import direction_costs, has_language_model_head, loss_statistics, pack_layers, unpacked
 from .solvers import (
     DenseAttentionWeights,
     LayerSolver,
@@ -134,8 +134,8 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, p
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
         moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
-        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed,
-                         weighted[index] if weighted else None)
+        solver = _solver(arch, arch.attention_of(layer), config, moment, unpacked(fisher[index]) if fisher else None,
+                         normed, unpacked(weighted[index]) if weighted else None)
         summaries.append(solver.summary())
         if not _costs_needed(config):
             summaries[-1].bases = None
@@ -371,6 +371,9 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         # kv mode's bases take the K/V moments weighted by each token's gradient norm (same pass).
         fisher, weighted = loss_statistics(model, arch, fisher_batches, names, ("k", "v") if config.mode == "kv" else (),
                                            progress, key_norms=_normed_keys(arch, config))
+        # Kept as upper triangles until each layer is compressed: half their memory (symmetric).
+        pack_layers(fisher)
+        pack_layers(weighted)
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
                                         [mask for _, mask in fisher_batches], config, fisher, weighted, progress)
         if summaries[0].bases is not None:
@@ -397,8 +400,8 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
         moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
-        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed,
-                         weighted[index] if weighted else None)
+        solver = _solver(arch, dense_attention, config, moment, unpacked(fisher[index]) if fisher else None, normed,
+                         unpacked(weighted[index]) if weighted else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)
