@@ -19,6 +19,14 @@ def llama(**kw):
     return LlamaForCausalLM(cfg).eval()
 
 
+def left_padded_batch(gen, rows: int, cols: int, padded_row: int, pad: int):
+    """Random ids ``(rows, cols)`` and their mask, row ``padded_row`` starting with ``pad`` padding tokens."""
+    ids = torch.randint(0, VOCAB, (rows, cols), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[padded_row, :pad] = 0
+    return ids, mask
+
+
 def test_non_increasing_pools_violators():
     assert non_increasing(torch.tensor([3.0, 1.0, 2.0])).tolist() == [3.0, 1.5, 1.5]
     assert non_increasing(torch.tensor([1.0, 2.0, 3.0])).tolist() == [2.0, 2.0, 2.0]
@@ -110,9 +118,7 @@ def test_loss_statistics_weight_each_output_by_its_gradients_norm():
     """C_g = Σ_t ‖g_t‖² y_t y_tᵀ / Σ_t ‖g_t‖² for the weighted projections, the same Fisher as projection_fisher."""
     model = llama()
     gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, VOCAB, (3, 10), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[2, :5] = 0
+    ids, mask = left_padded_batch(gen, 3, 10, padded_row=2, pad=5)
     arch = architecture_of(model)
     fisher, weighted = loss_statistics(model, arch, [(ids, mask)], ("k", "v"), ("v",), progress=False)
     assert all(p.grad is None for p in model.parameters())
@@ -185,9 +191,7 @@ def test_direction_costs_match_the_per_token_formula_and_leave_the_model_alone()
     """c_i = mean_t (g_tᵀ u_i)² (p_iᵀ y_t)² over the unmasked tokens, for any basis with U P = I."""
     model = llama()
     gen = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, VOCAB, (3, 11), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
+    ids, mask = left_padded_batch(gen, 3, 11, padded_row=0, pad=4)
     bases = []
     for _ in model.model.layers:
         layer = {}
@@ -235,9 +239,7 @@ def test_input_direction_costs_are_measured_at_the_attention_input():
     """weights mode: "x" is the attention's input; its gradient is what the Q/K/V projections pass back."""
     model = llama()
     gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, VOCAB, (2, 10), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    ids, mask = left_padded_batch(gen, 2, 10, padded_row=1, pad=2)
     down = torch.randn(48, 48, generator=gen, dtype=torch.float64) + 7 * torch.eye(48, dtype=torch.float64)
     bases = [{"x": DirectionBasis(down, torch.linalg.inv(down))} for _ in model.model.layers]
     costs = direction_costs(model, architecture_of(model), [(ids, mask)], bases, progress=False)
