@@ -134,8 +134,8 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, p
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
         moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
-        solver = _solver(arch, arch.attention_of(layer), config, moment, unpacked(fisher[index]) if fisher else None,
-                         normed, unpacked(weighted[index]) if weighted else None)
+        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed,
+                         weighted[index] if weighted else None)
         summaries.append(solver.summary())
         if not _costs_needed(config):
             summaries[-1].bases = None
@@ -195,10 +195,11 @@ def _mean_moments(moment, normed, count):
 
 
 def _solver(arch, attention, config, moment, fisher=None, normed=None, weighted=None) -> LayerSolver:
+    """One layer's solver; ``fisher`` / ``weighted`` are that layer's packed statistics (:func:`pack_layers`)."""
     q, k, v, o = arch.projections(attention)
     weights = DenseAttentionWeights.from_linears(q, k, v, o)
     return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping,
-                       fisher, normed, weighted)
+                       unpacked(fisher), normed, unpacked(weighted))
 
 
 def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
@@ -400,8 +401,8 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
         moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
-        solver = _solver(arch, dense_attention, config, moment, unpacked(fisher[index]) if fisher else None, normed,
-                         unpacked(weighted[index]) if weighted else None)
+        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed,
+                         weighted[index] if weighted else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)
