@@ -120,7 +120,7 @@ def test_loss_statistics_weight_each_output_by_its_gradients_norm():
     gen = torch.Generator().manual_seed(7)
     ids, mask = left_padded_batch(gen, 3, 10, padded_row=2, pad=5)
     arch = architecture_of(model)
-    fisher, weighted = loss_statistics(model, arch, [(ids, mask)], ("k", "v"), ("v",), progress=False)
+    fisher, weighted, energies = loss_statistics(model, arch, [(ids, mask)], ("k", "v"), ("v",), progress=False)
     assert all(p.grad is None for p in model.parameters())
     alone = projection_fisher(model, arch, [(ids, mask)], ("k", "v"), progress=False)
     for i, (y, g) in enumerate(summed_loss_outputs(model, ids, mask)):
@@ -136,6 +136,95 @@ def test_loss_statistics_weight_each_output_by_its_gradients_norm():
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
         # not the plain moment: the tokens' gradient norms differ
         assert not torch.allclose(got.double(), y.T @ y / y.shape[0], rtol=1e-2)
+
+
+def test_token_energies_sum_each_tokens_gradient_energy_over_the_projections_per_batch():
+    """e_t = ‖g_k,t‖² + ‖g_v,t‖² for the unmasked tokens, cut back into the batches they came from."""
+    model = llama()
+    gen = torch.Generator().manual_seed(11)
+    batches = [left_padded_batch(gen, 3, 10, padded_row=1, pad=4), left_padded_batch(gen, 2, 7, padded_row=0, pad=2)]
+    arch = architecture_of(model)
+    stats = loss_statistics(model, arch, batches, ("k", "v"), (), progress=False, token_energies=True)
+    assert loss_statistics(model, arch, batches, ("k", "v"), (), progress=False).token_energies is None
+    for b, (ids, mask) in enumerate(batches):
+        outputs = summed_loss_outputs(model, ids, mask)
+        for layer in range(2):
+            (_, g_k), (_, g_v) = outputs[2 * layer], outputs[2 * layer + 1]
+            expected = g_k.square().sum(1) + g_v.square().sum(1)
+            got = stats.token_energies[layer][b]
+            assert got.shape == (int(mask.sum()),) and got.dtype == torch.float32
+            assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
+
+
+def test_weighted_augmented_moment_weights_each_unmasked_token():
+    from tmps.calibration import augmented_moment
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 3, generator=gen)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    w = torch.rand(9, generator=gen, dtype=torch.float64)
+    rows = torch.cat([x.reshape(-1, 3)[mask.reshape(-1).bool()].double(), torch.ones(9, 1, dtype=torch.float64)], 1)
+    expected = (rows * w[:, None]).T @ rows
+    assert torch.allclose(augmented_moment(x, mask, weights=w), expected)
+    assert torch.allclose(augmented_moment(x, mask, weights=torch.ones(9)), augmented_moment(x, mask))
+    running = augmented_moment(x, mask, weights=w)
+    assert torch.allclose(augmented_moment(x, mask, out=running, weights=w), 2 * expected)
+
+
+def test_moment_weights_take_the_fisher_tokens_energy_and_count_the_rest_as_average():
+    from tmps.compressor import _moment_weights
+    energies = [torch.tensor([1.0, 3.0, 0.0]), torch.tensor([4.0])]   # mean 2
+    masks = [torch.tensor([[0, 1, 1, 1]]), torch.ones(2, 2), torch.ones(1, 3)]
+    weights = _moment_weights(energies, masks)
+    expected = [[0.5, 1.5, 0.0], [2.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert [w.tolist() for w in weights] == expected
+    assert sum(float(w.sum()) for w in weights) == 3 + 4 + 3  # the token count: the moment stays a mean
+    assert _moment_weights(None, masks) is None
+    assert _moment_weights([torch.zeros(3)], masks) is None  # no gradient: plain moment
+
+
+def test_weights_mode_input_moments_weight_tokens_by_their_gradient_energy(monkeypatch):
+    """Layer 0's moments in both passes: the Fisher pass's tokens weigh e_t / mean(e), the others 1."""
+    import tmps.compressor as compressor
+    from tmps.calibration import augmented_moment
+
+    dense = llama()
+    gen = torch.Generator().manual_seed(4)
+    batches = [left_padded_batch(gen, 3, 10, padded_row=2, pad=3), left_padded_batch(gen, 4, 10, padded_row=1, pad=6)]
+    fisher_batches = [batches[0], (batches[1][0][:1], batches[1][1][:1])]  # fisher_tokens=40: 3 rows, then 1
+    arch = architecture_of(dense)
+    energies = loss_statistics(dense, arch, fisher_batches, ("q", "k", "v"), (), progress=False,
+                               token_energies=True).token_energies[0]
+    mean = torch.cat(energies).double().mean()
+    inputs = []
+    handle = dense.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, k: inputs.append(k["hidden_states"].detach()), with_kwargs=True)
+    with torch.no_grad():
+        for ids, mask in batches:
+            dense(input_ids=ids, attention_mask=mask)
+    handle.remove()
+
+    def reference(batch_count):
+        total, count = 0, 0
+        for b, (x, (_, mask)) in enumerate(zip(inputs, batches)):
+            w = torch.ones(int(mask.sum()), dtype=torch.float64)
+            if b < len(energies):
+                w[:energies[b].numel()] = energies[b].double() / mean
+            rows = mask if b < batch_count else mask[:1]
+            n = int(rows.sum())
+            total = total + augmented_moment(x[:rows.shape[0]], rows, weights=w[:n])
+            count += n
+        return total / count
+
+    seen, solver = [], compressor._solver
+    monkeypatch.setattr(compressor, "_solver", lambda arch, attention, config, moment, *a: (
+        seen.append(moment.clone()), solver(arch, attention, config, moment, *a))[1])
+    tmps.compress(copy.deepcopy(dense), [{"input_ids": i, "attention_mask": m} for i, m in batches], mode="weights",
+                  ratio=0.5, metric="fisher", fisher_tokens=40, progress=False)
+    planning, sequential = seen[0], seen[2]  # 2 layers planned, then compressed in order
+    assert torch.allclose(planning, reference(batch_count=1), rtol=1e-6, atol=1e-9)
+    assert torch.allclose(sequential, reference(batch_count=2), rtol=1e-6, atol=1e-9)
+    plain = sum(augmented_moment(x, mask) for x, (_, mask) in zip(inputs, batches)) / sum(int(m.sum()) for _, m in batches)
+    assert not torch.allclose(sequential, plain, rtol=1e-2)
 
 
 def test_gradient_weighted_kv_basis_keeps_what_the_sensitive_tokens_need():

@@ -149,15 +149,18 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
-def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor, out: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ x̃ x̃ᵀ`` over unmasked tokens, ``x̃ = [x; 1]``: ``(d+1, d+1)`` float64.
 
+    With ``weights: (n,)``, one per unmasked token in row-major order, ``Σ w_t x̃_t x̃_tᵀ``.
     With ``out`` (a running sum from earlier batches), the sum is added to it in place and ``out``
     returned: accumulating out of place fragments the heap with a fresh ``(d+1)²`` matrix per batch.
     """
     flat = x.reshape(-1, x.shape[-1])[token_mask.reshape(-1).bool()].double()
     flat = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)], dim=1)
-    return flat.T @ flat if out is None else out.add_(flat.T @ flat)
+    left = flat if weights is None else flat * weights.to(flat)[:, None]
+    return left.T @ flat if out is None else out.add_(left.T @ flat)
 
 
 def head_norm_moments(attention: nn.Module, arch, x: torch.Tensor, token_mask: torch.Tensor,

@@ -123,7 +123,8 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     return model
 
 
-def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, progress: bool) -> list[LayerSummary]:
+def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, energies, progress: bool
+                        ) -> list[LayerSummary]:
     """Dense pass, one layer at a time: each layer's input moment, turned into its planning summary at once.
 
     Only the current layer's moment and solver are alive (for OPT-1.3B a solver holds ~300 MB of
@@ -133,7 +134,8 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, p
     hidden = [h for h, _ in inputs]
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
-        moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
+        moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config),
+                                          _moment_weights(energies[index] if energies else None, masks))
         solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed,
                          weighted[index] if weighted else None)
         summaries.append(solver.summary())
@@ -172,21 +174,49 @@ def _run_over_batches(index, layer, hidden, inputs, masks, module, hook, after: 
         handle.remove()
 
 
-def _run_with_moment(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False):
+def _run_with_moment(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False, weights=None):
     """Run ``layer`` over every batch (updating ``hidden`` in place); return its attention input moment and,
-    with ``normed_keys``, the moments of its normalised queries and keys (else None)."""
+    with ``normed_keys``, the moments of its normalised queries and keys (else None). ``weights``: per
+    batch, the input moment's token weights (:func:`_moment_weights`), or None."""
     attention = arch.attention_of(layer)
-    state = {"moment": None, "count": 0, "normed": None}
+    state = {"moment": None, "count": 0, "normed": None, "batch": 0}
 
     def hook(mask, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
-        state["moment"] = augmented_moment(x, mask, out=state["moment"])
+        batch_weights = None if weights is None else weights[state["batch"]]
+        state["batch"] += 1
+        state["moment"] = augmented_moment(x, mask, out=state["moment"], weights=batch_weights)
         if normed_keys:
             state["normed"] = head_norm_moments(attention, arch, x, mask, out=state["normed"])
         state["count"] += int(mask.sum())
 
     _run_over_batches(index, layer, hidden, inputs, masks, attention, hook)
     return _mean_moments(state["moment"], state["normed"], state["count"])
+
+
+def _moment_weights(energies: list[torch.Tensor] | None, masks) -> list[torch.Tensor] | None:
+    """Per calibration batch, ``(n_b,)`` float64: each unmasked token's weight in weights mode's input moment.
+
+    The Fisher pass's tokens weigh their gradient energy relative to its mean, ``e_t / mean(e)``
+    (:func:`tmps.sensitivity.loss_statistics`): the input directions that loss-sensitive tokens use
+    count more. The other tokens, whose gradients were not measured, weigh 1 (an average token),
+    and the weights still sum to the token count, so the moment stays a mean.
+
+    The Fisher pass ran over a row-prefix of each leading batch (:func:`_first_tokens`), so
+    ``energies[b]`` are the first unmasked tokens of batch ``b``.
+    """
+    if energies is None:
+        return None
+    mean = torch.cat(energies).double().mean()
+    if not mean > 0:  # no gradient reached the layer: nothing to weight by
+        return None
+    weights = []
+    for b, mask in enumerate(masks):
+        w = torch.ones(int(mask.sum()), dtype=torch.float64)
+        if b < len(energies):
+            w[:energies[b].numel()] = energies[b].double() / mean
+        weights.append(w)
+    return weights
 
 
 def _mean_moments(moment, normed, count):
@@ -365,18 +395,21 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     # Pass 1: per-layer planning summaries from the dense model. With the Fisher metric, the loss
     # sensitivity comes first from one forward/backward pass over the first ``fisher_tokens``
     # calibration tokens, and the moments that go with it from the same tokens.
-    fisher = weighted = None
+    fisher = weighted = energies = None
     if config.metric == "fisher":
         names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
         fisher_batches = _first_tokens(batches, fisher_tokens)
         # kv mode's bases take the K/V moments weighted by each token's gradient norm (same pass).
-        fisher, weighted = loss_statistics(model, arch, fisher_batches, names, ("k", "v") if config.mode == "kv" else (),
-                                           progress, key_norms=_normed_keys(arch, config))
+        # Weights mode's input moments weight each token by its gradient energy at Q/K/V (same pass).
+        fisher, weighted, energies = loss_statistics(
+            model, arch, fisher_batches, names, ("k", "v") if config.mode == "kv" else (), progress,
+            key_norms=_normed_keys(arch, config), token_energies=config.mode == "weights")
         # Kept as upper triangles until each layer is compressed: half their memory (symmetric).
         pack_layers(fisher)
         pack_layers(weighted)
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
-                                        [mask for _, mask in fisher_batches], config, fisher, weighted, progress)
+                                        [mask for _, mask in fisher_batches], config, fisher, weighted, energies,
+                                        progress)
         if summaries[0].bases is not None:
             costs = direction_costs(model, arch, fisher_batches, [s.bases for s in summaries], progress,
                                     key_norms=_normed_keys(arch, config))
@@ -389,7 +422,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     inputs = capture_layer_inputs(model, layers, batches)
     masks = [mask for _, mask in batches]
     if fisher is None:
-        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, None, progress)
+        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, None, None, progress)
     plans = _plan_ranks(config, summaries)
 
     # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
@@ -400,7 +433,8 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
                       disable=not progress):
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
-        moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config))
+        moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config),
+                                      _moment_weights(energies[index] if energies else None, masks))
         solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed,
                          weighted[index] if weighted else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
@@ -414,10 +448,12 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         del solver
         if fisher:
             fisher[index] = weighted[index] = None  # served: free them while later layers grow
+        if energies:
+            energies[index] = None
     return info
 
 
-def _moment_only(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False):
+def _moment_only(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False, weights=None):
     """The moments of :func:`_run_with_moment` without running the layer past its attention's input."""
     attention = arch.attention_of(layer)
     total, normed, count = None, None, 0
@@ -430,7 +466,7 @@ def _moment_only(arch, index, layer, hidden, inputs, masks, normed_keys: bool = 
         try:
             run_layer(layer, hidden[i], kwargs[index])
         except _Captured as cap:
-            total = augmented_moment(cap.x, masks[i], out=total)
+            total = augmented_moment(cap.x, masks[i], out=total, weights=None if weights is None else weights[i])
             if normed_keys:
                 normed = head_norm_moments(attention, arch, cap.x, masks[i], out=normed)
             count += int(masks[i].sum())

@@ -14,17 +14,21 @@ than in others.
 
 ``F`` weights the bases (:mod:`tmps.solvers`). Where a few tokens carry both the largest gradients
 and atypical outputs, the independence assumption misprices them: kv mode's bases take the moment
-with each token weighted by its gradient's squared norm instead of ``C`` (:func:`loss_statistics`),
+with each token weighted by its gradient's squared norm instead of ``C``, weights mode's shared
+input basis the input moment weighted by each token's gradient energy (:func:`loss_statistics`),
 and the costs that rank allocation spends a budget by are measured token by token
 (:func:`direction_costs`, for kv mode's K/V bases and weights mode's shared input directions).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["has_language_model_head", "projection_fisher", "loss_statistics", "direction_costs", "DirectionBasis"]
+__all__ = ["has_language_model_head", "projection_fisher", "loss_statistics", "LossStatistics", "direction_costs",
+           "DirectionBasis"]
 
 # Tokens per forward/backward step (at least one sequence): bounds the activations kept for the
 # backward pass, which at OPT-1.3B's width are about 4 MB per token.
@@ -50,12 +54,19 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     projection and layer) and each step's ``g gᵀ`` has the same size, so the allocator reuses it:
     for OPT-1.3B in kv mode that is 24 × 2 × 16 MB, plus one step's activations.
     """
-    return loss_statistics(model, arch, batches, names, (), progress, key_norms)[0]
+    return loss_statistics(model, arch, batches, names, (), progress, key_norms).fisher
+
+
+class LossStatistics(NamedTuple):
+    """What :func:`loss_statistics` measures, per decoder layer."""
+    fisher: list[dict[str, torch.Tensor]]            # {name: F (d_p, d_p) float32}
+    moments: list[dict[str, torch.Tensor | None]]   # {name: C_g (d_p, d_p) float32} for the weighted names
+    token_energies: list[list[torch.Tensor]] | None  # per batch, (n_b,) float32: Σ_p ‖g_{p,t}‖² (or None)
 
 
 def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
-                    weighted: tuple[str, ...] = ("k", "v"), progress: bool = True, key_norms: bool = False
-                    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+                    weighted: tuple[str, ...] = ("k", "v"), progress: bool = True, key_norms: bool = False,
+                    token_energies: bool = False) -> LossStatistics:
     """Per layer, the Fisher ``{name: F}`` of :func:`projection_fisher` and, for the projections in
     ``weighted``, the gradient-weighted output moment ``{name: C_g (d_p, d_p) float32}``, in one pass:
 
@@ -70,17 +81,26 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     ×2.71 of dense perplexity with ``C``, ×1.44 with ``C_g`` (README, "Measured quality").
 
     Memory: one more ``d_p²`` float32 sum per weighted projection and layer, as much as the Fisher.
+
+    With ``token_energies``, each token's gradient energy at the layer's projections,
+    ``e_t = Σ_{p in names} ‖g_{p,t}‖²``, is kept too: per batch of ``batches``, its unmasked tokens
+    in order (row-major). Weights mode's shared input basis weights the input moment by it
+    (:func:`tmps.calibration.augmented_moment`), the input-side analogue of ``C_g``: the error
+    ``ΔW_p x_t`` costs ``(g_{p,t}ᵀ ΔW_p x_t)²``. 4 bytes per token and layer.
     """
     fisher = [{n: None for n in names} for _ in arch.decoder_layers(model)]
     moments = [{n: None for n in weighted} for _ in fisher]
     weights = [{n: 0.0 for n in weighted} for _ in fisher]
+    energies = [{n: [] for n in names} for _ in fisher] if token_energies else None
 
     def accumulate(layer: int, name: str, y: torch.Tensor, g: torch.Tensor) -> None:
         _add(fisher[layer], name, g.T @ g)
+        w = g.square().sum(1)                # (n,) each token's ‖g_t‖²
         if name in weighted:
-            w = g.square().sum(1)            # (n,) each token's ‖g_t‖²
             _add(moments[layer], name, (y * w[:, None]).T @ y)
             weights[layer][name] += float(w.double().sum())
+        if energies is not None:
+            energies[layer][name].append(w)
 
     count = _gradient_pass(model, arch, batches, names, accumulate, key_norms, "tmps: loss sensitivity", progress,
                            outputs=bool(weighted))
@@ -88,7 +108,14 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
         for name, total in layer_weights.items():
             # No gradient at all (nothing to weight by): None, and the basis keeps the plain moment.
             layer_moments[name] = layer_moments[name].div_(total) if total > 0 else None
-    return _token_means(fisher, count), moments
+    per_batch = None
+    if energies is not None:
+        # Every step fires each projection's hook once, in token order: sum over projections, then
+        # cut the token stream back into the batches it came from.
+        sizes = [int(mask.sum()) for _, mask in batches]
+        per_batch = [list(sum(torch.cat(steps) for steps in layer.values() if steps).split(sizes))
+                     for layer in energies]
+    return LossStatistics(_token_means(fisher, count), moments, per_batch)
 
 
 def _add(sums: dict, name: str, value: torch.Tensor) -> None:

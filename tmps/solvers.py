@@ -23,7 +23,9 @@ kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P
 weights mode: the whitened stacked weights ``T = [W_q; W_k; W_v] L`` (``L Lᵀ = E[xxᵀ]``) as a
   3-way tensor ``(d, heads, head_dim)``, decomposed by HOOI / TT-SVD / Tucker-MPS into a shared
   input factor, per-head cores and an optional output factor; ``svd`` factors each projection alone.
-  With ``metric="fisher"`` each head's ``M_h`` is the diagonal block of its projection's Fisher.
+  With ``metric="fisher"`` each head's ``M_h`` is the diagonal block of its projection's Fisher,
+  and the compressor hands the solver the input moment with each token weighted by its gradient
+  energy at Q/K/V (``Σ_t w_t x̃_t x̃_tᵀ / Σ_t w_t``, :func:`tmps.compressor._moment_weights`).
 """
 from __future__ import annotations
 
