@@ -200,7 +200,9 @@ def _moment_weights(energies: list[torch.Tensor] | None, masks) -> list[torch.Te
     The Fisher pass's tokens weigh their gradient energy relative to its mean, ``e_t / mean(e)``
     (:func:`tmps.sensitivity.loss_statistics`): the input directions that loss-sensitive tokens use
     count more. The other tokens, whose gradients were not measured, weigh 1 (an average token),
-    and the weights still sum to the token count, so the moment stays a mean.
+    and the weights still sum to the token count, so the moment stays a mean. Weights 0.5, default
+    options: SmolLM2-135M ×1.407 → ×1.352 of dense perplexity, Gemma 3 270M ×2.06 → ×1.59 (README,
+    "Measured quality").
 
     The Fisher pass ran over a row-prefix of each leading batch (:func:`_first_tokens`), so
     ``energies[b]`` are the first unmasked tokens of batch ``b``.
