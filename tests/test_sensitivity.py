@@ -138,8 +138,11 @@ def test_loss_statistics_weight_each_output_by_its_gradients_norm():
         assert not torch.allclose(got.double(), y.T @ y / y.shape[0], rtol=1e-2)
 
 
-def test_token_energies_sum_each_tokens_gradient_energy_over_the_projections_per_batch():
+@pytest.mark.parametrize("tokens_per_step", [256, 10])  # one step per batch, or one row per step
+def test_token_energies_sum_each_tokens_gradient_energy_over_the_projections_per_batch(monkeypatch, tokens_per_step):
     """e_t = ‖g_k,t‖² + ‖g_v,t‖² for the unmasked tokens, cut back into the batches they came from."""
+    import tmps.sensitivity
+    monkeypatch.setattr(tmps.sensitivity, "TOKENS_PER_STEP", tokens_per_step)
     model = llama()
     gen = torch.Generator().manual_seed(11)
     batches = [left_padded_batch(gen, 3, 10, padded_row=1, pad=4), left_padded_batch(gen, 2, 7, padded_row=0, pad=2)]
