@@ -158,17 +158,18 @@ def _normed_keys(arch, config) -> bool:
 def _run_over_batches(index, layer, hidden, inputs, masks, module, hook, after: bool = False) -> None:
     """Run ``layer`` (decoder layer ``index``) over every batch, updating ``hidden`` in place, with ``hook`` on ``module``.
 
-    ``hook(mask, args, kwargs)`` runs before ``module``'s forward (``after=False``) or
-    ``hook(mask, args, kwargs, output)`` after it; ``mask`` is the batch's token mask.
+    ``hook(batch, args, kwargs)`` runs before ``module``'s forward (``after=False``) or
+    ``hook(batch, args, kwargs, output)`` after it; ``batch`` is the batch's index (its token mask
+    is ``masks[batch]``).
     """
     current = {}
     if after:
-        handle = module.register_forward_hook(lambda m, a, k, o: hook(current["mask"], a, k, o), with_kwargs=True)
+        handle = module.register_forward_hook(lambda m, a, k, o: hook(current["batch"], a, k, o), with_kwargs=True)
     else:
-        handle = module.register_forward_pre_hook(lambda m, a, k: hook(current["mask"], a, k), with_kwargs=True)
+        handle = module.register_forward_pre_hook(lambda m, a, k: hook(current["batch"], a, k), with_kwargs=True)
     try:
         for i, (_, kwargs) in enumerate(inputs):
-            current["mask"] = masks[i]
+            current["batch"] = i
             hidden[i] = run_layer(layer, hidden[i], kwargs[index])
     finally:
         handle.remove()
@@ -179,13 +180,12 @@ def _run_with_moment(arch, index, layer, hidden, inputs, masks, normed_keys: boo
     with ``normed_keys``, the moments of its normalised queries and keys (else None). ``weights``: per
     batch, the input moment's token weights (:func:`_moment_weights`), or None."""
     attention = arch.attention_of(layer)
-    state = {"moment": None, "count": 0, "normed": None, "batch": 0}
+    state = {"moment": None, "count": 0, "normed": None}
 
-    def hook(mask, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        batch_weights = None if weights is None else weights[state["batch"]]
-        state["batch"] += 1
-        state["moment"] = augmented_moment(x, mask, out=state["moment"], weights=batch_weights)
+    def hook(batch, args, kwargs):
+        x, mask = args[0] if args else kwargs["hidden_states"], masks[batch]
+        state["moment"] = augmented_moment(x, mask, out=state["moment"],
+                                           weights=None if weights is None else weights[batch])
         if normed_keys:
             state["normed"] = head_norm_moments(attention, arch, x, mask, out=state["normed"])
         state["count"] += int(mask.sum())
@@ -486,9 +486,9 @@ def _run_and_measure(index, layer, compressed, dense_attention, hidden, inputs, 
     """Run the (compressed) layer over every batch and return the relative attention output error."""
     sums = {"err": 0.0, "ref": 0.0}
 
-    def hook(mask, args, kwargs, output):
+    def hook(batch, args, kwargs, output):
         ref = dense_attention(*args, **kwargs)[0]
-        mask = mask.unsqueeze(-1).to(ref.dtype)
+        mask = masks[batch].unsqueeze(-1).to(ref.dtype)
         sums["err"] += float((((output[0] - ref) * mask).double() ** 2).sum())
         sums["ref"] += float(((ref * mask).double() ** 2).sum())
 

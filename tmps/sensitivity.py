@@ -96,7 +96,7 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     # 8.39 to 8.83 GiB; allocated up front, 8.46 GiB: benchmarks/memory.py --mode weights).
     sizes = [int(mask.sum()) for _, mask in batches]
     energies = [torch.zeros(sum(sizes)) for _ in fisher] if token_energies else None
-    filled = [{n: 0 for n in names} for _ in fisher]
+    filled = [{n: 0 for n in names} for _ in fisher]  # tokens written so far, per projection
 
     def accumulate(layer: int, name: str, y: torch.Tensor, g: torch.Tensor) -> None:
         _add(fisher[layer], name, g.T @ g)
