@@ -427,9 +427,9 @@ def test_planning_holds_one_layer_moment_at_a_time(monkeypatch, metric):
     run_with_moment, solver = compressor._run_with_moment, compressor._solver
 
     def tracked_moment(*args):
-        m, normed = run_with_moment(*args)
-        moments.append(weakref.ref(m))
-        return m, normed
+        layer_moments = run_with_moment(*args)
+        moments.append(weakref.ref(layer_moments.moment))
+        return layer_moments
 
     def counting_solver(*args):
         alive_at_solver.append(_alive(moments))
@@ -444,7 +444,7 @@ def test_planning_holds_one_layer_moment_at_a_time(monkeypatch, metric):
 
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, mode):
-    """The Fisher (and kv mode's gradient-weighted moments) of a layer die once it is compressed."""
+    """The Fisher of a layer dies once that layer is compressed."""
     import weakref
 
     import tmps.compressor as compressor
@@ -452,7 +452,7 @@ def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, m
     packed, alive_at_build = [], []
     pack, build = compressor.pack_layers, compressor.build_compressed_attention
 
-    def tracked_pack(statistics):  # the Fisher, then the weighted moments, as the compressor keeps them
+    def tracked_pack(statistics):  # the Fisher, as the compressor keeps it
         pack(statistics)
         packed.append([[weakref.ref(m) for m in layer.values() if m is not None] for layer in statistics])
 
@@ -464,6 +464,6 @@ def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, m
     monkeypatch.setattr(compressor, "pack_layers", tracked_pack)
     monkeypatch.setattr(compressor, "build_compressed_attention", counting_build)
     compressed(llama(layers=4), mode=mode, metric="fisher")
-    per_layer = 4 if mode == "kv" else 3  # kv: F and C_g of k and v; weights: F of q, k, v
+    per_layer = 2 if mode == "kv" else 3  # kv: F of k and v; weights: F of q, k, v
     for index, alive in enumerate(alive_at_build):  # at layer `index`, earlier layers' statistics are gone
         assert alive == [0] * index + [per_layer] * (4 - index)

@@ -88,20 +88,27 @@ def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
 
 
-def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False):
-    """Every layer's k/v projection outputs (or, with ``attention_inputs``, its attention's input), masked
-    rows ``(n, d)`` float64, with their gradients of the summed next-token loss."""
-    tensors = []
-
-    def keep(t):
-        tensors.append(t)
-        t.retain_grad()
+def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False, key_norms: bool = False):
+    """Every layer's k/v projection outputs (with ``key_norms``, the key norm's output for k; with
+    ``attention_inputs``, its attention's input instead), masked rows ``(n, d)`` float64 (heads
+    concatenated), with their gradients of the summed next-token loss."""
+    attentions = [layer.self_attn for layer in model.model.layers]
     if attention_inputs:
-        hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, k: keep(k["hidden_states"]), with_kwargs=True)
-                 for layer in model.model.layers]
+        modules = attentions
     else:
-        hooks = [getattr(layer.self_attn, name).register_forward_hook(lambda m, a, o: keep(o))
-                 for layer in model.model.layers for name in ("k_proj", "v_proj")]
+        modules = [getattr(a, name) for a in attentions for name in ("k_norm" if key_norms else "k_proj", "v_proj")]
+    tensors = [None] * len(modules)  # in the order above (Gemma 3 runs v_proj before k_norm)
+
+    def keeper(slot):
+        def keep(t):
+            tensors[slot] = t
+            t.retain_grad()
+        return keep
+    if attention_inputs:
+        hooks = [module.register_forward_pre_hook(lambda m, a, k, keep=keeper(i): keep(k["hidden_states"]),
+                                                  with_kwargs=True) for i, module in enumerate(modules)]
+    else:
+        hooks = [module.register_forward_hook(lambda m, a, o, keep=keeper(i): keep(o)) for i, module in enumerate(modules)]
     try:
         logits = model.requires_grad_(True)(input_ids=ids, attention_mask=mask).logits
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -109,54 +116,71 @@ def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False):
     finally:
         for h in hooks:
             h.remove()
-    rows = mask.reshape(-1).bool()
-    return [(t.detach().reshape(-1, t.shape[-1])[rows].double(), t.grad.reshape(-1, t.shape[-1])[rows].double())
-            for t in tensors]
+    heads_first = architecture_of(model).head_norms_heads_first
+
+    def token_rows(t):  # (b, s, d), or a key norm's (b, s, heads, head_dim) / Gemma 3's (b, heads, s, head_dim)
+        if t.dim() == 4:
+            t = (t.transpose(1, 2) if heads_first else t).flatten(2)
+        return t.reshape(-1, t.shape[-1])[mask.reshape(-1).bool()].double()
+    return [(token_rows(t.detach()), token_rows(t.grad)) for t in tensors]
 
 
-def test_loss_statistics_weight_each_output_by_its_gradients_norm():
-    """C_g = Σ_t ‖g_t‖² y_t y_tᵀ / Σ_t ‖g_t‖² for the weighted projections, the same Fisher as projection_fisher."""
-    model = llama()
-    gen = torch.Generator().manual_seed(7)
-    ids, mask = left_padded_batch(gen, 3, 10, padded_row=2, pad=5)
-    arch = architecture_of(model)
-    fisher, weighted, energies = loss_statistics(model, arch, [(ids, mask)], ("k", "v"), ("v",), progress=False)
-    assert all(p.grad is None for p in model.parameters())
-    alone = projection_fisher(model, arch, [(ids, mask)], ("k", "v"), progress=False)
-    for i, (y, g) in enumerate(summed_loss_outputs(model, ids, mask)):
-        layer, name = i // 2, "kv"[i % 2]
-        assert torch.allclose(fisher[layer][name], alone[layer][name])
-        if name == "k":
-            assert "k" not in weighted[layer]
-            continue
-        w = g.square().sum(1)
-        expected = (y * w[:, None]).T @ y / w.sum()
-        got = weighted[layer]["v"]
-        assert got.shape == expected.shape and got.dtype == torch.float32
-        assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
-        # not the plain moment: the tokens' gradient norms differ
-        assert not torch.allclose(got.double(), y.T @ y / y.shape[0], rtol=1e-2)
+@pytest.mark.parametrize("build", ["llama", "gemma3"])
+def test_kv_bases_weight_each_tokens_outputs_by_its_gradients_norm(monkeypatch, build):
+    """Layer 0's K/V moments in both passes of kv mode: C_g = Σ_t w_t y_t y_tᵀ / Σ_t w_t with w_t = ‖g_t‖²
+    for the Fisher pass's tokens; pass 2 counts the other calibration tokens at the mean weight.
+
+    Gemma 3 (keys normalised per head, heads first) takes k after its key norm."""
+    import tmps.compressor as compressor
+    from test_architectures import gemma3
+
+    dense = llama() if build == "llama" else gemma3()
+    gen = torch.Generator().manual_seed(5)
+    batches = [left_padded_batch(gen, 3, 10, padded_row=2, pad=4), left_padded_batch(gen, 2, 10, padded_row=0, pad=3)]
+    # fisher_tokens=40: batch 0's 3 rows, then batch 1's first row (its first 7 unmasked tokens)
+    fisher_rows = [int(batches[0][1].sum()), int(batches[1][1][0].sum())]
+    outputs = [summed_loss_outputs(dense, ids, mask, key_norms=build == "gemma3")[:2] for ids, mask in batches]
+    seen, solver = [], compressor._solver
+    monkeypatch.setattr(compressor, "_solver", lambda arch, attention, config, moments, *a: (
+        seen.append({n: m.clone() for n, m in moments.weighted.items()}), solver(arch, attention, config, moments, *a))[1])
+    tmps.compress(copy.deepcopy(dense), [{"input_ids": i, "attention_mask": m} for i, m in batches], mode="kv",
+                  ratio=0.5, metric="fisher", fisher_tokens=40, progress=False)
+    planning, sequential = seen[0], seen[len(dense.model.layers)]
+    for i, name in enumerate("kv"):
+        ys = [outputs[b][i][0] for b in range(2)]
+        energies = [outputs[b][i][1][:fisher_rows[b]].square().sum(1) for b in range(2)]
+        fisher_y = torch.cat([ys[b][:fisher_rows[b]] for b in range(2)])
+        e = torch.cat(energies)
+        c_g = (fisher_y * e[:, None]).T @ fisher_y / e.sum()
+        torch.testing.assert_close(planning[name], c_g, rtol=1e-5, atol=1e-7)
+        rest = torch.cat([ys[b][fisher_rows[b]:] for b in range(2)])
+        expected = ((fisher_y * (e / e.mean())[:, None]).T @ fisher_y + rest.T @ rest) / (len(fisher_y) + len(rest))
+        torch.testing.assert_close(sequential[name], expected, rtol=1e-5, atol=1e-7)
+        all_y = torch.cat(ys)
+        assert not torch.allclose(sequential[name], all_y.T @ all_y / len(all_y), rtol=1e-2)  # not the plain moment
 
 
 @pytest.mark.parametrize("tokens_per_step", [256, 10])  # one step per batch, or one row per step
-def test_token_energies_sum_each_tokens_gradient_energy_over_the_projections_per_batch(monkeypatch, tokens_per_step):
-    """e_t = ‖g_k,t‖² + ‖g_v,t‖² for the unmasked tokens, cut back into the batches they came from."""
+def test_token_energies_keep_each_tokens_gradient_energy_per_projection_and_batch(monkeypatch, tokens_per_step):
+    """‖g_k,t‖² and ‖g_v,t‖² of the unmasked tokens, per projection, cut back into the batches they came from."""
     import tmps.sensitivity
     monkeypatch.setattr(tmps.sensitivity, "TOKENS_PER_STEP", tokens_per_step)
     model = llama()
     gen = torch.Generator().manual_seed(11)
     batches = [left_padded_batch(gen, 3, 10, padded_row=1, pad=4), left_padded_batch(gen, 2, 7, padded_row=0, pad=2)]
     arch = architecture_of(model)
-    stats = loss_statistics(model, arch, batches, ("k", "v"), (), progress=False, token_energies=True)
-    assert loss_statistics(model, arch, batches, ("k", "v"), (), progress=False).token_energies is None
+    stats = loss_statistics(model, arch, batches, ("k", "v"), progress=False, token_energies=("k", "v"))
+    assert loss_statistics(model, arch, batches, ("k", "v"), progress=False).token_energies is None
     for b, (ids, mask) in enumerate(batches):
         outputs = summed_loss_outputs(model, ids, mask)
         for layer in range(2):
-            (_, g_k), (_, g_v) = outputs[2 * layer], outputs[2 * layer + 1]
-            expected = g_k.square().sum(1) + g_v.square().sum(1)
-            got = stats.token_energies[layer][b]
-            assert got.shape == (int(mask.sum()),) and got.dtype == torch.float32
-            assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
+            for i, name in enumerate("kv"):
+                expected = outputs[2 * layer + i][1].square().sum(1)
+                got = stats.token_energies[layer][name][b]
+                assert got.shape == (int(mask.sum()),) and got.dtype == torch.float32
+                assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="token_energies"):
+        loss_statistics(model, arch, batches, ("k", "v"), progress=False, token_energies=("q",))
 
 
 def test_weighted_augmented_moment_weights_each_unmasked_token():
@@ -195,8 +219,9 @@ def test_weights_mode_input_moments_weight_tokens_by_their_gradient_energy(monke
     batches = [left_padded_batch(gen, 3, 10, padded_row=2, pad=3), left_padded_batch(gen, 4, 10, padded_row=1, pad=6)]
     fisher_batches = [batches[0], (batches[1][0][:1], batches[1][1][:1])]  # fisher_tokens=40: 3 rows, then 1
     arch = architecture_of(dense)
-    energies = loss_statistics(dense, arch, fisher_batches, ("q", "k", "v"), (), progress=False,
-                               token_energies=True).token_energies[0]
+    per_projection = loss_statistics(dense, arch, fisher_batches, ("q", "k", "v"), progress=False,
+                                     token_energies=("q", "k", "v")).token_energies[0]
+    energies = [sum(parts) for parts in zip(*per_projection.values())]  # e_t = Σ_p ‖g_p,t‖²
     mean = torch.cat(energies).double().mean()
     inputs = []
     handle = dense.model.layers[0].self_attn.register_forward_pre_hook(
@@ -219,8 +244,8 @@ def test_weights_mode_input_moments_weight_tokens_by_their_gradient_energy(monke
         return total / count
 
     seen, solver = [], compressor._solver
-    monkeypatch.setattr(compressor, "_solver", lambda arch, attention, config, moment, *a: (
-        seen.append(moment.clone()), solver(arch, attention, config, moment, *a))[1])
+    monkeypatch.setattr(compressor, "_solver", lambda arch, attention, config, moments, *a: (
+        seen.append(moments.moment.clone()), solver(arch, attention, config, moments, *a))[1])
     tmps.compress(copy.deepcopy(dense), [{"input_ids": i, "attention_mask": m} for i, m in batches], mode="weights",
                   ratio=0.5, metric="fisher", fisher_tokens=40, progress=False)
     planning, sequential = seen[0], seen[2]  # 2 layers planned, then compressed in order

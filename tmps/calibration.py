@@ -163,21 +163,35 @@ def augmented_moment(x: torch.Tensor, token_mask: torch.Tensor, out: torch.Tenso
     return left.T @ flat if out is None else out.add_(left.T @ flat)
 
 
-def head_norm_moments(attention: nn.Module, arch, x: torch.Tensor, token_mask: torch.Tensor,
-                      out: dict | None = None) -> dict[str, torch.Tensor]:
-    """``{"q": Σ q̂ q̂ᵀ (d_q, d_q), "k": Σ k̂ k̂ᵀ (d_kv, d_kv)}`` float64, over the unmasked tokens of ``x``.
+def output_moments(attention: nn.Module, arch, x: torch.Tensor, token_mask: torch.Tensor,
+                   names: tuple[str, ...] = ("k", "v"), weights: dict[str, torch.Tensor] | None = None,
+                   head_norms: bool = False, out: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{name: Σ_t w_t y_t y_tᵀ (d_p, d_p)}`` float64 of the dense projections' outputs over the unmasked tokens of ``x``.
 
-    ``q̂``, ``k̂`` are the dense attention's queries and keys after its per-head norms (Qwen3's and
-    Gemma 3's q_norm / k_norm), before RoPE, heads concatenated: what kv mode caches latents of
-    (keys) and weights its key basis by (queries). Computed from the attention's input ``x: (b, s, d)``
-    with the dense modules themselves, so the attention need not run. ``out`` accumulates in place.
+    ``y_t = W_p x_t + b_p`` for ``name`` in "q", "k", "v" (heads concatenated), computed from the
+    attention's input ``x: (b, s, d)`` with the dense modules themselves, so the attention need not
+    run. With ``head_norms`` (Qwen3, Gemma 3) q and k are taken after the attention's per-head
+    q_norm / k_norm, before RoPE: what kv mode caches latents of (keys) and weights its key basis by
+    (queries). ``weights``: ``{name: (n,)}``, one weight per unmasked token in row-major order (a
+    name without weights: 1). ``out`` accumulates in place.
     """
-    q_proj, k_proj, _, _ = arch.projections(attention)
+    projections = dict(zip("qkv", arch.projections(attention)[:3]))
     keep = token_mask.reshape(-1).bool()
     sums = {} if out is None else out
     with torch.no_grad():
-        for name, proj, norm in (("q", q_proj, attention.q_norm), ("k", k_proj, attention.k_norm)):
-            heads = norm(proj(x).view(*x.shape[:-1], -1, attention.head_dim))
-            flat = heads.reshape(-1, heads.shape[-2] * heads.shape[-1])[keep].double()
-            sums[name] = flat.T @ flat if name not in sums else sums[name].add_(flat.T @ flat)
+        for name in names:
+            y = projections[name](x)
+            if head_norms and name in ("q", "k"):
+                y = getattr(attention, f"{name}_norm")(y.view(*x.shape[:-1], -1, attention.head_dim)).flatten(-2)
+            flat = y.reshape(-1, y.shape[-1])[keep].double()
+            w = None if weights is None else weights.get(name)
+            left = flat if w is None else flat * w.to(flat)[:, None]
+            sums[name] = left.T @ flat if name not in sums else sums[name].add_(left.T @ flat)
     return sums
+
+
+def head_norm_moments(attention: nn.Module, arch, x: torch.Tensor, token_mask: torch.Tensor,
+                      out: dict | None = None) -> dict[str, torch.Tensor]:
+    """``{"q": Σ q̂ q̂ᵀ (d_q, d_q), "k": Σ k̂ k̂ᵀ (d_kv, d_kv)}`` float64, over the unmasked tokens of ``x``:
+    :func:`output_moments` of the queries and keys after the per-head norms (Qwen3's and Gemma 3's)."""
+    return output_moments(attention, arch, x, token_mask, ("q", "k"), head_norms=True, out=out)

@@ -13,6 +13,10 @@ layer's hidden states and one ``(d+1)²`` second moment at a time (no stored act
    0..l-1 produce, swapped in, and run to make layer l+1's inputs; the attention output error on
    the calibration data is measured on the way.
 
+With the Fisher metric both passes weight each of the Fisher pass's tokens in their moments by its
+gradient energy (kv mode's K/V output moments, weights mode's input moment; the other tokens count
+as average ones): what an error costs depends on the token (:func:`_token_weights`).
+
 If anything fails (bad option, NaN, out of memory, KeyboardInterrupt) every swapped layer is put
 back: the model is left exactly as it was.
 """
@@ -29,6 +33,7 @@ from .calibration import (
     calibration_batches,
     capture_layer_inputs,
     head_norm_moments,
+    output_moments,
     run_layer,
     sample_from_model,
 )
@@ -123,8 +128,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     return model
 
 
-def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, energies, progress: bool
-                        ) -> list[LayerSummary]:
+def _planning_summaries(arch, layers, inputs, masks, config, fisher, energies, progress: bool) -> list[LayerSummary]:
     """Dense pass, one layer at a time: each layer's input moment, turned into its planning summary at once.
 
     Only the current layer's moment and solver are alive (for OPT-1.3B a solver holds ~300 MB of
@@ -134,14 +138,13 @@ def _planning_summaries(arch, layers, inputs, masks, config, fisher, weighted, e
     hidden = [h for h, _ in inputs]
     summaries = []
     for index, layer in enumerate(tqdm(layers, desc="tmps: calibration statistics", disable=not progress, leave=False)):
-        moment, normed = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config),
-                                          _moment_weights(energies[index] if energies else None, masks))
-        solver = _solver(arch, arch.attention_of(layer), config, moment, fisher[index] if fisher else None, normed,
-                         weighted[index] if weighted else None)
+        moments = _run_with_moment(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config),
+                                   _token_weights(config, energies[index] if energies else None, masks))
+        solver = _solver(arch, arch.attention_of(layer), config, moments, fisher[index] if fisher else None)
         summaries.append(solver.summary())
         if not _costs_needed(config):
             summaries[-1].bases = None
-        del solver, moment, normed
+        del solver, moments
     return summaries
 
 
@@ -175,33 +178,82 @@ def _run_over_batches(index, layer, hidden, inputs, masks, module, hook, after: 
         handle.remove()
 
 
-def _run_with_moment(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False, weights=None):
-    """Run ``layer`` over every batch (updating ``hidden`` in place); return its attention input moment and,
-    with ``normed_keys``, the moments of its normalised queries and keys (else None). ``weights``: per
-    batch, the input moment's token weights (:func:`_moment_weights`), or None."""
-    attention = arch.attention_of(layer)
-    state = {"moment": None, "count": 0, "normed": None}
+def _run_with_moment(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False, weights=None
+                     ) -> _LayerMoments:
+    """Run ``layer`` over every batch (updating ``hidden`` in place); return its attention's calibration
+    moments (:class:`_LayerMoments`, ``weights`` as there)."""
+    moments = _LayerMoments(arch, arch.attention_of(layer), masks, normed_keys, weights)
+    _run_over_batches(index, layer, hidden, inputs, masks, moments.attention,
+                      lambda batch, args, kwargs: moments.add(batch, args[0] if args else kwargs["hidden_states"]))
+    return moments.means()
 
-    def hook(batch, args, kwargs):
-        x, mask = args[0] if args else kwargs["hidden_states"], masks[batch]
-        state["moment"] = augmented_moment(x, mask, out=state["moment"],
-                                           weights=None if weights is None else weights[batch])
-        if normed_keys:
-            state["normed"] = head_norm_moments(attention, arch, x, mask, out=state["normed"])
-        state["count"] += int(mask.sum())
 
-    _run_over_batches(index, layer, hidden, inputs, masks, attention, hook)
-    return _mean_moments(state["moment"], state["normed"], state["count"])
+class _LayerMoments:
+    """One attention block's calibration moments, summed batch by batch, then taken as means over the tokens.
+
+    * ``moment``: the augmented input moment ``E[x̃ x̃ᵀ]`` ``(d+1, d+1)`` (weights mode with the
+      Fisher metric: each token weighted by ``weights["x"]``);
+    * ``normed``: with ``normed_keys``, the moments of the normalised queries and keys (else None);
+    * ``weighted``: kv mode with the Fisher metric, ``{name: C_g}`` of the K/V outputs, each token
+      weighted by ``weights[name]`` (:func:`tmps.sensitivity.loss_statistics`); else None.
+
+    ``weights``: :func:`_token_weights`, ``{name: per batch (n_b,) float64}``; they sum to the
+    token count, so every moment stays a mean.
+    """
+
+    def __init__(self, arch, attention, masks, normed_keys: bool = False, weights: dict | None = None):
+        self.arch, self.attention, self.masks = arch, attention, masks
+        self.normed_keys, self.weights = normed_keys, weights or {}
+        self.moment = self.normed = self.weighted = None
+        self.count = 0
+
+    def add(self, batch: int, x: torch.Tensor) -> None:
+        """Add batch ``batch``'s attention input ``x: (b, s, d)``."""
+        mask = self.masks[batch]
+        weights = {name: w[batch] for name, w in self.weights.items()}
+        self.moment = augmented_moment(x, mask, out=self.moment, weights=weights.get("x"))
+        if self.normed_keys:
+            self.normed = head_norm_moments(self.attention, self.arch, x, mask, out=self.normed)
+        kv = tuple(name for name in ("k", "v") if name in weights)
+        if kv:
+            self.weighted = output_moments(self.attention, self.arch, x, mask, kv, weights, self.normed_keys,
+                                           out=self.weighted)
+        self.count += int(mask.sum())
+
+    def means(self) -> _LayerMoments:
+        count = max(self.count, 1)
+        self.moment.div_(count)
+        for sums in (self.normed, self.weighted):
+            for m in (sums or {}).values():
+                m.div_(count)
+        return self
+
+
+def _token_weights(config, energies: dict[str, list[torch.Tensor]] | None, masks) -> dict[str, list[torch.Tensor]]:
+    """One layer's token weights per moment (:class:`_LayerMoments`) from its Fisher-pass token energies.
+
+    kv mode: K's and V's output moments, each by its own gradient energy (``C_g``); weights mode:
+    the input moment by the energy summed over Q/K/V (the error ``ΔW_p x_t`` costs
+    ``(g_{p,t}ᵀ ΔW_p x_t)²``). A moment whose layer got no gradient stays plain (no entry).
+    """
+    if not energies:
+        return {}
+    if config.mode == "kv":
+        groups = {name: energies[name] for name in ("k", "v")}
+    else:
+        groups = {"x": [sum(parts) for parts in zip(*energies.values())]}
+    weights = {name: _moment_weights(e, masks) for name, e in groups.items()}
+    return {name: w for name, w in weights.items() if w is not None}
 
 
 def _moment_weights(energies: list[torch.Tensor] | None, masks) -> list[torch.Tensor] | None:
-    """Per calibration batch, ``(n_b,)`` float64: each unmasked token's weight in weights mode's input moment.
+    """Per calibration batch, ``(n_b,)`` float64: each unmasked token's weight in a calibration moment.
 
     The Fisher pass's tokens weigh their gradient energy relative to its mean, ``e_t / mean(e)``
-    (:func:`tmps.sensitivity.loss_statistics`): the input directions that loss-sensitive tokens use
-    count more. The other tokens, whose gradients were not measured, weigh 1 (an average token),
-    and the weights still sum to the token count, so the moment stays a mean. Weights 0.5, default
-    options: SmolLM2-135M ×1.407 → ×1.352 of dense perplexity, Gemma 3 270M ×2.06 → ×1.59 (README,
+    (:func:`tmps.sensitivity.loss_statistics`): what loss-sensitive tokens need counts more. The
+    other tokens, whose gradients were not measured, weigh 1 (an average token), and the weights
+    still sum to the token count, so the moment stays a mean. Weights mode at 0.5, default options:
+    SmolLM2-135M ×1.407 → ×1.352 of dense perplexity, Gemma 3 270M ×2.06 → ×1.59 (README,
     "Measured quality").
 
     The Fisher pass ran over a row-prefix of each leading batch (:func:`_first_tokens`), so
@@ -221,17 +273,12 @@ def _moment_weights(energies: list[torch.Tensor] | None, masks) -> list[torch.Te
     return weights
 
 
-def _mean_moments(moment, normed, count):
-    count = max(count, 1)
-    return moment.div_(count), None if normed is None else {name: m.div_(count) for name, m in normed.items()}
-
-
-def _solver(arch, attention, config, moment, fisher=None, normed=None, weighted=None) -> LayerSolver:
-    """One layer's solver; ``fisher`` / ``weighted`` are that layer's packed statistics (:func:`pack_layers`)."""
+def _solver(arch, attention, config, moments: _LayerMoments, fisher=None) -> LayerSolver:
+    """One layer's solver from its calibration moments; ``fisher`` is that layer's packed Fisher (:func:`pack_layers`)."""
     q, k, v, o = arch.projections(attention)
     weights = DenseAttentionWeights.from_linears(q, k, v, o)
-    return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moment, arch.uses_rope, config.damping,
-                       unpacked(fisher), normed, unpacked(weighted))
+    return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moments.moment, arch.uses_rope,
+                       config.damping, unpacked(fisher), moments.normed, moments.weighted)
 
 
 def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
@@ -397,21 +444,18 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     # Pass 1: per-layer planning summaries from the dense model. With the Fisher metric, the loss
     # sensitivity comes first from one forward/backward pass over the first ``fisher_tokens``
     # calibration tokens, and the moments that go with it from the same tokens.
-    fisher = weighted = energies = None
+    fisher = energies = None
     if config.metric == "fisher":
         names = ("k", "v") if config.mode == "kv" and config.q_ratio == 1.0 else ("q", "k", "v")
         fisher_batches = _first_tokens(batches, fisher_tokens)
-        # kv mode's bases take the K/V moments weighted by each token's gradient norm (same pass).
-        # Weights mode's input moments weight each token by its gradient energy at Q/K/V (same pass).
-        fisher, weighted, energies = loss_statistics(
-            model, arch, fisher_batches, names, ("k", "v") if config.mode == "kv" else (), progress,
-            key_norms=_normed_keys(arch, config), token_energies=config.mode == "weights")
-        # Kept as upper triangles until each layer is compressed: half their memory (symmetric).
-        pack_layers(fisher)
-        pack_layers(weighted)
+        # Each token's gradient energy (same pass) weights the moments of both passes (_token_weights):
+        # kv mode's K/V output moments, weights mode's input moment.
+        fisher, energies = loss_statistics(model, arch, fisher_batches, names, progress,
+                                           key_norms=_normed_keys(arch, config),
+                                           token_energies=("k", "v") if config.mode == "kv" else ("q", "k", "v"))
+        pack_layers(fisher)  # kept as upper triangles until each layer is compressed: half the memory (symmetric)
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
-                                        [mask for _, mask in fisher_batches], config, fisher, weighted, energies,
-                                        progress)
+                                        [mask for _, mask in fisher_batches], config, fisher, energies, progress)
         if summaries[0].bases is not None:
             costs = direction_costs(model, arch, fisher_batches, [s.bases for s in summaries], progress,
                                     key_norms=_normed_keys(arch, config))
@@ -424,7 +468,7 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
     inputs = capture_layer_inputs(model, layers, batches)
     masks = [mask for _, mask in batches]
     if fisher is None:
-        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, None, None, progress)
+        summaries = _planning_summaries(arch, layers, inputs, masks, config, None, None, progress)
     plans = _plan_ranks(config, summaries)
 
     # Pass 2: sequential compression, each layer calibrated on the compressed prefix's outputs.
@@ -435,10 +479,9 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
                       disable=not progress):
         layer = layers[index]
         dense_attention = arch.attention_of(layer)
-        moment, normed = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config),
-                                      _moment_weights(energies[index] if energies else None, masks))
-        solver = _solver(arch, dense_attention, config, moment, fisher[index] if fisher else None, normed,
-                         weighted[index] if weighted else None)
+        moments = _moment_only(arch, index, layer, hidden, inputs, masks, _normed_keys(arch, config),
+                               _token_weights(config, energies[index] if energies else None, masks))
+        solver = _solver(arch, dense_attention, config, moments, fisher[index] if fisher else None)
         compressed = build_compressed_attention(arch, dense_attention, solver, plans[index], config, rotary, dtype)
         swapped.append((index, layer))
         arch.set_attention(layers, index, compressed)
@@ -447,34 +490,31 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
             raise FloatingPointError(f"layer {index}: the compressed attention produced NaN/Inf on the calibration "
                                      "data; try a larger ratio or damping")
         info.append(layer_info(compressed, arch.shape(dense_attention), error, plans[index]))
-        del solver
+        del solver, moments
         if fisher:
-            fisher[index] = weighted[index] = None  # served: free them while later layers grow
+            fisher[index] = None  # served: free it while later layers grow
         if energies:
             energies[index] = None
     return info
 
 
-def _moment_only(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False, weights=None):
+def _moment_only(arch, index, layer, hidden, inputs, masks, normed_keys: bool = False, weights=None
+                 ) -> _LayerMoments:
     """The moments of :func:`_run_with_moment` without running the layer past its attention's input."""
-    attention = arch.attention_of(layer)
-    total, normed, count = None, None, 0
+    moments = _LayerMoments(arch, arch.attention_of(layer), masks, normed_keys, weights)
 
     def hook(module, args, kwargs):
         raise _Captured(args[0] if args else kwargs["hidden_states"])
 
     for i, (_, kwargs) in enumerate(inputs):
-        handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = moments.attention.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             run_layer(layer, hidden[i], kwargs[index])
         except _Captured as cap:
-            total = augmented_moment(cap.x, masks[i], out=total, weights=None if weights is None else weights[i])
-            if normed_keys:
-                normed = head_norm_moments(attention, arch, cap.x, masks[i], out=normed)
-            count += int(masks[i].sum())
+            moments.add(i, cap.x)
         finally:
             handle.remove()
-    return _mean_moments(total, normed, count)
+    return moments.means()
 
 
 class _Captured(Exception):

@@ -31,8 +31,9 @@ class CompressionConfig:
         "uniform" cuts every layer alike.
     metric : what the decompositions minimise. "fisher": the language-model loss, through the
         empirical Fisher of each Q/K/V projection's outputs (:mod:`tmps.sensitivity`; needs a
-        ``*ForCausalLM``): bases weighted by it (in kv mode also each token's key / value by its
-        gradient's squared norm), and ``greedy`` ranks spent over K, V and all layers
+        ``*ForCausalLM``): bases weighted by it, the calibration moments by each token's gradient
+        energy (kv mode: each key / value by its gradient's squared norm; weights mode: each input
+        by its gradients' at Q/K/V), and ``greedy`` ranks spent over K, V and all layers
         in loss units (``k_share`` unused). "analytic": what attention sees, computed from the weights
         (K weighted by its queries, V by ``o_proj``, normalised per layer). "auto" (default): "fisher"
         for the tucker-mps / tucker / mps methods on a ``*ForCausalLM``, else "analytic". The

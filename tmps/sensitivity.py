@@ -54,70 +54,57 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     projection and layer) and each step's ``g gᵀ`` has the same size, so the allocator reuses it:
     for OPT-1.3B in kv mode that is 24 × 2 × 16 MB, plus one step's activations.
     """
-    return loss_statistics(model, arch, batches, names, (), progress, key_norms).fisher
+    return loss_statistics(model, arch, batches, names, progress, key_norms).fisher
 
 
 class LossStatistics(NamedTuple):
     """What :func:`loss_statistics` measures, per decoder layer."""
-    fisher: list[dict[str, torch.Tensor]]            # {name: F (d_p, d_p) float32}
-    moments: list[dict[str, torch.Tensor | None]]   # {name: C_g (d_p, d_p) float32} for the weighted names
-    token_energies: list[list[torch.Tensor]] | None  # per batch, (n_b,) float32: Σ_p ‖g_{p,t}‖² (or None)
+    fisher: list[dict[str, torch.Tensor]]                      # {name: F (d_p, d_p) float32}
+    token_energies: list[dict[str, list[torch.Tensor]]] | None  # {name: per batch, (n_b,) float32 ‖g_{p,t}‖²}
 
 
-def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"),
-                    weighted: tuple[str, ...] = ("k", "v"), progress: bool = True, key_norms: bool = False,
-                    token_energies: bool = False) -> LossStatistics:
+def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"), progress: bool = True,
+                    key_norms: bool = False, token_energies: tuple[str, ...] = ()) -> LossStatistics:
     """Per layer, the Fisher ``{name: F}`` of :func:`projection_fisher` and, for the projections in
-    ``weighted``, the gradient-weighted output moment ``{name: C_g (d_p, d_p) float32}``, in one pass:
+    ``token_energies``, each token's gradient energy ``‖g_{p,t}‖²``, in one pass.
+
+    The energies are kept per batch of ``batches``, its unmasked tokens in order (row-major), 4
+    bytes per token, projection and layer. They weight the calibration moments token by token
+    (:func:`tmps.compressor._moment_weights`), because what an error ``e_t`` in ``y_t`` costs is
+    ``(g_tᵀ e_t)²``, token by token. Taking each token's gradient direction as average but keeping
+    its magnitude (``g_t g_tᵀ ≈ ‖g_t‖² F / tr F``; ``tr F = mean ‖g‖²``) turns the mean cost into
+    ``tr(F E C_g Eᵀ)``, ``E`` the error map, with the gradient-weighted moment
 
         C_g = Σ_t ‖g_t‖² y_t y_tᵀ / Σ_t ‖g_t‖²
 
-    The basis a latent keeps should minimise the loss its error ``e_t = y_t − U P y_t`` costs,
-    ``mean_t (g_tᵀ e_t)²``. Taking each token's gradient direction as average but keeping its
-    magnitude (``g_t g_tᵀ ≈ ‖g_t‖² F / tr F``; ``tr F = mean ‖g‖²``) turns that into ``tr(F E C_g Eᵀ)``,
-    ``E = I − U P``: the outputs of the tokens the loss is most sensitive to (attention sinks and
-    the like) count more. The K-FAC form, ``tr(F E C Eᵀ)`` with the plain moment ``C``, takes the
-    magnitude as independent of the output too. Gemma 3 270M, kv 0.5, the same allocation rule:
-    ×2.71 of dense perplexity with ``C``, ×1.44 with ``C_g`` (README, "Measured quality").
-
-    Memory: one more ``d_p²`` float32 sum per weighted projection and layer, as much as the Fisher.
-
-    With ``token_energies``, each token's gradient energy at the layer's projections,
-    ``e_t = Σ_{p in names} ‖g_{p,t}‖²``, is kept too: per batch of ``batches``, its unmasked tokens
-    in order (row-major). Weights mode's shared input basis weights the input moment by it
-    (:func:`tmps.calibration.augmented_moment`), the input-side analogue of ``C_g``: the error
-    ``ΔW_p x_t`` costs ``(g_{p,t}ᵀ ΔW_p x_t)²``. 4 bytes per token and layer.
+    in place of ``C = E[y yᵀ]`` (the K-FAC form, which takes the magnitude as independent of the
+    output too): the outputs of the tokens the loss is most sensitive to (attention sinks and the
+    like) count more. kv mode's bases diagonalise ``C_g`` of the K/V outputs (Gemma 3 270M, kv 0.5:
+    ×2.71 of dense perplexity with ``C``, ×1.44 with ``C_g``); weights mode whitens by the input
+    moment weighted by ``Σ_p ‖g_{p,t}‖²`` over Q/K/V, the input-side analogue (README, "Measured
+    quality").
     """
+    if not set(token_energies) <= set(names):
+        raise ValueError(f"token_energies={token_energies} must be among the measured projections names={names}")
     fisher = [{n: None for n in names} for _ in arch.decoder_layers(model)]
-    moments = [{n: None for n in weighted} for _ in fisher]
-    weights = [{n: 0.0 for n in weighted} for _ in fisher]
     # Allocated before the pass, filled in place: small tensors kept alive between the pass's large
     # ones pin the heap (per-step lists of them took weights mode's peak at OPT-1.3B's shape from
     # 8.39 to 8.83 GiB; allocated up front, 8.46 GiB: benchmarks/memory.py --mode weights).
     sizes = [int(mask.sum()) for _, mask in batches]
-    energies = [torch.zeros(sum(sizes)) for _ in fisher] if token_energies else None
-    filled = [{n: 0 for n in names} for _ in fisher]  # tokens written so far, per projection
+    energies = [{n: torch.zeros(sum(sizes)) for n in token_energies} for _ in fisher]
+    filled = [{n: 0 for n in token_energies} for _ in fisher]  # tokens written so far, per projection
 
     def accumulate(layer: int, name: str, y: torch.Tensor, g: torch.Tensor) -> None:
         _add(fisher[layer], name, g.T @ g)
-        w = g.square().sum(1)                # (n,) each token's ‖g_t‖²
-        if name in weighted:
-            _add(moments[layer], name, (y * w[:, None]).T @ y)
-            weights[layer][name] += float(w.double().sum())
-        if energies is not None:
+        if name in energies[layer]:
             start = filled[layer][name]
-            energies[layer][start:start + w.shape[0]] += w
-            filled[layer][name] = start + w.shape[0]
+            energies[layer][name][start:start + g.shape[0]] = g.square().sum(1)
+            filled[layer][name] = start + g.shape[0]
 
-    count = _gradient_pass(model, arch, batches, names, accumulate, key_norms, "tmps: loss sensitivity", progress,
-                           outputs=bool(weighted))
-    for layer_moments, layer_weights in zip(moments, weights):
-        for name, total in layer_weights.items():
-            # No gradient at all (nothing to weight by): None, and the basis keeps the plain moment.
-            layer_moments[name] = layer_moments[name].div_(total) if total > 0 else None
+    count = _gradient_pass(model, arch, batches, names, accumulate, key_norms, "tmps: loss sensitivity", progress)
     # Each projection's hook fires once per step, in token order: cut the stream back into batches.
-    per_batch = None if energies is None else [list(e.split(sizes)) for e in energies]
-    return LossStatistics(_token_means(fisher, count), moments, per_batch)
+    per_batch = [{n: list(e.split(sizes)) for n, e in layer.items()} for layer in energies] if token_energies else None
+    return LossStatistics(_token_means(fisher, count), per_batch)
 
 
 def _add(sums: dict, name: str, value: torch.Tensor) -> None:
@@ -131,8 +118,9 @@ def _add(sums: dict, name: str, value: torch.Tensor) -> None:
 class PackedSymmetric:
     """A symmetric ``(n, n)`` matrix held as its upper triangle (``n(n+1)/2`` values): half the memory.
 
-    The Fisher and kv mode's gradient-weighted moments of every layer stay alive from the Fisher
-    pass until each layer is compressed; full, they took OPT-1.3B's kv-mode peak to 1.97× the model.
+    Every layer's Fisher stays alive from the Fisher pass until that layer is compressed (with kv
+    mode's then stored gradient-weighted moments, full, they took OPT-1.3B's kv-mode peak to 1.97×
+    the model).
     ``full()`` rebuilds the matrix exactly (same dtype), one layer at a time.
     """
 

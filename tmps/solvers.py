@@ -13,8 +13,10 @@ kv mode, per K and V: a latent basis ``(P: (r, d_kv), U: (d_kv, r))`` with ``U P
     outputs (``M = E[g gᵀ]``, ``g = ∂loss/∂k``; :mod:`tmps.sensitivity`): the loss itself, through
     the softmax, the attention pattern and every later layer, and in units comparable across layers;
     half of it is the analytic metric scaled to the same energy (:func:`fisher_blend`). The moment
-    is then the gradient-weighted ``C_g = Σ_t ‖g_t‖² k_t k_tᵀ / Σ_t ‖g_t‖²`` (``weighted``), which keeps
-    what the loss-sensitive tokens need (:func:`tmps.sensitivity.loss_statistics`).
+    is then the gradient-weighted ``C_g = Σ_t w_t k_t k_tᵀ / Σ_t w_t`` (``weighted``), ``w_t = ‖g_t‖²``
+    for the Fisher pass's tokens, which keeps what the loss-sensitive tokens need
+    (:func:`tmps.sensitivity.loss_statistics`; the compressor sums it over the calibration tokens
+    that reach the layer, :class:`tmps.compressor._LayerMoments`).
   * svd: the same with ``S = I`` (per-projection output PCA = activation-aware SVD, Palu-like).
   * eigen (EigenAttention): one basis per head; K's from the K and Q activations of its group.
   Models that normalise each query and key head (Qwen3, Gemma 3) hand the solver the second moments
@@ -130,7 +132,7 @@ class LayerSolver:
         self.method, self.mode, self.shape, self.w = method, mode, shape, weights
         self.fisher = fisher
         # kv mode with the Fisher metric: the gradient-weighted moments C_g of the K/V outputs
-        # (:func:`tmps.sensitivity.loss_statistics`), which the bases diagonalise in place of E[y yᵀ].
+        # (:class:`tmps.compressor._LayerMoments`), which the bases diagonalise in place of E[y yᵀ].
         self.weighted = weighted
         self.c = second_moment
         # kv mode on models with per-head q/k norms: the second moments of the normalised queries
