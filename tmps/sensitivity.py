@@ -80,7 +80,7 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     in place of ``C = E[y yᵀ]`` (the K-FAC form, which takes the magnitude as independent of the
     output too): the outputs of the tokens the loss is most sensitive to (attention sinks and the
     like) count more. kv mode's bases diagonalise ``C_g`` of the K/V outputs (Gemma 3 270M, kv 0.5:
-    ×2.71 of dense perplexity with ``C``, ×1.44 with ``C_g``); weights mode whitens by the input
+    ×2.71 of dense perplexity with ``C``, ×1.42 with ``C_g``); weights mode whitens by the input
     moment weighted by ``Σ_p ‖g_{p,t}‖²`` over Q/K/V, the input-side analogue (README, "Measured
     quality").
     """
