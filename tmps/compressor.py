@@ -221,6 +221,7 @@ class _LayerMoments:
         self.count += int(mask.sum())
 
     def means(self) -> _LayerMoments:
+        """Divide every sum by the token count, in place (once, when every batch is in); returns ``self``."""
         count = max(self.count, 1)
         self.moment.div_(count)
         for sums in (self.normed, self.weighted):
