@@ -125,13 +125,26 @@ def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False, key_no
     return [(token_rows(t.detach()), token_rows(t.grad)) for t in tensors]
 
 
+def moments_handed_to_solvers(monkeypatch, read):
+    """A list that gets ``read(moments)`` of every layer solver the compressor builds, in order
+    (each layer's planning, then each layer's compression)."""
+    import tmps.compressor as compressor
+    seen, solver = [], compressor._solver
+
+    def recording_solver(arch, attention, config, moments, *args):
+        seen.append(read(moments))
+        return solver(arch, attention, config, moments, *args)
+
+    monkeypatch.setattr(compressor, "_solver", recording_solver)
+    return seen
+
+
 @pytest.mark.parametrize("build", ["llama", "gemma3"])
 def test_kv_bases_weight_each_tokens_outputs_by_its_gradients_norm(monkeypatch, build):
     """Layer 0's K/V moments in both passes of kv mode: C_g = Σ_t w_t y_t y_tᵀ / Σ_t w_t with w_t = ‖g_t‖²
     for the Fisher pass's tokens; pass 2 counts the other calibration tokens at the mean weight.
 
     Gemma 3 (keys normalised per head, heads first) takes k after its key norm."""
-    import tmps.compressor as compressor
     from test_architectures import gemma3
 
     dense = llama() if build == "llama" else gemma3()
@@ -140,9 +153,7 @@ def test_kv_bases_weight_each_tokens_outputs_by_its_gradients_norm(monkeypatch, 
     # fisher_tokens=40: batch 0's 3 rows, then batch 1's first row (its first 7 unmasked tokens)
     fisher_rows = [int(batches[0][1].sum()), int(batches[1][1][0].sum())]
     outputs = [summed_loss_outputs(dense, ids, mask, key_norms=build == "gemma3")[:2] for ids, mask in batches]
-    seen, solver = [], compressor._solver
-    monkeypatch.setattr(compressor, "_solver", lambda arch, attention, config, moments, *a: (
-        seen.append({n: m.clone() for n, m in moments.weighted.items()}), solver(arch, attention, config, moments, *a))[1])
+    seen = moments_handed_to_solvers(monkeypatch, lambda moments: {n: m.clone() for n, m in moments.weighted.items()})
     tmps.compress(copy.deepcopy(dense), [{"input_ids": i, "attention_mask": m} for i, m in batches], mode="kv",
                   ratio=0.5, metric="fisher", fisher_tokens=40, progress=False)
     planning, sequential = seen[0], seen[len(dense.model.layers)]
@@ -211,7 +222,6 @@ def test_moment_weights_take_the_fisher_tokens_energy_and_count_the_rest_as_aver
 
 def test_weights_mode_input_moments_weight_tokens_by_their_gradient_energy(monkeypatch):
     """Layer 0's moments in both passes: the Fisher pass's tokens weigh e_t / mean(e), the others 1."""
-    import tmps.compressor as compressor
     from tmps.calibration import augmented_moment
 
     dense = llama()
@@ -243,9 +253,7 @@ def test_weights_mode_input_moments_weight_tokens_by_their_gradient_energy(monke
             count += n
         return total / count
 
-    seen, solver = [], compressor._solver
-    monkeypatch.setattr(compressor, "_solver", lambda arch, attention, config, moments, *a: (
-        seen.append(moments.moment.clone()), solver(arch, attention, config, moments, *a))[1])
+    seen = moments_handed_to_solvers(monkeypatch, lambda moments: moments.moment.clone())
     tmps.compress(copy.deepcopy(dense), [{"input_ids": i, "attention_mask": m} for i, m in batches], mode="weights",
                   ratio=0.5, metric="fisher", fisher_tokens=40, progress=False)
     planning, sequential = seen[0], seen[2]  # 2 layers planned, then compressed in order
