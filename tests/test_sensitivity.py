@@ -14,7 +14,8 @@ VOCAB = 96
 
 
 def llama(**kw):
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    kw = {"num_hidden_layers": 2, **kw}
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, **kw)
     return LlamaForCausalLM(cfg).eval()
 
@@ -88,15 +89,18 @@ def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
 
 
-def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False, key_norms: bool = False):
-    """Every layer's k/v projection outputs (with ``key_norms``, the key norm's output for k; with
-    ``attention_inputs``, its attention's input instead), masked rows ``(n, d)`` float64 (heads
-    concatenated), with their gradients of the summed next-token loss."""
+def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False, key_norms: bool = False,
+                        projections: tuple[str, ...] = ("k_proj", "v_proj")):
+    """Every layer's ``projections`` outputs (by default k and v; with ``key_norms``, the key norm's
+    output for k; with ``attention_inputs``, its attention's input instead), masked rows ``(n, d)``
+    float64 (heads concatenated), with their gradients of the summed next-token loss."""
     attentions = [layer.self_attn for layer in model.model.layers]
+    if key_norms:
+        projections = tuple("k_norm" if name == "k_proj" else name for name in projections)
     if attention_inputs:
         modules = attentions
     else:
-        modules = [getattr(a, name) for a in attentions for name in ("k_norm" if key_norms else "k_proj", "v_proj")]
+        modules = [getattr(a, name) for a in attentions for name in projections]
     tensors = [None] * len(modules)  # in the order above (Gemma 3 runs v_proj before k_norm)
 
     def keeper(slot):
@@ -340,6 +344,46 @@ def test_direction_costs_match_the_per_token_formula_and_leave_the_model_alone()
     # Independent of the model's own gradients: a second call gives the same costs.
     again = direction_costs(model.requires_grad_(False), architecture_of(model), [(ids, mask)], bases, progress=False)
     assert all(torch.allclose(a[n], b[n]) for a, b in zip(costs, again) for n in "kv")
+
+
+def test_query_direction_costs_add_the_heads_before_the_square():
+    """Q's basis is head_dim wide and shared by the heads (kv mode's ``q_ratio``): dropping direction i
+    changes every head's query, so c_i = mean_t (Σ_h (g_h,tᵀ u_i)(p_iᵀ q_h,t))²."""
+    model = llama()  # 6 query heads of 8
+    gen = torch.Generator().manual_seed(8)
+    ids, mask = left_padded_batch(gen, 2, 12, padded_row=1, pad=3)
+    down = torch.randn(8, 8, generator=gen, dtype=torch.float64) + 3 * torch.eye(8, dtype=torch.float64)
+    bases = [{"q": DirectionBasis(down, torch.linalg.inv(down))} for _ in model.model.layers]
+    costs = direction_costs(model, architecture_of(model), [(ids, mask)], bases, progress=False)
+
+    up = torch.linalg.inv(down)
+    for layer, (y, g) in enumerate(summed_loss_outputs(model, ids, mask, projections=("q_proj",))):
+        terms = (y.reshape(-1, 6, 8) @ down.T) * (g.reshape(-1, 6, 8) @ up)  # (n, heads, directions)
+        expected = terms.sum(1).square().mean(0)
+        assert costs[layer]["q"].shape == (8,)
+        assert torch.allclose(costs[layer]["q"], expected, rtol=2e-2, atol=1e-10)  # float16 bases
+        assert not torch.allclose(expected, terms.square().sum(1).mean(0), rtol=0.1)  # heads are not independent
+
+
+def test_q_ratio_spends_the_query_budget_over_layers_by_cost(monkeypatch):
+    """kv mode with q_ratio < 1 and the Fisher metric: Q's ranks keep the costliest directions of all
+    layers within q_ratio of head_dim on average, not the same rank in every layer."""
+    import tmps.compressor as compressor
+    measured = []
+
+    def recorded(*args, **kwargs):
+        measured.append(direction_costs(*args, **kwargs))
+        return measured[-1]
+    monkeypatch.setattr(compressor, "direction_costs", recorded)
+    dense = llama(num_hidden_layers=3)
+    with torch.no_grad():  # a layer whose queries barely matter: its Q budget goes elsewhere
+        dense.model.layers[1].self_attn.q_proj.weight.mul_(1e-3)
+    model = tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (6, 20)), ratio=0.5, q_ratio=0.5,
+                          rank_multiple=1, progress=False)
+    q_ranks = [layer["ranks"].get("q", 8) for layer in model.tmps_info["layers"]]  # absent: Q kept dense
+    expected = allocate_by_cost([layer["q"] for layer in measured[0]], 0.5 * 3 * 8)
+    assert q_ranks == expected
+    assert sum(q_ranks) == 12 and q_ranks[1] < min(q_ranks[0], q_ranks[2])
 
 
 def test_direction_basis_keeps_badly_scaled_bases_to_float16_precision():

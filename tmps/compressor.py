@@ -395,14 +395,25 @@ def _plan_kv_split(config: CompressionConfig, spectra: list[dict]) -> list[dict]
 
 
 def _plan_kv_fisher(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:
-    """Keep the K/V directions of all layers that cost the most loss (:func:`direction_costs`) within the budget."""
+    """Keep the K/V directions of all layers that cost the most loss (:func:`direction_costs`) within the budget.
+
+    With ``q_ratio < 1`` Q's shared output basis is planned the same way, on its own budget of
+    ``q_ratio`` of head_dim on average over the layers (SmolLM2-135M at kv 0.5, ``q_ratio=0.5``:
+    ×1.304 of dense perplexity with the same rank in every layer, ×1.233 by cost).
+    """
     gains, widths = [], 0
     for summary in summaries:
         for name in ("k", "v"):
             gains.append(summary.kv_gains[name])
             widths += summary.kv_gains[name].numel()
     ranks = allocate_by_cost(gains, config.ratio * widths, multiple=_rank_multiple(config))
-    return [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks[0::2], ranks[1::2])]
+    plans = [{"k": [rk], "v": [rv]} for rk, rv in zip(ranks[0::2], ranks[1::2])]
+    if "q" in summaries[0].kv_gains:  # q_ratio < 1: Q's head_dim kept, on average over the layers
+        q_gains = [summary.kv_gains["q"] for summary in summaries]
+        q_budget = config.q_ratio * sum(g.numel() for g in q_gains)
+        for plan, rq in zip(plans, allocate_by_cost(q_gains, q_budget, multiple=_rank_multiple(config))):
+            plan["q"] = rq
+    return plans
 
 
 def _rank_multiple(config: CompressionConfig) -> int:
@@ -540,7 +551,7 @@ def _run_and_measure(index, layer, compressed, dense_attention, hidden, inputs, 
 def build_compressed_attention(arch, dense_attention, solver: LayerSolver, plan: dict, config, rotary, dtype):
     """The compressed attention for one block, its factors cast to the model's dtype and device."""
     if config.mode == "kv":
-        q_rank = max(1, round(config.q_ratio * solver.shape.head_dim))
+        q_rank = plan.get("q", max(1, round(config.q_ratio * solver.shape.head_dim)))
         qkv, k_up, v_up, k_down = solver.build_kv(plan, q_rank)
     else:
         qkv = solver.build_weights(plan.get("r_in"), plan.get("r_head"), plan.get("r_out"), plan.get("mps_eps"),

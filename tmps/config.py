@@ -40,9 +40,12 @@ class CompressionConfig:
         baselines svd and eigen always use their own published rules.
     q_ratio : kv mode, fraction of Q's head_dim kept (tucker family only): below 1, Q is held as
         per-head cores and one output factor shared by the heads (fewer Q parameters and FLOPs;
-        the KV cache is unaffected). Default 1.0: Q stays dense. Q tolerates compression worse
-        than the cache: on SmolLM2-135M at half the cache, q_ratio 1.0 / 0.75 / 0.5 gave ×1.111 /
-        ×1.144 / ×1.304 of dense perplexity, and 0.25 at kv 0.75 ×1.717 (README, "Measured quality").
+        the KV cache is unaffected). With the Fisher metric and a ``ratio`` spent greedily (the
+        defaults) it is the mean over the layers, each layer's rank spent by its directions' loss
+        costs as K's and V's are; otherwise every layer keeps that fraction. Default 1.0: Q stays
+        dense. On SmolLM2-135M at half the cache, q_ratio 1.0 / 0.75 / 0.5 gave ×1.111 / ×1.128 /
+        ×1.233 of dense perplexity, and 0.5 / 0.25 at kv 0.75 ×1.098 / ×1.615 (README, "Measured
+        quality").
     k_share : kv mode, share of the KV budget given to K (the rest to V, at most its full width).
         K tolerates compression far better than V: on SmolLM2-135M at half the cache (16×512
         calibration, 4×1024 evaluation tokens) an energy-greedy split over K and V together gave

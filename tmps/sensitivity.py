@@ -198,6 +198,11 @@ def direction_costs(model: nn.Module, arch, batches, bases: list[dict[str, Direc
     Weights mode passes ``{"x": DirectionBasis(P, U)}`` per layer (:meth:`tmps.solvers.LayerSolver.input_direction_basis`):
     ``y`` is then the attention's input and ``g`` its gradient through Q, K and V.
 
+    kv mode with ``q_ratio < 1`` also passes ``"q"``: a ``(head_dim, head_dim)`` basis shared by
+    the query heads (:meth:`tmps.solvers.LayerSolver.query_basis`). Dropping its direction i changes
+    every head's query, so the heads' terms add before the square:
+    ``c_i = (1/N) Σ_t (Σ_h (g_h,tᵀ u_i)(p_iᵀ q_h,t))²``.
+
     One more forward/backward over ``batches`` (the Fisher pass's tokens); memory: the bases, as
     much as the Fisher itself in kv mode (:class:`DirectionBasis`), a third of it in weights mode.
     """
@@ -206,7 +211,11 @@ def direction_costs(model: nn.Module, arch, batches, bases: list[dict[str, Direc
 
     def accumulate(layer: int, name: str, y: torch.Tensor, g: torch.Tensor) -> None:
         basis = bases[layer][name]
-        per_token = (basis.read(y) * basis.read_gradient(g)).double().square().sum(0)
+        # A basis narrower than the output (Q's, shared by its heads) drops a direction from every
+        # head at once: the heads' changes add up before the square.
+        n, width = y.shape[0], basis.down.shape[0]
+        terms = basis.read(y.reshape(-1, width)) * basis.read_gradient(g.reshape(-1, width))
+        per_token = terms.reshape(n, -1, width).sum(1).double().square().sum(0)
         _add(sums[layer], name, per_token)
 
     count = _gradient_pass(model, arch, batches, names, accumulate, key_norms, "tmps: direction costs", progress,

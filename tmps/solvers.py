@@ -107,7 +107,7 @@ class LayerSummary:
     input factor's spectrum, its directions' loss costs and the (input, heads, head_dim) shape;
     ``bases``: with the Fisher metric, the ``(P, U)`` pairs (:class:`tmps.sensitivity.DirectionBasis`)
     whose directions the costs are of
-    (kv: "k" and "v"; weights: "x", the shared input), until
+    (kv: "k" and "v", and "q" with ``q_ratio < 1``; weights: "x", the shared input), until
     :func:`tmps.sensitivity.direction_costs` has turned them into ``kv_gains`` / ``input_costs``;
     ``projection_spectra``: the svd baseline's per-projection spectra.
     """
@@ -148,6 +148,8 @@ class LayerSolver:
             out.kv_spectra = self.kv_spectra()
             if self.fisher is not None and self.method != "eigen":
                 out.bases = {name: DirectionBasis(*self.kv_basis(name)[1:]) for name in ("k", "v")}
+                if "q" in self.fisher:  # q_ratio < 1: Q's ranks are planned by cost too
+                    out.bases["q"] = DirectionBasis(*self.query_basis())
         elif self.method == "svd":
             out.projection_spectra = self.projection_spectra()
         else:
@@ -279,6 +281,20 @@ class LayerSolver:
         w = self.w.wq.reshape(s.num_heads, hd, d)
         if rank is None or rank >= hd:
             return w, None
+        basis, root, inv_root = self._query_eigenbasis()
+        basis = basis[:, :rank]                                # (hd, s)
+        return torch.einsum("os,op,hpd->hsd", basis, root, w), inv_root @ basis
+
+    def query_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, U)``, both ``(head_dim, head_dim)`` with ``U P = I``: :meth:`query_factors`' whole basis,
+        shared by the heads (``P = Vᵀ S``, ``U = S⁻¹ V``), for :func:`tmps.sensitivity.direction_costs`."""
+        basis, root, inv_root = self._query_eigenbasis()
+        return basis.T @ root, inv_root @ basis
+
+    def _query_eigenbasis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(V, S, S⁻¹)``: the eigenvectors of :meth:`query_factors`' moment, largest first, and the metric's roots."""
+        s, hd, d = self.shape, self.shape.head_dim, self.shape.hidden_size
+        w = self.w.wq.reshape(s.num_heads, hd, d)
         if self.fisher is not None and "q" in self.fisher:
             fq = self.fisher["q"].double()
             blocks = [head_block(fq, h, hd) for h in range(s.num_heads)]
@@ -289,8 +305,7 @@ class LayerSolver:
         c = self.c[:d, :d]
         moment = sum(root @ w[h] @ c @ w[h].T @ root for h in range(s.num_heads))
         _, evecs = torch.linalg.eigh((moment + moment.T) / 2)
-        basis = evecs.flip(1)[:, :rank]                       # (hd, s)
-        return torch.einsum("os,op,hpd->hsd", basis, root, w), inv_root @ basis
+        return evecs.flip(1), root, inv_root
 
     # ------------------------------------------------------------------ weights mode
     def head_output_metrics(self) -> list[torch.Tensor]:
