@@ -886,8 +886,9 @@ def _rank_rule(parser) -> None:
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="greedy",
                         help="greedy spends --ratio where the calibration error drops most; uniform cuts every layer alike")
     parser.add_argument("--q-ratio", type=_fraction, default=1.0, metavar="R",
-                        help="kv mode: fraction of Q's head_dim kept (Q as per-head cores and a shared output factor; "
-                             "fewer Q/K/V parameters, KV cache unaffected); 1.0 keeps Q dense")
+                        help="kv mode: fraction of Q's head_dim kept, on average over the layers (Q as per-head "
+                             "cores and a shared output factor; fewer Q/K/V parameters, KV cache unaffected); "
+                             "1.0 keeps Q dense")
     parser.add_argument("--metric", choices=METRICS, default="auto",
                         help=METRIC_HELP)
     parser.add_argument("--rank-multiple", type=_positive_int, default=8, metavar="N",
