@@ -7,8 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import tmps
 from tmps.models.base import architecture_of
-from tmps.sensitivity import DirectionBasis, direction_costs, loss_statistics, projection_fisher
-from tmps.solvers import aligned_rank, allocate_by_cost, non_increasing
+from tmps.sensitivity import (DirectionBasis, HeadBlocks, PackedSymmetric, direction_costs, loss_statistics,
+                              pack_layers, projection_fisher, unpacked)
+from tmps.solvers import aligned_rank, allocate_by_cost, head_block, non_increasing
 
 VOCAB = 96
 
@@ -87,6 +88,30 @@ def test_projection_fisher_matches_autograd_and_leaves_the_model_alone():
         got = fisher[i // 2]["kv"[i % 2]]
         assert got.shape == expected.shape
         assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-8)
+
+
+def test_head_blocks_keep_each_heads_block_of_the_fisher_only():
+    """``head_blocks``: the projection's Fisher as its per-head diagonal blocks, the same numbers as the
+    full matrix's blocks, at 1/heads of its size; the other projections keep the full matrix."""
+    model = llama()  # 6 query heads and 2 key/value heads of 8
+    gen = torch.Generator().manual_seed(9)
+    ids, mask = left_padded_batch(gen, 2, 11, padded_row=0, pad=2)
+    arch = architecture_of(model)
+    full = loss_statistics(model, arch, [(ids, mask)], ("q", "k", "v"), progress=False).fisher
+    blocked = loss_statistics(model, arch, [(ids, mask)], ("q", "k", "v"), progress=False,
+                              head_blocks=("q", "v"), head_dim=8).fisher
+    for whole, part in zip(full, blocked):
+        for name, heads in (("q", 6), ("v", 2)):
+            assert isinstance(part[name], HeadBlocks) and part[name].blocks.shape == (heads, 8, 8)
+            for h in range(heads):
+                assert torch.allclose(part[name].blocks[h], head_block(whole[name], h, 8), rtol=1e-5, atol=1e-9)
+            rebuilt = part[name].full()
+            assert torch.equal(rebuilt != 0, torch.block_diag(*[torch.ones(8, 8)] * heads) != 0)
+        assert torch.equal(part["k"], whole["k"])
+    pack_layers(blocked)  # the blocks stay blocks; the full matrices are packed
+    assert isinstance(blocked[0]["q"], HeadBlocks) and isinstance(blocked[0]["k"], PackedSymmetric)
+    with pytest.raises(ValueError, match="head_dim"):
+        loss_statistics(model, arch, [(ids, mask)], ("q",), progress=False, head_blocks=("q",))
 
 
 def summed_loss_outputs(model, ids, mask, attention_inputs: bool = False, key_norms: bool = False,
@@ -300,7 +325,6 @@ def test_gradient_weighted_kv_basis_keeps_what_the_sensitive_tokens_need():
 
 
 def test_packed_symmetric_rebuilds_the_matrix_exactly_at_half_the_size():
-    from tmps.sensitivity import PackedSymmetric, pack_layers, unpacked
     gen = torch.Generator().manual_seed(5)
     for n in (1, 7, 48):
         a = torch.randn(n, n, generator=gen)

@@ -57,16 +57,34 @@ def projection_fisher(model: nn.Module, arch, batches, names: tuple[str, ...] = 
     return loss_statistics(model, arch, batches, names, progress, key_norms).fisher
 
 
+class HeadBlocks:
+    """A projection's Fisher held as its diagonal ``(head_dim, head_dim)`` blocks, one per head.
+
+    Where only each head's block is read (weights mode's per-head metrics; Q's basis shared by the
+    heads in kv mode), summing and keeping the whole ``d_p × d_p`` matrix for every layer costs
+    ``heads`` times the memory and the arithmetic for nothing. ``full()`` gives the block-diagonal
+    matrix, whose diagonal blocks are the Fisher's, for one layer's solver at a time.
+    """
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks  # (heads, head_dim, head_dim)
+
+    def full(self) -> torch.Tensor:
+        return torch.block_diag(*self.blocks)
+
+
 class LossStatistics(NamedTuple):
     """What :func:`loss_statistics` measures, per decoder layer."""
-    fisher: list[dict[str, torch.Tensor]]                      # {name: F (d_p, d_p) float32}
+    fisher: list[dict[str, torch.Tensor | HeadBlocks]]         # {name: F (d_p, d_p) float32, or its HeadBlocks}
     token_energies: list[dict[str, list[torch.Tensor]]] | None  # {name: per batch, (n_b,) float32 ‖g_{p,t}‖²}
 
 
 def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("k", "v"), progress: bool = True,
-                    key_norms: bool = False, token_energies: tuple[str, ...] = ()) -> LossStatistics:
+                    key_norms: bool = False, token_energies: tuple[str, ...] = (),
+                    head_blocks: tuple[str, ...] = (), head_dim: int | None = None) -> LossStatistics:
     """Per layer, the Fisher ``{name: F}`` of :func:`projection_fisher` and, for the projections in
-    ``token_energies``, each token's gradient energy ``‖g_{p,t}‖²``, in one pass.
+    ``token_energies``, each token's gradient energy ``‖g_{p,t}‖²``, in one pass. The projections in
+    ``head_blocks`` get only the diagonal ``head_dim``-wide blocks of their Fisher (:class:`HeadBlocks`).
 
     The energies are kept per batch of ``batches``, its unmasked tokens in order (row-major), 4
     bytes per token, projection and layer. They weight the calibration moments token by token
@@ -84,8 +102,11 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     moment weighted by ``Σ_p ‖g_{p,t}‖²`` over Q/K/V, the input-side analogue (README, "Measured
     quality").
     """
-    if not set(token_energies) <= set(names):
-        raise ValueError(f"token_energies={token_energies} must be among the measured projections names={names}")
+    if not set(token_energies) <= set(names) or not set(head_blocks) <= set(names):
+        raise ValueError(f"token_energies={token_energies} and head_blocks={head_blocks} must be among the measured "
+                         f"projections names={names}")
+    if head_blocks and not head_dim:
+        raise ValueError("head_blocks needs the head_dim of the blocks")
     fisher = [{n: None for n in names} for _ in arch.decoder_layers(model)]
     # Allocated before the pass, filled in place: small tensors kept alive between the pass's large
     # ones pin the heap (per-step lists of them took weights mode's peak at OPT-1.3B's shape from
@@ -95,7 +116,11 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     filled = [{n: 0 for n in token_energies} for _ in fisher]  # tokens written so far, per projection
 
     def accumulate(layer: int, name: str, y: torch.Tensor, g: torch.Tensor) -> None:
-        _add(fisher[layer], name, g.T @ g)
+        if name in head_blocks:
+            heads = g.reshape(g.shape[0], -1, head_dim).transpose(0, 1)  # (heads, n, head_dim)
+            _add(fisher[layer], name, heads.transpose(1, 2) @ heads)
+        else:
+            _add(fisher[layer], name, g.T @ g)
         if name in energies[layer]:
             start = filled[layer][name]
             energies[layer][name][start:start + g.shape[0]] = g.square().sum(1)
@@ -104,7 +129,11 @@ def loss_statistics(model: nn.Module, arch, batches, names: tuple[str, ...] = ("
     count = _gradient_pass(model, arch, batches, names, accumulate, key_norms, "tmps: loss sensitivity", progress)
     # Each projection's hook fires once per step, in token order: cut the stream back into batches.
     per_batch = [{n: list(e.split(sizes)) for n, e in layer.items()} for layer in energies] if token_energies else None
-    return LossStatistics(_token_means(fisher, count), per_batch)
+    fisher = _token_means(fisher, count)
+    for layer in fisher:
+        for name in head_blocks:
+            layer[name] = HeadBlocks(layer[name])
+    return LossStatistics(fisher, per_batch)
 
 
 def _add(sums: dict, name: str, value: torch.Tensor) -> None:
@@ -138,10 +167,11 @@ class PackedSymmetric:
 
 
 def pack_layers(statistics: list[dict]) -> None:
-    """Replace every matrix in ``statistics[l][name]`` by its :class:`PackedSymmetric`, in place, one at a time."""
+    """Replace every full matrix in ``statistics[l][name]`` by its :class:`PackedSymmetric`, in place, one at a
+    time (:class:`HeadBlocks` are kept as they are)."""
     for layer in statistics:
         for name, matrix in layer.items():
-            if matrix is not None:
+            if isinstance(matrix, torch.Tensor):
                 layer[name] = PackedSymmetric(matrix)
 
 
