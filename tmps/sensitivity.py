@@ -234,7 +234,8 @@ def direction_costs(model: nn.Module, arch, batches, bases: list[dict[str, Direc
     ``c_i = (1/N) Σ_t (Σ_h (g_h,tᵀ u_i)(p_iᵀ q_h,t))²``.
 
     One more forward/backward over ``batches`` (the Fisher pass's tokens); memory: the bases, as
-    much as the Fisher itself in kv mode (:class:`DirectionBasis`), a third of it in weights mode.
+    much as the Fisher itself in kv mode (:class:`DirectionBasis`), two ``(d, d)`` float16 matrices
+    per layer in weights mode (whose Fisher is kept as head blocks, :class:`HeadBlocks`).
     """
     names = tuple(bases[0])
     sums = [{n: None for n in names} for _ in bases]
