@@ -32,8 +32,8 @@ def _missing_links(page: Path) -> list[str]:
 def _missing_paths(page: Path) -> list[str]:
     missing = []
     for path in REPO_PATH.findall(page.read_text(encoding="utf-8")):
-        found = list(ROOT.glob(path)) if "*" in path else [ROOT / path] if (ROOT / path).exists() else []
-        if not found:
+        exists = any(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()
+        if not exists:
             missing.append(path)
     return missing
 

@@ -463,11 +463,11 @@ def _compress_layers(model, arch, layers, batches, config, swapped, progress, fi
         # Each token's gradient energy (same pass) weights the moments of both passes (_token_weights):
         # kv mode's K/V output moments, weights mode's input moment.
         # Q's Fisher (and weights mode's K's and V's) is read per head only: its diagonal blocks suffice.
-        head_blocks = ("q",) if config.mode == "kv" else names
+        head_blocks = tuple(n for n in names if n == "q" or config.mode == "weights")
         fisher, energies = loss_statistics(model, arch, fisher_batches, names, progress,
                                            key_norms=_normed_keys(arch, config),
                                            token_energies=("k", "v") if config.mode == "kv" else ("q", "k", "v"),
-                                           head_blocks=tuple(n for n in names if n in head_blocks),
+                                           head_blocks=head_blocks,
                                            head_dim=arch.shape(arch.attention_of(layers[0])).head_dim)
         pack_layers(fisher)  # kept as upper triangles until each layer is compressed: half the memory (symmetric)
         summaries = _planning_summaries(arch, layers, capture_layer_inputs(model, layers, fisher_batches),
