@@ -113,6 +113,38 @@ def assert_cached_steps_and_generate_match(model, dense):
     assert torch.equal(g_dense, g_model)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_kv_latent_cache_reorders_and_crops_like_the_dense_cache(arch):
+    """Beam search reorders the cache (``reorder_cache``), assisted and prompt-lookup decoding crop
+    it (``crop``): on kv mode's latents both must act as on the dense keys and values. Each is
+    checked by the next step's logits, then through ``generate`` itself."""
+    dense = MODELS[arch]()
+    model = compressed(dense, mode="kv", **FULL_RANK["kv"])
+    ids = torch.randint(1, VOCAB, (3, 10))
+    new = torch.randint(1, VOCAB, (1, 1)).expand(3, 1)  # one token for every row
+    beams = torch.tensor([2, 0, 0])
+    logits = []
+    for m in (dense, model):
+        cache = m(ids, **{cache_keyword(m): DynamicCache()}, use_cache=True).past_key_values
+        cache.reorder_cache(beams)
+        reordered = m(new, **{cache_keyword(m): cache}, use_cache=True).logits
+        cache.crop(-4)  # drop the step and the prompt's last 3 tokens (a count: transformers 5.17 and 5.25)
+        cropped = m(ids[:, 7:8], **{cache_keyword(m): cache}, use_cache=True).logits
+        logits.append((reordered, cropped))
+    (dense_reordered, dense_cropped), (reordered, cropped) = logits
+    assert rel(reordered, dense_reordered) < 1e-4 and rel(cropped, dense_cropped) < 1e-4
+    # the reorder did something: rows 1 and 2 now continue the same prompt
+    assert torch.allclose(reordered[1], reordered[2]) and not torch.allclose(reordered[0], reordered[1])
+
+    prompt = ids[:1]
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, num_beams=3),
+                       dense.generate(ids, max_new_tokens=5, do_sample=False, num_beams=3))
+    greedy = dense.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, assistant_model=MODELS[arch]()),
+                       greedy)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3), greedy)
+
+
 def test_bare_model_class_is_supported():
     dense = LlamaModel(llama().config).eval()
     model = compressed(dense, ratio=1.0)
