@@ -38,6 +38,7 @@ import torch
 from .decompose import hooi, input_metric, tt_svd, tucker_mps_tensor
 from .decompose.tt import energy_rank
 from .models.base import AttentionShape
+from .models.rope import rope_average
 from .projection import FactoredProjection
 from .sensitivity import DirectionBasis
 
@@ -128,7 +129,7 @@ class LayerSolver:
     def __init__(self, method: str, mode: str, shape: AttentionShape, weights: DenseAttentionWeights,
                  second_moment: torch.Tensor, uses_rope: bool, damping: float = 1e-6,
                  fisher: dict[str, torch.Tensor] | None = None, normed: dict[str, torch.Tensor] | None = None,
-                 weighted: dict[str, torch.Tensor | None] | None = None):
+                 weighted: dict[str, torch.Tensor | None] | None = None, rotary_dim: int | None = None):
         self.method, self.mode, self.shape, self.w = method, mode, shape, weights
         self.fisher = fisher
         # kv mode with the Fisher metric: the gradient-weighted moments C_g of the K/V outputs
@@ -139,6 +140,8 @@ class LayerSolver:
         # and keys (:func:`tmps.calibration.head_norm_moments`), which the input moment cannot give.
         self.normed = normed
         self.uses_rope, self.damping = uses_rope, damping
+        # features of a head that RoPE rotates: all of them but under partial RoPE (Phi-4-mini)
+        self.rotary_dim = shape.head_dim if rotary_dim is None else rotary_dim
         self._cache: dict = {}
 
     def summary(self) -> LayerSummary:
@@ -174,10 +177,8 @@ class LayerSolver:
         blocks = []
         for j in range(s.num_kv_heads):
             m = sum(head_block(cq, h, hd) for h in range(j * s.group_size, (j + 1) * s.group_size))
-            if self.uses_rope:  # average over rotation angles: each (i, i+hd/2) pair becomes (tr/2)·I
-                diag = torch.diagonal(m)
-                pair = (diag[: hd // 2] + diag[hd // 2:]) / 2
-                m = torch.diag(torch.cat([pair, pair]))
+            if self.uses_rope:  # average over rotation angles: each rotated pair becomes (tr/2)·I
+                m = rope_average(m, hd, self.rotary_dim)
             blocks.append(m)
         return torch.block_diag(*blocks)
 
@@ -366,11 +367,8 @@ class LayerSolver:
         return out
 
     def _rope_average(self, m: torch.Tensor) -> torch.Tensor:
-        """Keep each head-dim pair's mean diagonal, as the query metric does for RoPE models."""
-        hd = self.shape.head_dim
-        diag = torch.diagonal(m).reshape(-1, 2, hd // 2)
-        pair = diag.mean(1, keepdim=True).expand(-1, 2, -1).reshape(-1)
-        return torch.diag(pair)
+        """``m`` averaged over RoPE's rotation angles, head by head (:func:`tmps.models.rope.rope_average`)."""
+        return rope_average(m, self.shape.head_dim, self.rotary_dim)
 
     def whitened_tensor(self, output_weighted: bool = True) -> tuple[torch.Tensor, object]:
         """``T = S [W_q; W_k; W_v] L`` as ``(d, heads, head_dim)`` and the input metric.

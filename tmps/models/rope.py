@@ -10,8 +10,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``R x = x·cos + rotate_half(x)·sin``, with ``cos, sin`` broadcasting against ``x`` (last dim head_dim)."""
-    return x * cos + rotate_half(x) * sin
+    """``R x = x·cos + rotate_half(x)·sin``, with ``cos, sin`` broadcasting against ``x``.
+
+    Their last dim is the rotary width: head_dim, or fewer for partial RoPE (Phi-4-mini's
+    ``partial_rotary_factor``), which rotates the first ``cos.shape[-1]`` features of each head and
+    passes the rest through, as HF's Phi-3 does.
+    """
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotary, passed = x[..., :width], x[..., width:]
+    return torch.cat((rotary * cos + rotate_half(rotary) * sin, passed), dim=-1)
+
+
+def rope_average(m: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """``m: (heads·head_dim, heads·head_dim)``, a second moment of RoPE'd projections' outputs, averaged
+    over the rotation angles: what RoPE leaves of it for any position.
+
+    Per head, feature pairs ``(j, j + rotary_dim/2)`` rotate together by every angle, so each pair's
+    block becomes its mean diagonal times I₂ and its correlations with other features vanish; the
+    features past ``rotary_dim`` (partial RoPE) are not rotated and keep their block. Blocks between
+    heads are dropped. Full RoPE (``rotary_dim == head_dim``) leaves a diagonal matrix.
+    """
+    heads, half = m.shape[0] // head_dim, rotary_dim // 2
+    out = torch.zeros_like(m)
+    for h in range(heads):
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        block, target = m[rows, rows], out[rows, rows]
+        diag = torch.diagonal(block)[:rotary_dim]
+        pair = (diag[:half] + diag[half:]) / 2
+        target[:rotary_dim, :rotary_dim] = torch.diag(torch.cat([pair, pair]))
+        target[rotary_dim:, rotary_dim:] = block[rotary_dim:, rotary_dim:]
+    return out
 
 
 # RoPE types whose angle at a position does not depend on the other positions of the call (HF's
