@@ -283,7 +283,6 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
     if not has_language_model_head(model):
         raise ValueError("Fisher-based allocation needs the language-model loss: pass a *ForCausalLM, "
                          "or use metric='analytic' for a bare *Model")
-    index = {"q": 0, "k": 1, "v": 2}
     current = {}
     handles = []
 
@@ -293,14 +292,19 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
             t = t.transpose(1, 2)
         return t.reshape(t.shape[0] * t.shape[1], -1)[current["mask"]].float()
 
-    def make_hook(layer_idx: int, name: str, heads_first: bool = False):
+    def make_hook(layer_idx: int, name: str, heads_first: bool = False, columns: slice | None = None):
+        """``columns``: the projection's outputs within a fused module's (Phi-3's qkv_proj)."""
+        def part(t: torch.Tensor) -> torch.Tensor:
+            return rows(t if columns is None else t[..., columns], heads_first)
+
         def hook(module, args, output):
             # y + 0 with a zero leaf that requires grad: the graph after y is recorded (nothing else
             # requires grad), the paths through later layers' projections stay intact, and y's
-            # gradient is the total derivative of the loss.
+            # gradient is the total derivative of the loss. (Hooks of a fused module chain: each adds
+            # its own zero, and every one sees the same gradient.)
             tracked = output + torch.zeros_like(output, requires_grad=True)
-            y = rows(output.detach(), heads_first) if outputs else None
-            tracked.register_hook(lambda grad: accumulate(layer_idx, name, y, rows(grad, heads_first)))
+            y = part(output.detach()) if outputs else None
+            tracked.register_hook(lambda grad: accumulate(layer_idx, name, y, part(grad)))
             return tracked
         return hook
 
@@ -321,7 +325,6 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
         model.eval()
         for li, layer in enumerate(arch.decoder_layers(model)):
             attention = arch.attention_of(layer)
-            projections = arch.projections(attention)
             for name in names:
                 if name == "x":
                     handles.append(attention.register_forward_pre_hook(input_hook(li), with_kwargs=True))
@@ -329,7 +332,8 @@ def _gradient_pass(model: nn.Module, arch, batches, names, accumulate, key_norms
                     hook = make_hook(li, name, heads_first=arch.head_norms_heads_first)
                     handles.append(attention.k_norm.register_forward_hook(hook))
                 else:
-                    handles.append(projections[index[name]].register_forward_hook(make_hook(li, name)))
+                    module, columns = arch.projection_output(attention, name)
+                    handles.append(module.register_forward_hook(make_hook(li, name, columns=columns)))
         steps = []
         for ids, mask in batches:
             per_step = max(1, TOKENS_PER_STEP // ids.shape[1])

@@ -80,7 +80,17 @@ class Architecture:
         )
 
     def projections(self, attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """The dense Q, K, V and output projections (linear layers, or :class:`LinearRows` of a fused one)."""
         return tuple(getattr(attention, n) for n in (self.q_name, self.k_name, self.v_name, self.o_name))
+
+    def projection_output(self, attention: nn.Module, name: str) -> tuple[nn.Module, slice | None]:
+        """The module whose forward output holds projection ``name``'s ("q", "k", "v"), and its columns
+        there (None: all of them): where the Fisher pass hooks the projection's outputs."""
+        return getattr(attention, getattr(self, f"{name}_name")), None
+
+    def rotary_dim(self, attention: nn.Module) -> int:
+        """Features of each head that RoPE rotates (head_dim; fewer under partial RoPE)."""
+        return attention.head_dim
 
     def rotary_embedding(self, model: nn.Module):
         return getattr(self.base_model(model), "rotary_emb", None) if self.uses_rope else None
@@ -88,6 +98,20 @@ class Architecture:
     def sliding_window(self, attention: nn.Module) -> int | None:
         """How many of the latest keys ``attention`` sees (HF's sliding-window attention), None for all of them."""
         return None
+
+
+class LinearRows:
+    """Output rows ``start:stop`` of a fused linear layer (Phi-3's ``qkv_proj``) seen as a linear layer
+    of their own: ``weight (stop - start, in_features)`` and ``bias`` are views of the fused layer's,
+    and calling it computes only those outputs. Not a module: nothing registers or saves it."""
+
+    def __init__(self, linear: nn.Linear, start: int, stop: int):
+        self.weight = linear.weight[start:stop]
+        self.bias = None if linear.bias is None else linear.bias[start:stop]
+        self.in_features, self.out_features = linear.in_features, stop - start
+
+    def __call__(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 REGISTRY: dict[str, Architecture] = {}
@@ -104,7 +128,7 @@ def register(arch: Architecture) -> Architecture:
 
 def _registry() -> dict[str, Architecture]:
     """REGISTRY with every model file imported (each registers its architecture on import)."""
-    from . import gemma3, llama, mistral, opt, qwen2, qwen3  # noqa: F401
+    from . import gemma3, llama, mistral, opt, phi3, qwen2, qwen3  # noqa: F401
 
     return REGISTRY
 
