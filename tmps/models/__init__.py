@@ -4,9 +4,10 @@ from .gemma3 import Gemma3TuckerMPSAttention
 from .llama import LlamaTuckerMPSAttention
 from .mistral import MistralTuckerMPSAttention
 from .opt import OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
+from .phi3 import Phi3TuckerMPSAttention
 from .qwen2 import Qwen2TuckerMPSAttention
 from .qwen3 import Qwen3TuckerMPSAttention
 
 __all__ = ["architecture_of", "supported_model_types", "OPTTuckerMPSAttention", "OPTTuckerMPSDecoderLayer",
            "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention",
-           "Qwen3TuckerMPSAttention", "Gemma3TuckerMPSAttention"]
+           "Qwen3TuckerMPSAttention", "Gemma3TuckerMPSAttention", "Phi3TuckerMPSAttention"]

@@ -135,8 +135,9 @@ class CompressedAttentionMixin:
         if self.uses_rope:
             q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache)
             rope = (cos, sin)
-            rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
-            key_scores = bridge.latent_rope_scores_for(q.device, self.qkv.backend, rows)
+            if cos.shape[-1] == self.head_dim:  # the kernel rotates whole heads; partial RoPE takes the torch chain
+                rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
+                key_scores = bridge.latent_rope_scores_for(q.device, self.qkv.backend, rows)
         values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling,
                                      need_probs=implementation == "eager")
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,

@@ -1,8 +1,8 @@
 """Llama family: RoPE, grouped-query attention, usually no biases.
 
 :class:`LlamaFamilyForward` is what every Llama-shaped attention shares (the forward's signature,
-``o_proj``, the model-level rotary embedding); Mistral, Qwen2, Qwen3 and Gemma 3 (a file each) add
-their sliding windows, biases and per-head norms.
+``o_proj``, the model-level rotary embedding); Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 (a file each)
+add their sliding windows, biases, per-head norms and fused Q/K/V.
 """
 from __future__ import annotations
 
