@@ -7,7 +7,9 @@ from .opt import OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
 from .phi3 import Phi3TuckerMPSAttention
 from .qwen2 import Qwen2TuckerMPSAttention
 from .qwen3 import Qwen3TuckerMPSAttention
+from .smollm3 import SmolLM3TuckerMPSAttention
 
 __all__ = ["architecture_of", "supported_model_types", "OPTTuckerMPSAttention", "OPTTuckerMPSDecoderLayer",
            "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention",
-           "Qwen3TuckerMPSAttention", "Gemma3TuckerMPSAttention", "Phi3TuckerMPSAttention"]
+           "Qwen3TuckerMPSAttention", "Gemma3TuckerMPSAttention", "Phi3TuckerMPSAttention",
+           "SmolLM3TuckerMPSAttention"]

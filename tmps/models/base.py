@@ -88,6 +88,10 @@ class Architecture:
         there (None: all of them): where the Fisher pass hooks the projection's outputs."""
         return getattr(attention, getattr(self, f"{name}_name")), None
 
+    def layer_uses_rope(self, attention: nn.Module) -> bool:
+        """Whether this layer rotates its queries and keys (SmolLM3 leaves every fourth layer without RoPE)."""
+        return self.uses_rope
+
     def rotary_dim(self, attention: nn.Module) -> int:
         """Features of each head that RoPE rotates (head_dim; fewer under partial RoPE)."""
         return attention.head_dim
@@ -128,7 +132,7 @@ def register(arch: Architecture) -> Architecture:
 
 def _registry() -> dict[str, Architecture]:
     """REGISTRY with every model file imported (each registers its architecture on import)."""
-    from . import gemma3, llama, mistral, opt, phi3, qwen2, qwen3  # noqa: F401
+    from . import gemma3, llama, mistral, opt, phi3, qwen2, qwen3, smollm3  # noqa: F401
 
     return REGISTRY
 

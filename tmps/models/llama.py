@@ -1,8 +1,8 @@
 """Llama family: RoPE, grouped-query attention, usually no biases.
 
 :class:`LlamaFamilyForward` is what every Llama-shaped attention shares (the forward's signature,
-``o_proj``, the model-level rotary embedding); Mistral, Qwen2, Qwen3, Gemma 3 and Phi-3 (a file each)
-add their sliding windows, biases, per-head norms and fused Q/K/V.
+``o_proj``, the model-level rotary embedding); Mistral, Qwen2, Qwen3, Gemma 3, Phi-3 and SmolLM3 (a file
+each) add their sliding windows, biases, per-head norms, fused Q/K/V and layers without RoPE.
 """
 from __future__ import annotations
 
