@@ -19,7 +19,8 @@ from test_latent_attention import static_cache_steps
 
 def phi3(attn="sdpa", partial_rotary_factor=1.0, sliding_window=None):
     """Llama's test shape (GQA 6 / 2, head_dim 8); 0.75 rotates 6 of each head's 8 features (Phi-4-mini's factor)."""
-    config = Phi3Config(**SHAPE, rms_norm_eps=llama().config.rms_norm_eps, attn_implementation=attn, partial_rotary_factor=partial_rotary_factor,
+    config = Phi3Config(**SHAPE, rms_norm_eps=llama().config.rms_norm_eps, attn_implementation=attn,
+                        partial_rotary_factor=partial_rotary_factor,
                         sliding_window=sliding_window, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return Phi3ForCausalLM(config).eval()
 

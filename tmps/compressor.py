@@ -76,8 +76,8 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
 
     Parameters
     ----------
-    model : an OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text), Phi-3 or SmolLM3 ``*ForCausalLM`` / ``*Model``
-        (:func:`tmps.models.supported_model_types`).
+    model : an OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text), Phi-3, SmolLM3 or Granite
+        ``*ForCausalLM`` / ``*Model`` (:func:`tmps.models.supported_model_types`).
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).
     mode, method, ratio, mps_eps, hooi_ranks, error_budget, allocation, metric, q_ratio, k_share,
@@ -279,7 +279,8 @@ def _solver(arch, attention, config, moments: _LayerMoments, fisher=None) -> Lay
     q, k, v, o = arch.projections(attention)
     weights = DenseAttentionWeights.from_linears(q, k, v, o)
     return LayerSolver(config.method, config.mode, arch.shape(attention), weights, moments.moment,
-                       arch.layer_uses_rope(attention), config.damping, unpacked(fisher), moments.normed, moments.weighted, arch.rotary_dim(attention))
+                       arch.layer_uses_rope(attention), config.damping, unpacked(fisher), moments.normed,
+                       moments.weighted, arch.rotary_dim(attention))
 
 
 def _plan_ranks(config: CompressionConfig, summaries: list[LayerSummary]) -> list[dict]:

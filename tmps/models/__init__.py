@@ -1,6 +1,7 @@
 """Per-architecture adapters and the compressed attention modules."""
 from .base import architecture_of, supported_model_types
 from .gemma3 import Gemma3TuckerMPSAttention
+from .granite import GraniteTuckerMPSAttention
 from .llama import LlamaTuckerMPSAttention
 from .mistral import MistralTuckerMPSAttention
 from .opt import OPTTuckerMPSAttention, OPTTuckerMPSDecoderLayer
@@ -12,4 +13,4 @@ from .smollm3 import SmolLM3TuckerMPSAttention
 __all__ = ["architecture_of", "supported_model_types", "OPTTuckerMPSAttention", "OPTTuckerMPSDecoderLayer",
            "LlamaTuckerMPSAttention", "MistralTuckerMPSAttention", "Qwen2TuckerMPSAttention",
            "Qwen3TuckerMPSAttention", "Gemma3TuckerMPSAttention", "Phi3TuckerMPSAttention",
-           "SmolLM3TuckerMPSAttention"]
+           "SmolLM3TuckerMPSAttention", "GraniteTuckerMPSAttention"]

@@ -132,7 +132,7 @@ def register(arch: Architecture) -> Architecture:
 
 def _registry() -> dict[str, Architecture]:
     """REGISTRY with every model file imported (each registers its architecture on import)."""
-    from . import gemma3, llama, mistral, opt, phi3, qwen2, qwen3, smollm3  # noqa: F401
+    from . import gemma3, granite, llama, mistral, opt, phi3, qwen2, qwen3, smollm3  # noqa: F401
 
     return REGISTRY
 

@@ -17,7 +17,8 @@ from .llama import LayerWindowArchitecture, LlamaFamilyForward
 
 
 class SmolLM3TuckerMPSAttention(LlamaFamilyForward, SmolLM3Attention):
-    """Replaces ``SmolLM3Attention``: Q/K/V through a FactoredProjection; ``o_proj`` kept dense; RoPE where the dense layer has it."""
+    """Replaces ``SmolLM3Attention``: Q/K/V through a FactoredProjection; ``o_proj`` kept dense; RoPE
+    where the dense layer has it."""
 
     eager_fallback = staticmethod(modeling_smollm3.eager_attention_forward)
 
