@@ -467,3 +467,44 @@ def test_each_layer_fisher_is_freed_once_that_layer_is_compressed(monkeypatch, m
     per_layer = 2 if mode == "kv" else 3  # kv: F of k and v; weights: F of q, k, v
     for index, alive in enumerate(alive_at_build):  # at layer `index`, earlier layers' statistics are gone
         assert alive == [0] * index + [per_layer] * (4 - index)
+
+
+# ---------------------------------------------------------------- models dispatched by accelerate
+def dispatched(model, where: str):
+    """``model`` with accelerate's device hooks as ``device_map`` loading leaves them (here every
+    device is the CPU): on each decoder layer (blocks) or on each attention."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    for layer in architecture_of(model).decoder_layers(model):
+        add_hook_to_module(layer if where == "layer" else layer.self_attn,
+                           AlignDevicesHook(execution_device="cpu", io_same_device=True, place_submodules=True))
+    return model
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("where", ["layer", "attention"])
+def test_dispatched_model_runs_its_compressed_attention(arch, where):
+    """A hooked module's forward is an instance attribute bound to it: copied into the compressed
+    layer, it ran the dense attention (the compressed model's logits were the dense model's). Now the
+    compressed modules carry the hook around their own forward, and give the undispatched result."""
+    pytest.importorskip("accelerate")
+    dense, data, ids = MODELS[arch](), calib(), torch.randint(0, VOCAB, (2, 9))
+    want = compressed(dense, data)(ids).logits
+    model = compressed(dispatched(copy.deepcopy(dense), where), data)
+    assert torch.equal(model(ids).logits, want)
+    assert not torch.allclose(want, dense(ids).logits, atol=1e-3)
+    for layer in architecture_of(model).decoder_layers(model):
+        hooked = layer if where == "layer" else layer.self_attn
+        assert "_hf_hook" in vars(hooked) and hooked.forward.args[0] is hooked  # accelerate's partial(new_forward, module)
+
+
+def test_offloaded_model_is_refused_and_left_as_it_was():
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+
+    model = cpu_offload(llama(), execution_device="cpu")
+    snap = {name: (p.device, p.shape) for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="offloaded by accelerate"):
+        tmps.compress(model, calib(), progress=False)
+    assert {name: (p.device, p.shape) for name, p in model.named_parameters()} == snap
+    assert not tmps.is_compressed(model)

@@ -38,7 +38,7 @@ from .calibration import (
     sample_from_model,
 )
 from .config import FISHER_METHODS, CompressionConfig
-from .models.base import AttentionShape, architecture_of, detach_rotary, new_like
+from .models.base import AttentionShape, architecture_of, detach_rotary, new_like, offloaded_by_dispatch
 from .sensitivity import direction_costs, has_language_model_head, loss_statistics, pack_layers, unpacked
 from .solvers import (
     DenseAttentionWeights,
@@ -58,7 +58,15 @@ def is_compressed(model: nn.Module) -> bool:
 
 
 def _check_weights(model: nn.Module) -> None:
+    offloaded = offloaded_by_dispatch(model)
+    if offloaded is not None:
+        raise ValueError(f"{offloaded} has its weights offloaded by accelerate (device_map offload to 'cpu' or 'disk', "
+                         "or cpu_offload); tmps reads and replaces every layer's attention weights: load the model "
+                         "onto devices that hold all of it (a device_map without offload, or none)")
     for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(f"the model's weight {name} is on the meta device (not loaded); load the model with "
+                             "its weights before compressing it")
         if not torch.isfinite(p).all():
             raise ValueError(f"the model's weight {name} has NaN/Inf entries; tmps cannot compress a broken model "
                              "(reload it from its checkpoint)")

@@ -66,6 +66,7 @@ class Architecture:
         layer = copy.copy(layers[index])
         for table in ("_parameters", "_buffers", "_modules"):
             layer.__dict__[table] = dict(layer.__dict__[table])
+        carry_dispatch_hook(layers[index], layer)
         layer.self_attn = attention
         layers[index] = layer
 
@@ -162,7 +163,42 @@ def new_like(cls: type, dense: nn.Module) -> nn.Module:
     for key, value in vars(dense).items():
         if key not in own:
             module.__dict__[key] = value
+    carry_dispatch_hook(dense, module)
     return module
+
+
+# What accelerate's add_hook_to_module (device_map dispatch) sets on a module's instance: a forward
+# bound to that module, the forward it wraps, and the hook.
+_DISPATCH_ATTRIBUTES = ("forward", "_old_forward", "_hf_hook")
+
+
+def carry_dispatch_hook(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target``, built from a copy of ``source``'s ``__dict__``, its own forward and ``source``'s hook.
+
+    A model loaded with ``device_map`` has accelerate hooks on its blocks: ``forward`` in the
+    instance ``__dict__`` is ``source``'s wrapped forward, bound to ``source``. Copied as it is, it
+    would run the dense layer inside the compressed model (silently: the logits are dense's). So the
+    copy drops it, and the same hook wraps ``target``'s own forward (moving inputs to the block's
+    device and outputs back, as before). An instance ``forward`` without a hook is dropped too.
+    """
+    for key in _DISPATCH_ATTRIBUTES:
+        target.__dict__.pop(key, None)
+    hook = source.__dict__.get("_hf_hook")
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module  # present wherever a model carries its hooks
+
+        add_hook_to_module(target, hook)
+
+
+def offloaded_by_dispatch(model: nn.Module) -> str | None:
+    """The name of a module whose weights accelerate offloads (``device_map`` with "cpu" / "disk"
+    entries: loaded at each forward from elsewhere), or None."""
+    for name, module in model.named_modules():
+        hook = module.__dict__.get("_hf_hook")
+        hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
+        if any(getattr(h, "offload", False) for h in hooks):
+            return name or type(model).__name__
+    return None
 
 
 def detach_rotary(module: nn.Module, rotary) -> None:
