@@ -395,6 +395,45 @@ def test_nan_weights_rejected_and_unchanged():
     assert all(torch.equal(v, state[k]) or torch.isnan(v).any() for k, v in model.state_dict().items())
 
 
+class _Int8Linear(torch.nn.Module):
+    """What a quantized projection looks like to tmps: packed integers where the weight was."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.int8), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.weight.to(x.dtype).T
+
+
+class _LoraLinear(torch.nn.Module):
+    """PEFT's layout: the dense layer as ``base_layer``, the adapters beside it."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.base_layer = linear
+        self.lora_A = torch.nn.Linear(linear.in_features, 2, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+@pytest.mark.parametrize("wrap, match", [(_Int8Linear, "torch.int8 weight.*quantized"),
+                                         (_LoraLinear, "adapters.*merge_and_unload")])
+def test_quantized_or_adapter_projections_refused_and_unchanged(wrap, match):
+    model = llama()
+    attention = model.model.layers[1].self_attn
+    attention.k_proj = wrap(attention.k_proj)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"layer 1: the k projection \\({wrap.__name__}\\) .*{match}"):
+        tmps.compress(model, calib(), progress=False)
+    assert_unchanged(model, snap)
+
+
 def test_already_compressed_refused():
     model = compressed(llama(), ratio=0.5)
     with pytest.raises(ValueError, match="already compressed"):

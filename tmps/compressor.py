@@ -72,6 +72,24 @@ def _check_weights(model: nn.Module) -> None:
                              "(reload it from its checkpoint)")
 
 
+def _check_projections(arch, layers) -> None:
+    """Every attention's Q/K/V/output projection must be a plain floating-point linear map: tmps reads
+    its weight. A quantized layer's weight holds packed integers, and a LoRA layer's leaves its
+    adapters out, so either would be compressed wrongly without a word."""
+    for index, layer in enumerate(layers):
+        for name, projection in zip(("q", "k", "v", "o"), arch.projections(arch.attention_of(layer))):
+            where = f"layer {index}: the {name} projection ({type(projection).__name__})"
+            if hasattr(projection, "base_layer") or hasattr(projection, "lora_A"):
+                raise ValueError(f"{where} carries adapters (PEFT/LoRA); merge them into the weights first "
+                                 "(peft's merge_and_unload()) and compress the merged model")
+            weight = getattr(projection, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+                kind = "no weight" if not isinstance(weight, torch.Tensor) else f"a {weight.dtype} weight"
+                raise ValueError(f"{where} has {kind}: tmps compresses floating-point linear projections, not "
+                                 "quantized ones (bitsandbytes, GPTQ, AWQ...); load the model in float32, float16 "
+                                 "or bfloat16")
+
+
 @torch.no_grad()
 def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: str = "tucker-mps",
              ratio: float | None = None, mps_eps: float | None = None, hooi_ranks=None,
@@ -108,6 +126,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
         raise ValueError("this model is already compressed by tmps; compress the dense model again "
                          "(recompressing stored factors would compound their error)")
     _check_weights(model)
+    _check_projections(arch, arch.decoder_layers(model))
     if isinstance(fisher_tokens, bool) or not isinstance(fisher_tokens, int) or fisher_tokens < 1:
         raise ValueError(f"fisher_tokens={fisher_tokens!r} must be a positive number of tokens, e.g. 8192")
     has_lm_head = has_language_model_head(model)
