@@ -13,8 +13,8 @@ from transformers.models.phi3 import modeling_phi3
 from transformers.models.phi3.modeling_phi3 import Phi3Attention
 
 from .base import LinearRows, register
-from .mistral import MistralArchitecture
 from .llama import LlamaFamilyForward
+from .mistral import MistralArchitecture
 
 
 class Phi3TuckerMPSAttention(LlamaFamilyForward, Phi3Attention):
