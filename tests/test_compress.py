@@ -113,6 +113,19 @@ def assert_cached_steps_and_generate_match(model, dense):
     assert torch.equal(g_dense, g_model)
 
 
+def assert_compresses_like(target, source, mode, **kw):
+    """``target`` holds ``source``'s weights in another architecture: the same dense logits, and,
+    compressed on the same calibration data, the same ranks and logits. Returns both compressed models."""
+    ids, data = torch.randint(0, VOCAB, (2, 13)), calib()
+    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
+    want = compressed(source, mode=mode, calibration=data, **kw)
+    got = compressed(target, mode=mode, calibration=data, **kw)
+    assert [layer["ranks"] for layer in got.tmps_info["layers"]] == [layer["ranks"] for layer in want.tmps_info["layers"]]
+    torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=1e-5, atol=1e-5)
+    assert rel(want(ids).logits, source(ids).logits) > 1e-3  # below full rank, so the match means something
+    return want, got
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_kv_latent_cache_reorders_and_crops_like_the_dense_cache(arch):
     """Beam search reorders the cache (``reorder_cache``), assisted and prompt-lookup decoding crop

@@ -7,11 +7,11 @@ import torch
 from transformers import GraniteConfig, GraniteForCausalLM
 from transformers.models.granite.modeling_granite import GraniteAttention
 
-import tmps
 from tmps.models import GraniteTuckerMPSAttention
 
-from test_compress import FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, calib, compressed, llama, rel
-from test_latent_attention import static_cache_steps
+from test_compress import (FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_compresses_like,
+                          compressed, llama, rel)
+from test_latent_attention import assert_static_cache_decodes_like_dense
 
 
 def granite(attn="sdpa", as_llama=False):
@@ -49,11 +49,7 @@ def test_full_rank_reproduces_dense(mode, attn):
 
 @pytest.mark.parametrize("path", ["latent", "rebuild"])
 def test_kv_mode_static_cache(path):
-    dense = granite()
-    model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
-    ids = torch.randint(1, VOCAB, (2, 9))
-    torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
-                               rtol=1e-4, atol=1e-4)
+    assert_static_cache_decodes_like_dense(granite(), path)
 
 
 @pytest.mark.parametrize("mode", ["kv", "weights"])
@@ -61,8 +57,4 @@ def test_llama_weights_in_a_granite_with_llamas_multipliers_compress_to_the_same
     source = llama()
     target = granite(as_llama=True)
     target.load_state_dict(source.state_dict(), strict=True)
-    ids, data = torch.randint(0, VOCAB, (2, 13)), calib()
-    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
-    want = compressed(source, mode=mode, ratio=0.5, calibration=data)
-    got = compressed(target, mode=mode, ratio=0.5, calibration=data)
-    torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=1e-5, atol=1e-5)
+    assert_compresses_like(target, source, mode, ratio=0.5)

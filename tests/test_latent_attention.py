@@ -199,16 +199,21 @@ def static_cache_steps(model, ids, steps, chunks=None, max_len=32):
     return torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("path", ["latent", "rebuild"])
-def test_static_cache_decodes_like_dense(arch, path):
-    """A static cache holds more slots than are filled: RoPE must use the filled positions, not its size."""
-    dense = MODELS[arch]()
+def assert_static_cache_decodes_like_dense(dense, path):
+    """kv mode at full rank on ``path`` ("latent" or "rebuild"): a prompt and 4 greedy steps through
+    HF's StaticCache give the dense model's logits."""
     model = tmps.compress(copy.deepcopy(dense), calib(), mode="kv", ratio=1.0, progress=False)
     tmps.set_paths(model, kv_attention=path)
     ids = torch.randint(1, VOCAB, (2, 9))
     torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("path", ["latent", "rebuild"])
+def test_static_cache_decodes_like_dense(arch, path):
+    """A static cache holds more slots than are filled: RoPE must use the filled positions, not its size."""
+    assert_static_cache_decodes_like_dense(MODELS[arch](), path)
 
 
 def test_set_paths_sets_every_layer_and_explains_bad_values():

@@ -4,7 +4,7 @@ caches, windows, saving and loading; below full rank, a Llama's weights fused in
 to the Llama's logits, which checks the fused layer's rows and the Fisher pass's hooks on them."""
 import pytest
 import torch
-from transformers import LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import Phi3Config, Phi3ForCausalLM
 from transformers.models.phi3.modeling_phi3 import Phi3Attention, apply_rotary_pos_emb
 
 import tmps
@@ -12,9 +12,9 @@ from tmps.models import Phi3TuckerMPSAttention
 from tmps.models.base import LinearRows, architecture_of
 from tmps.models.rope import rope_average, rotate
 
-from test_compress import (FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_unchanged, calib,
-                          compressed, llama, rel, snapshot)
-from test_latent_attention import static_cache_steps
+from test_compress import (FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_compresses_like,
+                          assert_unchanged, calib, compressed, llama, rel, snapshot)
+from test_latent_attention import assert_static_cache_decodes_like_dense
 
 
 def phi3(attn="sdpa", partial_rotary_factor=1.0, sliding_window=None):
@@ -81,11 +81,7 @@ def test_full_rank_reproduces_dense(partial, mode, attn):
 @pytest.mark.parametrize("path", ["latent", "rebuild"])
 def test_kv_mode_static_cache_and_window(partial, path):
     """Through HF's StaticCache, and generating past a 5-token window, as the dense model."""
-    dense = phi3(partial_rotary_factor=partial)
-    model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
-    ids = torch.randint(1, VOCAB, (2, 9))
-    torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
-                               rtol=1e-4, atol=1e-4)
+    assert_static_cache_decodes_like_dense(phi3(partial_rotary_factor=partial), path)
     dense = phi3(partial_rotary_factor=partial, sliding_window=5)
     model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
     ids = torch.randint(1, VOCAB, (2, 3))
@@ -112,13 +108,7 @@ def test_llama_weights_fused_into_phi3_compress_to_the_same_model(mode, kw):
     """Below full rank: the Fisher pass hooks Q, K and V inside the fused layer's output (and Q's
     rows with ``q_ratio``), so the plans, factors and logits are the Llama's."""
     source, target = fused_llama()
-    ids, data = torch.randint(0, VOCAB, (2, 13)), calib()
-    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
-    want = compressed(source, mode=mode, calibration=data, **kw)
-    got = compressed(target, mode=mode, calibration=data, **kw)
-    assert [layer["ranks"] for layer in got.tmps_info["layers"]] == [layer["ranks"] for layer in want.tmps_info["layers"]]
-    torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=1e-5, atol=1e-5)
-    assert rel(want(ids).logits, source(ids).logits) > 1e-3  # below full rank indeed
+    assert_compresses_like(target, source, mode, **kw)
 
 
 def test_save_load_identical_logits(tmp_path):

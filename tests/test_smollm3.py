@@ -11,8 +11,9 @@ import tmps
 from tmps import compressor
 from tmps.models import SmolLM3TuckerMPSAttention
 
-from test_compress import FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, calib, compressed, llama, rel
-from test_latent_attention import static_cache_steps
+from test_compress import (FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_compresses_like,
+                          compressed, llama, rel)
+from test_latent_attention import assert_static_cache_decodes_like_dense
 
 
 def smollm3(attn="sdpa", rope_every_layer=False, sliding_window=None):
@@ -42,11 +43,7 @@ def test_full_rank_reproduces_dense(mode, attn):
 @pytest.mark.parametrize("path", ["latent", "rebuild"])
 def test_kv_mode_static_cache_and_window(path):
     """Through HF's StaticCache, and generating past a 5-token window on the NoPE layer, as the dense model."""
-    dense = smollm3()
-    model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
-    ids = torch.randint(1, VOCAB, (2, 9))
-    torch.testing.assert_close(static_cache_steps(model, ids, 4), static_cache_steps(dense, ids, 4),
-                               rtol=1e-4, atol=1e-4)
+    assert_static_cache_decodes_like_dense(smollm3(), path)
     dense = smollm3(sliding_window=5)
     assert [layer.self_attn.sliding_window for layer in dense.model.layers] == [None, 5]
     model = tmps.set_paths(compressed(dense, mode="kv", **FULL_RANK["kv"]), kv_attention=path)
@@ -60,11 +57,7 @@ def test_llama_weights_in_a_smollm3_that_always_rotates_compress_to_the_same_mod
     source = llama()
     target = smollm3(rope_every_layer=True)
     target.load_state_dict(source.state_dict(), strict=True)
-    ids, data = torch.randint(0, VOCAB, (2, 13)), calib()
-    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
-    want = compressed(source, mode=mode, ratio=0.5, calibration=data)
-    got = compressed(target, mode=mode, ratio=0.5, calibration=data)
-    torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=1e-5, atol=1e-5)
+    assert_compresses_like(target, source, mode, ratio=0.5)
 
 
 def test_nope_layers_are_solved_and_decoded_without_rope(monkeypatch):
