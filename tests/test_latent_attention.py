@@ -282,3 +282,28 @@ def test_rope_decode_computes_the_rotary_table_once_per_step():
             with RecordOps() as record:
                 out = model(nxt, **{cache_keyword(model): cache}, use_cache=True)
     assert sum("aten.cos" in op for op in record.ops) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_latent_decode_with_gradients_keeps_to_the_torch_chain(arch, monkeypatch):
+    """Gradients through a cached decode step over the latents (attributions, training on decode
+    steps): with the kernels pretended available, none is asked for, since they have no backward, and
+    the input's gradient is the torch path's."""
+    from tmps import kernels_bridge as bridge
+
+    model = tmps.set_paths(tmps.compress(copy.deepcopy(MODELS[arch]()), calib(), mode="kv", ratio=0.5,
+                                         progress=False), kv_attention="latent")
+    ids = torch.randint(1, VOCAB, (2, 6))
+    embed = model.get_input_embeddings()
+
+    def step_gradient():
+        cache = model(ids[:, :-1], **{cache_keyword(model): DynamicCache()}, use_cache=True).past_key_values
+        x = embed(ids[:, -1:]).detach().requires_grad_()
+        model(inputs_embeds=x, **{cache_keyword(model): cache}, use_cache=True).logits.square().sum().backward()
+        return x.grad
+
+    want = step_gradient()
+    monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
+    for name in ("latent_decode_for", "latent_rope_scores_for", "faster_path"):
+        monkeypatch.setattr(bridge, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} asked where gradients flow"))
+    torch.testing.assert_close(step_gradient(), want)

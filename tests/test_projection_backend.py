@@ -229,3 +229,36 @@ def test_moving_the_module_releases_the_cached_launcher(monkeypatch):
     module.double()
     gc.collect()
     assert old() is None, "the cached launcher kept the float32 factors alive"
+
+
+def test_gradients_flow_through_the_torch_chain_not_the_kernel(monkeypatch):
+    """The kernel has no backward: where a call records gradients (x requiring grad, or a factor made
+    trainable) "auto" takes the torch chain, so x's gradient is the chain's; under no_grad the kernel
+    serves as before; a forced "triton" refuses to drop the gradients."""
+    module = projection()
+    monkeypatch.setattr(bridge, "kernel_preferred_on", lambda device: True)
+    monkeypatch.setattr(bridge, "triton_path_available", lambda device: True)
+    monkeypatch.setattr(bridge, "faster_path", lambda *a, **k: "triton")
+    ran = []
+
+    def fake_kernel(launcher, x):  # the kernel's outputs carry no graph, as the real one's
+        ran.append(1)
+        with torch.no_grad():
+            return factored_projection_torch(x, launcher.in_factor,
+                                             list(zip(launcher.cores, launcher.out_factors, launcher.biases)))
+
+    monkeypatch.setattr(bridge, "run_fused_projection", fake_kernel)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    sum(y.square().sum() for y in module(x)).backward()
+    want = x.detach().clone().requires_grad_()
+    sum(y.square().sum() for y in factored_projection_torch(want, module.in_factor, module.groups)).backward()
+    assert ran == [] and torch.allclose(x.grad, want.grad)
+    with torch.no_grad():
+        module(x)
+    assert ran == [1]
+    module.in_factor.requires_grad_()  # fine-tuning the factors themselves
+    module(torch.randn(2, 5, 12))[0].sum().backward()
+    assert ran == [1] and module.in_factor.grad is not None
+    module.backend = "triton"
+    with pytest.raises(RuntimeError, match="no backward pass.*backend='auto'"):
+        module(x)

@@ -155,6 +155,21 @@ def kernel_considered(device: torch.device, backend: str) -> bool:
     return True
 
 
+def kernels_serve_gradients(backend: str, *tensors) -> bool:
+    """False where a call on ``tensors`` records gradients (grad mode on, one of them requiring grad):
+    the Triton kernels have no backward, so their outputs would cut the graph and every gradient
+    through Q/K/V (fine-tuning after compression, LoRA on other layers, attributions) would be
+    silently lost. Such calls take the torch chain under ``"auto"``; ``"triton"`` raises instead.
+    Under ``torch.no_grad()`` / ``inference_mode()`` (``generate``) it costs one ``is_grad_enabled()``."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return True
+    if backend == "triton":
+        raise RuntimeError("backend='triton': the Triton kernels have no backward pass, and this call records "
+                           "gradients; use backend='auto' (the torch chain wherever gradients flow) or 'torch', "
+                           "or run under torch.no_grad()")
+    return False
+
+
 def latent_rope_scores_for(device: torch.device, backend: str = "auto", rows: int = 1):
     """The fused RoPE key-score kernel for kv mode's latent attention, or None for the torch chain.
 

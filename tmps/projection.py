@@ -125,6 +125,8 @@ class FactoredProjection(nn.Module):
         """The kernel state when the kernel serves ``x`` (so the call does not look it up twice), else None."""
         if not bridge.kernel_considered(x.device, self.backend):
             return None
+        if torch.is_grad_enabled() and not bridge.kernels_serve_gradients(self.backend, x, *self._buffers.values()):
+            return None
         state = self._kernel_state()
         if self.backend == "triton":
             if not state.fits:
@@ -166,7 +168,8 @@ class FactoredProjection(nn.Module):
     def _compiled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The path traced by ``torch.compile``: the kernel as one opaque op under ``backend="triton"``,
         else the torch chain for the compiler to fuse (nothing is timed or cached while tracing)."""
-        if not bridge.compiled_kernel(x.device, self.backend):
+        if not bridge.compiled_kernel(x.device, self.backend) or \
+                not bridge.kernels_serve_gradients(self.backend, x, *self._buffers.values()):
             return self._torch(x)
         if not self.kernel_fits():
             self._refuse_unfit_factors()

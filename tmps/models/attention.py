@@ -131,15 +131,18 @@ class CompressedAttentionMixin:
         return not self.training and readable and prefers_latent(num_heads, q_len, self.k_up.shape[0])
 
     def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache, implementation):
-        rope = key_scores = None
+        rope = key_scores = values = None
+        # no kernel where gradients flow (it has no backward; see bridge.kernels_serve_gradients)
+        kernels = bridge.kernels_serve_gradients(self.qkv.backend, q, c_k, c_v, self.k_up, self.v_up)
         if self.uses_rope:
             q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache)
             rope = (cos, sin)
-            if cos.shape[-1] == self.head_dim:  # the kernel rotates whole heads; partial RoPE takes the torch chain
+            if kernels and cos.shape[-1] == self.head_dim:  # the kernel rotates whole heads: not partial RoPE
                 rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
                 key_scores = bridge.latent_rope_scores_for(q.device, self.qkv.backend, rows)
-        values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling,
-                                     need_probs=implementation == "eager")
+        if kernels:
+            values = self._latent_values(q, c_k, c_v, attention_mask, rope, key_scores, scaling,
+                                         need_probs=implementation == "eager")
         out, probs = latent_attention(q, c_k, c_v, self.k_up, self.v_up, attention_mask, scaling,
                                       rope=rope, key_scores=key_scores, values=values)
         weights = probs.to(q.dtype) if implementation == "eager" else None
