@@ -393,7 +393,7 @@ def test_bad_input_raises_and_leaves_model_unchanged(kwargs, calibration, error,
 
 def test_unsupported_model_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
-    with pytest.raises(ValueError, match=r"supports model types \['gemma3_text', 'granite', 'llama', 'mistral', 'opt', 'phi3', 'qwen2', 'qwen3', 'smollm3'\]"):
+    with pytest.raises(ValueError, match=r"supports model types \['gemma3_text', 'granite', 'llama', 'mistral', 'mixtral', 'opt', 'phi3', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe', 'smollm3'\]"):
         tmps.compress(model, torch.randint(0, 50, (2, 8)), progress=False)
 
 

@@ -900,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``tmps`` argument parser with its six subcommands."""
     parser = _Parser(
         prog="tmps", formatter_class=_Formatter,
-        description="Calibrated Tucker / MPS compression of Hugging Face attention (OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 3, Phi-3, SmolLM3, Granite).",
+        description="Calibrated Tucker / MPS compression of Hugging Face attention (OPT, Llama, Mistral, Mixtral, "
+                    "Qwen2, Qwen3 and their MoE models, Gemma 3, Phi-3, SmolLM3, Granite).",
         epilog="commands:\n"
                "  tmps demo --quick                                  the quick start on SmolLM2 (CPU, ~2 min)\n"
                "  tmps compress smollm2 --out smol-kv50 --ratio 0.5  compress and save\n"

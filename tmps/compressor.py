@@ -102,7 +102,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
 
     Parameters
     ----------
-    model : an OPT, Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text), Phi-3, SmolLM3 or Granite
+    model : an OPT, Llama, Mistral, Mixtral, Qwen2(-MoE), Qwen3(-MoE), Gemma 3 (text), Phi-3, SmolLM3 or Granite
         ``*ForCausalLM`` / ``*Model`` (:func:`tmps.models.supported_model_types`).
     calibration : LongTensor ``(n, seq)``, an iterable of such batches or of tokenizer outputs, or
         None to sample ``calibration_samples × calibration_seq_len`` tokens from the model (seeded).

@@ -133,7 +133,8 @@ def register(arch: Architecture) -> Architecture:
 
 def _registry() -> dict[str, Architecture]:
     """REGISTRY with every model file imported (each registers its architecture on import)."""
-    from . import gemma3, granite, llama, mistral, opt, phi3, qwen2, qwen3, smollm3  # noqa: F401
+    from . import (gemma3, granite, llama, mistral, mixtral, opt, phi3, qwen2, qwen2_moe,  # noqa: F401
+                   qwen3, qwen3_moe, smollm3)
 
     return REGISTRY
 
