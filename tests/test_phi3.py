@@ -41,8 +41,8 @@ def test_rope_average_is_the_mean_over_rotation_angles():
     hd, rot = 8, 6
     a = torch.randn(hd, hd, dtype=torch.float64)
     m = a @ a.T
-    freqs = torch.tensor([1.0, 3.0, 7.0], dtype=torch.float64)  # incommensurate enough over 2π
-    angles = torch.linspace(0, 2 * torch.pi, 4097, dtype=torch.float64)[:-1, None] * freqs  # (n, rot/2)
+    freqs = torch.tensor([1.0, 3.0, 7.0], dtype=torch.float64)  # distinct: on a uniform grid of the circle,
+    angles = torch.linspace(0, 2 * torch.pi, 4097, dtype=torch.float64)[:-1, None] * freqs  # cross terms cancel
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     eye = torch.eye(hd, dtype=torch.float64)
     rotations = torch.stack([rotate(eye, c, s).T for c, s in zip(cos, sin)])  # R_θ as matrices (columns R e_j)
