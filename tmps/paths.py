@@ -13,7 +13,9 @@ def set_paths(model: nn.Module, *, backend: str | None = None, kv_attention: str
     backend : "auto" | "torch" | "triton" or None (unchanged)
         ``FactoredProjection.backend`` of every Q/K/V projection, which the RoPE key-score kernel of
         kv mode follows too: "auto" runs the Triton kernels on CUDA where they are faster, "torch"
-        the torch chain, "triton" the kernels (an error where they cannot run).
+        the torch chain, "triton" the kernels (an error where they cannot run). The kernels have no
+        backward: a call that records gradients takes the torch chain under "auto" and is refused
+        under "triton" (run inference under ``torch.no_grad()``, as ``generate`` does).
     kv_attention : "auto" | "latent" | "rebuild" or None (unchanged)
         kv mode's attention: over the latent cache at decode ("auto"), always ("latent"), or over
         keys and values rebuilt from it ("rebuild").
