@@ -110,3 +110,24 @@ def test_auto_leaves_the_chain_to_the_compiler(monkeypatch, kernel_calls, one_th
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert kernel_calls == {"projection": 0, "decode": 0, "scores": 0}
+
+
+def test_compressing_a_compiled_model_compresses_its_module_eagerly(tmp_path, one_thread):
+    """``tmps.compress(torch.compile(model))`` calibrates the original module without tracing (each
+    hooked pass used to recompile the model, up to dynamo's limit), returns the same wrapper, whose
+    next call runs the compressed layers, and ``tmps.save`` takes the wrapper too."""
+    from torch._dynamo.utils import counters
+
+    dense, ids, data = tiny("llama"), torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (4, 16))
+    want = tmps.compress(copy.deepcopy(dense), data, mode="kv", ratio=0.5, progress=False)(ids).logits
+    torch._dynamo.reset()
+    wrapper = torch.compile(copy.deepcopy(dense), backend="eager")
+    with torch.no_grad():
+        wrapper(ids)  # compiled once, dense
+    frames = counters["frames"]["total"]
+    assert tmps.compress(wrapper, data, mode="kv", ratio=0.5, progress=False) is wrapper
+    assert counters["frames"]["total"] == frames  # nothing traced while compressing
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(ids).logits, want, rtol=1e-5, atol=1e-5)
+    tmps.save(wrapper, tmp_path / "compiled")
+    torch.testing.assert_close(tmps.load(tmp_path / "compiled")(ids).logits, want, rtol=1e-5, atol=1e-5)

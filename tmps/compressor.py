@@ -116,8 +116,11 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     progress : show progress bars.
 
     Returns the same model object, with ``model.tmps_info`` describing every layer (see
-    :func:`tmps.report`).
+    :func:`tmps.report`). A ``torch.compile``d model is compressed through its original module,
+    eagerly (tracing every calibration pass with its hooks recompiled the model again and again);
+    the returned wrapper recompiles at its next call.
     """
+    wrapper, model = model, unwrap_compiled(model)
     config = CompressionConfig(mode=mode, method=method, ratio=ratio, mps_eps=mps_eps, hooi_ranks=hooi_ranks,
                                error_budget=error_budget, allocation=allocation, metric=metric, q_ratio=q_ratio, k_share=k_share,
                                rank_multiple=rank_multiple, damping=damping)
@@ -152,7 +155,12 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     finally:
         model.train(was_training)
     model.tmps_info = {"config": config.to_dict(), "layers": info}
-    return model
+    return wrapper
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, or ``model`` itself."""
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
 
 
 def _planning_summaries(arch, layers, inputs, masks, config, fisher, energies, progress: bool) -> list[LayerSummary]:

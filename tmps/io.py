@@ -46,7 +46,11 @@ def _layer_structure(attention) -> dict:
 
 
 def save(model, path) -> Path:
-    """Write a compressed ``model`` to the folder ``path`` (created; replaced atomically if it exists)."""
+    """Write a compressed ``model`` (or its ``torch.compile`` wrapper) to the folder ``path`` (created;
+    replaced atomically if it exists)."""
+    from .compressor import unwrap_compiled
+
+    model = unwrap_compiled(model)
     info = getattr(model, "tmps_info", None)
     if info is None:
         raise ValueError("this model is not compressed by tmps; call tmps.compress(model) first "
