@@ -39,15 +39,19 @@ def mistral(attn="sdpa", sliding_window=None):
     return MistralForCausalLM(MistralConfig(**SHAPE, attn_implementation=attn, sliding_window=sliding_window)).eval()
 
 
-def qwen2(attn="sdpa", **kw):
+def randomise_qkv_biases(model, seed: int = 7):
     """Random q/k/v biases: HF initialises them to zero, which would leave their handling untested."""
-    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation=attn, **kw)).eval()
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen))
     return model
+
+
+def qwen2(attn="sdpa", **kw):
+    """Random q/k/v biases (:func:`randomise_qkv_biases`)."""
+    return randomise_qkv_biases(Qwen2ForCausalLM(Qwen2Config(**SHAPE, attn_implementation=attn, **kw)).eval())
 
 
 def opt(attn="sdpa"):

@@ -10,7 +10,7 @@ from transformers.models.granite.modeling_granite import GraniteAttention
 from tmps.models import GraniteTuckerMPSAttention
 
 from test_compress import (FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, assert_compresses_like,
-                          compressed, llama, rel)
+                          compressed, llama, randomise_qkv_biases, rel)
 from test_latent_attention import assert_static_cache_decodes_like_dense
 
 
@@ -26,12 +26,7 @@ def granite(attn="sdpa", as_llama=False):
     config = GraniteConfig(**SHAPE, rms_norm_eps=llama().config.rms_norm_eps, attn_implementation=attn,
                            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **multipliers)
     model = GraniteForCausalLM(config).eval()
-    if not as_llama:  # HF initialises the biases to zero, which would leave them untested
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(std=0.5)
-    return model
+    return model if as_llama else randomise_qkv_biases(model)
 
 
 @pytest.mark.parametrize("mode", ["kv", "weights"])

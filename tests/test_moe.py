@@ -10,7 +10,9 @@ from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwe
 import tmps
 from tmps.models import MixtralTuckerMPSAttention, Qwen2MoeTuckerMPSAttention, Qwen3MoeTuckerMPSAttention
 
-from test_compress import FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, compressed, rel
+from test_architectures import randomise_head_norms
+from test_compress import (FULL_RANK, SHAPE, VOCAB, assert_cached_steps_and_generate_match, compressed,
+                          randomise_qkv_biases, rel)
 from test_latent_attention import assert_static_cache_decodes_like_dense
 
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)  # Mixtral's names
@@ -24,24 +26,16 @@ def mixtral(attn="sdpa"):
 
 def qwen2_moe(attn="sdpa"):
     """Random q/k/v biases (HF initialises them to zero) and a 5-token window on layer 0."""
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**SHAPE, **QWEN_MOE, attn_implementation=attn, qkv_bias=True,
-                                               use_sliding_window=True, sliding_window=5, max_window_layers=1)).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(std=0.5)
-    return model
+    return randomise_qkv_biases(Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        **SHAPE, **QWEN_MOE, attn_implementation=attn, qkv_bias=True, use_sliding_window=True, sliding_window=5,
+        max_window_layers=1)).eval())
 
 
 def qwen3_moe(attn="sdpa"):
     """Random q/k norm weights (HF initialises them to the identity)."""
     config = {k: v for k, v in QWEN_MOE.items() if k != "shared_expert_intermediate_size"}
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE, **config, head_dim=8, attn_implementation=attn)).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.uniform_(0.5, 1.5)
-    return model
+    return randomise_head_norms(model, seed=5, offset=0.5)  # gains in [0.5, 1.5)
 
 
 MODELS = {"mixtral": (mixtral, MixtralTuckerMPSAttention), "qwen2_moe": (qwen2_moe, Qwen2MoeTuckerMPSAttention),
