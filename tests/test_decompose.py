@@ -15,6 +15,7 @@ from tmps.decompose import (
     tt_svd,
     tt_to_tensor,
     tucker_mps,
+    tucker_mps_tensor,
     tucker_to_tensor,
     weighted_svd,
 )
@@ -311,3 +312,15 @@ def test_non_finite_input_rejected(bad):
 def test_integer_input_rejected():
     with pytest.raises(TypeError, match="floating"):
         hooi(torch.ones(3, 3, dtype=torch.int64), [2, 2])
+
+
+def test_tucker_mps_without_eps_keeps_a_tiny_tail_that_eps_one_drops():
+    """``mps_eps=None`` leaves the ranks to ``hooi_ranks``: at full ranks the result is exact even where
+    a direction's energy share is below ENERGY_SLACK (eps = 1.0 counts such a tail as noise)."""
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    x = torch.einsum("ij,j,jkl->ikl", u, torch.tensor([1.0, 1, 1, 1, 1, 1e-7], dtype=torch.float64), x)
+    exact, ranks = tucker_mps_tensor(x, None, [6, 4, 5])
+    assert ranks[0] == 6 and rel_error(tucker_to_tensor(exact), x) < 1e-12
+    noisy, ranks = tucker_mps_tensor(x, 1.0, [6, 4, 5])
+    assert ranks[0] == 5 and rel_error(tucker_to_tensor(noisy), x) > 1e-9

@@ -444,7 +444,9 @@ class LayerSolver:
             in_white, head_cores, out_factor = c1[0], c2.permute(1, 2, 0), c3[:, :, 0].T  # (H, s2, s1)
         else:
             if self.method == "tucker-mps":
-                tucker, _ = tucker_mps_tensor(t, mps_eps if mps_eps is not None else 1.0, [r_in, r_head, r_out])
+                # without mps_eps the ranks alone decide: eps 1.0's noise rule would drop whitened
+                # directions the calibration barely reached (fewer tokens than d), which inputs still use
+                tucker, _ = tucker_mps_tensor(t, mps_eps, [r_in, r_head, r_out])
             else:
                 tucker = hooi(t, [r_in, r_head, r_out])
             u_in, u_head, u_out = tucker.factors

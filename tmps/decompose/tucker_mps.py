@@ -100,7 +100,7 @@ def default_tensor_shape(m: int, n: int) -> tuple[int, int, int]:
 
 def tucker_mps_tensor(
     tensor: torch.Tensor,
-    mps_eps: float = 0.99,
+    mps_eps: float | None = 0.99,
     hooi_ranks: Sequence[int] = (6, 6, 8),
     n_iter_max: int = 50,
     compute_dtype: torch.dtype | None = None,
@@ -109,12 +109,15 @@ def tucker_mps_tensor(
 
     Returns the Tucker tensor (orthonormal factors ``(n_k, r_k)``, core ``(r1, r2, r3)``) and the
     MPS ranks ``(s1, s2)``. ``hooi_ranks[k]`` must not exceed ``n_k``; ranks above the MPS ranks
-    are clipped to them.
+    are clipped to them. ``mps_eps=None`` makes the MPS step exact, so that ``hooi_ranks`` alone
+    decide (even ``1.0`` drops values with an energy share below ``ENERGY_SLACK``, see
+    :func:`tmps.decompose.tt.energy_rank`).
     """
     validate_tensor(tensor)
     if tensor.ndim != 3:
         raise ValueError(f"tucker_mps_tensor needs a 3-way tensor, got shape {tuple(tensor.shape)}")
-    mps_eps = validate_eps(mps_eps, "mps_eps")
+    if mps_eps is not None:
+        mps_eps = validate_eps(mps_eps, "mps_eps")
     hooi_ranks = validate_ranks(list(hooi_ranks), tensor.shape, "hooi_ranks")
     out_dtype = tensor.dtype
     work_dtype = compute_dtype or (torch.float32 if tensor.element_size() < 4 else tensor.dtype)
