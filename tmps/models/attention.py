@@ -10,7 +10,10 @@ commute with a basis that mixes rotation pairs, so for RoPE models the rotation 
 rebuilt keys, with the cos/sin of their cache slots ``0 … T-1``, and to the queries at theirs (the
 last q filled slots: ``T-q … T-1`` in a dynamic cache, counted by a static one): attention scores
 depend only on relative positions, and within a sequence the model's position ids are contiguous,
-so this is exact (at full rank it reproduces the dense model). Models that RMS-normalise each key
+so this is exact (at full rank it reproduces the dense model). Under "longrope" (Phi-3 128k,
+Phi-4-mini) the dense cache holds keys rotated with the short factors, then the long ones, once a
+forward passes the original context: kv mode reads the rotation of each slot from a record of
+those forwards, at the tokens' positions (see ``_longrope_long_tokens``). Models that RMS-normalise each key
 head (Qwen3, Gemma 3) cache latents of the normalised keys, ``c_k = P_k k_norm(W_k x)``: the
 projection outputs full keys and ``k_down = P_k`` follows the norm (a norm is not linear, so the
 basis cannot be folded into the projection as it is elsewhere).
@@ -27,7 +30,7 @@ import torch
 from .. import kernels_bridge as bridge
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import rope_pairs, rotate
+from .rope import is_longrope, longrope_call_is_long, longrope_pairs, rope_pairs, rotate
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -175,10 +178,47 @@ class CompressedAttentionMixin:
 
     def _rotate_queries(self, q, total: int, cache):
         """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
-        pairs = rope_pairs(self.rotary_emb(), total, q, self.rope_layer_type())
+        rotary, layer_type = self.rotary_emb(), self.rope_layer_type()
         slots = self._query_slots(cache, total, q.shape[2], q.device)
+        if is_longrope(rotary, layer_type):
+            long_tokens, offset = self._longrope_long_tokens(rotary, layer_type, cache, total, slots)
+            pairs = longrope_pairs(rotary, offset + total, q, long_tokens, layer_type)[offset:]
+        else:
+            pairs = rope_pairs(rotary, total, q, layer_type)
         cos_q, sin_q = pairs[slots].unbind(1)  # one gather for both (static cache), a view otherwise
         return rotate(q, cos_q, sin_q), pairs[:, 0], pairs[:, 1]
+
+    def _longrope_long_tokens(self, rotary, layer_type, cache, total: int, slots) -> tuple[torch.Tensor, int]:
+        """``(long, offset)``: bool ``(offset + total,)``, which of the sequence's tokens the dense cache
+        holds rotated with longrope's long factors, and the index of the cache's first slot among them.
+
+        Each forward's choice (:func:`longrope_call_is_long`) is recorded for the tokens it writes, on
+        the cache layer, by the token's index in the sequence: a sliding window shifts the slots, and
+        returns the latest ``total`` of the tokens it has seen (a static cache before its window
+        fills writes at ``slots``, a device index). Keys and queries rotated with different factors
+        score by their positions, not only by their distance, so the tables are read at the tokens'
+        indices too. Reordered rows (beam search) share the record; a cropped cache rewrites the
+        tokens past its new length before reading them.
+        """
+        long_now = longrope_call_is_long(rotary, layer_type)
+        layers = getattr(cache, "layers", None)
+        layer = layers[self.layer_idx] if layers else None
+        if layer is None:  # no cache: every key is this forward's
+            return long_now.expand(total), 0
+        if isinstance(slots, torch.Tensor):
+            offset, written = 0, slots
+        else:  # the latest `total` tokens of those the layer has seen
+            seen = getattr(layer, "cumulative_length_int", getattr(layer, "cumulative_length", total))
+            offset = (seen if isinstance(seen, int) else total) - total
+            written = slice(offset + slots.start, offset + slots.stop)
+        record = layer.__dict__.get("_tmps_longrope_long")
+        if record is None or record.device != long_now.device or record.numel() < offset + total:
+            grown = torch.zeros(1 << max(0, offset + total - 1).bit_length(), dtype=torch.bool, device=long_now.device)
+            if record is not None and record.device == grown.device:
+                grown[:record.numel()] = record
+            record = layer.__dict__["_tmps_longrope_long"] = grown
+        record[written] = long_now
+        return record[:offset + total], offset
 
     def _query_slots(self, cache, total: int, q_len: int, device):
         """Cache slots of this step's queries (their RoPE positions): the last ``q_len`` filled ones.

@@ -70,21 +70,91 @@ def rope_pairs(rotary, total: int, like: torch.Tensor, layer_type: str | None = 
         cos, sin = rotary(like, positions) if layer_type is None else rotary(like, positions, layer_type)
         return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
 
-    if layer_type is None:
-        rope_type, inv_freq = getattr(rotary, "rope_type", "default"), getattr(rotary, "inv_freq", None)
-    else:
-        rope_type = getattr(rotary, "rope_type", {}).get(layer_type)
-        inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
-    if not isinstance(rope_type, str) or rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
+    rope_type, inv_freq = _rope_type(rotary, layer_type), getattr(rotary, _prefix(layer_type) + "inv_freq", None)
+    if rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
         return compute(total)
+    return _cached_table(rotary, layer_type, "inv_freq", total, like, compute)
+
+
+def _prefix(layer_type: str | None) -> str:
+    return "" if layer_type is None else f"{layer_type}_"
+
+
+def _rope_type(rotary, layer_type: str | None) -> str | None:
+    rope_type = getattr(rotary, "rope_type", "default")
+    if layer_type is not None:
+        rope_type = rope_type.get(layer_type) if isinstance(rope_type, dict) else None
+    return rope_type if isinstance(rope_type, str) else None
+
+
+def _cached_table(rotary, layer_type, name: str, total: int, like: torch.Tensor, compute) -> torch.Tensor:
+    """``compute(length)``'s table from the rotary's frequencies ``name`` (``inv_freq``, or longrope's
+    ``original_inv_freq`` / ``long_inv_freq``), computed for the next power of two of slots and sliced."""
     if torch.compiler.is_compiling():  # the cache's data-pointer check breaks the graph; the compiler fuses compute
         return compute(total)
+    inv_freq = getattr(rotary, _prefix(layer_type) + name)
     source = (inv_freq.data_ptr(), inv_freq.dtype, inv_freq._version)
-    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype, layer_type) -> (source, pairs)
-    key = (like.device, like.dtype, layer_type)
+    tables = rotary.__dict__.setdefault("_tmps_rope_tables", {})  # (device, dtype, layer_type, name) -> (source, pairs)
+    key = (like.device, like.dtype, layer_type, name)
     cached = tables.get(key)
     if cached is None or cached[0] != source or cached[1].shape[0] < total:
         if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return compute(total)
         cached = tables[key] = (source, compute(1 << max(0, total - 1).bit_length()))
     return cached[1][:total]
+
+
+def is_longrope(rotary, layer_type: str | None = None) -> bool:
+    """Whether ``rotary`` is HF's "longrope" (Phi-3 128k, Phi-3.5, Phi-4-mini), see :func:`longrope_pairs`."""
+    return rotary is not None and _rope_type(rotary, layer_type) == "longrope"
+
+
+def longrope_call_is_long(rotary, layer_type: str | None = None) -> torch.Tensor:
+    """0-dim bool on the device: whether this forward's rotation uses the long factors.
+
+    HF's rotary embedding picks them once per forward, before the layers, when the longest position
+    passes ``original_max_position_embeddings``, and leaves its choice in ``inv_freq`` (swapped in
+    transformers 5.17, copied in place in later versions): comparing on the device reads it in both,
+    without a host sync.
+    """
+    prefix = _prefix(layer_type)
+    current, original = getattr(rotary, prefix + "inv_freq"), getattr(rotary, prefix + "original_inv_freq")
+    return (current != original.to(current.device)).any()
+
+
+def longrope_pairs(rotary, total: int, like: torch.Tensor, long_slots: torch.Tensor,
+                   layer_type: str | None = None) -> torch.Tensor:
+    """:func:`rope_pairs` for "longrope", slot by slot as the dense model's cache holds its keys.
+
+    The dense model rotates each key when it is written, with the factors of that forward, and keeps
+    it: a cache filled below ``original_max_position_embeddings`` and decoded past it holds keys
+    rotated with the short factors, then with the long ones. kv mode rotates the keys of its latent
+    cache anew at each step, so it rotates slot ``j`` with the long factors where ``long_slots[j]``
+    (bool ``(total,)``, the choice of the forward that wrote it) and with the short ones elsewhere.
+    The two tables are static and cached as :func:`rope_pairs` caches one.
+    """
+    prefix = _prefix(layer_type)
+    short_freq, long_freq = getattr(rotary, prefix + "original_inv_freq"), getattr(rotary, prefix + "long_inv_freq", None)
+    short = _cached_table(rotary, layer_type, "original_inv_freq", total, like,
+                          lambda n: _table_with(rotary, short_freq, n, like, layer_type))
+    if long_freq is None:  # HF creates it at the first long forward: every slot is short
+        return short
+    long = _cached_table(rotary, layer_type, "long_inv_freq", total, like,
+                         lambda n: _table_with(rotary, long_freq, n, like, layer_type))
+    return torch.where(long_slots[:, None, None], long, short)
+
+
+def _table_with(rotary, inv_freq: torch.Tensor, length: int, like: torch.Tensor, layer_type) -> torch.Tensor:
+    """HF's table at positions ``0 … length-1`` with ``inv_freq`` in place of the rotary's current one:
+    its forward without the dynamic update (``__wrapped__``), which would choose the factors by
+    ``length``, on the given frequencies (swapped in, then the rotary's own buffer put back)."""
+    forward = type(rotary).forward.__wrapped__
+    name = _prefix(layer_type) + "inv_freq"
+    current = rotary._buffers[name]
+    rotary._buffers[name] = inv_freq.to(current.device)
+    try:
+        positions = torch.arange(length, device=like.device).unsqueeze(0)
+        cos, sin = forward(rotary, like, positions) if layer_type is None else forward(rotary, like, positions, layer_type)
+    finally:
+        rotary._buffers[name] = current
+    return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
