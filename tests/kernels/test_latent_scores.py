@@ -119,17 +119,25 @@ SMALL = dict(vocab_size=64, hidden_size=192, intermediate_size=96, num_hidden_la
 
 @needs_kernel
 @pytest.mark.parametrize("dtype, arch", [(torch.float32, "llama"), (torch.bfloat16, "llama"),
-                                         (torch.float32, "phi3-partial")])
+                                         (torch.float32, "phi3-partial"), (torch.float32, "phi3-longrope")])
 def test_compressed_llama_decodes_through_the_kernel(dtype, arch, monkeypatch):
     """A kv-mode Llama's cached decode step with the Triton path equals the torch path. The kernel
     rotates whole heads: under partial RoPE (a Phi-3 rotating 24 of 32 features, as Phi-4-mini
     does) the key scores stay on the torch chain, also with backend='triton', and the projection
-    and latent decode kernels still serve the step."""
+    and latent decode kernels still serve the step. Under longrope with a 12-token original context,
+    the step past it rotates the prompt's keys with the short factors and its own with the long ones:
+    the kernel reads those tables."""
     if arch == "llama":
         cfg = LlamaConfig(**SMALL)
         dense = LlamaForCausalLM(cfg).eval()
-    else:
+    elif arch == "phi3-partial":
         cfg = Phi3Config(**SMALL, partial_rotary_factor=0.75, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        dense = Phi3ForCausalLM(cfg).eval()
+    else:
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(16)],
+                "long_factor": [2.0 + 0.5 * i for i in range(16)], "original_max_position_embeddings": 12}
+        cfg = Phi3Config(**SMALL, rope_parameters=rope, original_max_position_embeddings=12,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
         dense = Phi3ForCausalLM(cfg).eval()
     model = tmps.compress(copy.deepcopy(dense), torch.randint(0, 64, (4, 16)), mode="kv", ratio=0.5,
                           progress=False).to(device=DEVICE, dtype=dtype)
@@ -145,6 +153,6 @@ def test_compressed_llama_decodes_through_the_kernel(dtype, arch, monkeypatch):
             logits[backend] = model(ids[:, -1:], **{cache_keyword(model): first.past_key_values},
                                     use_cache=True).logits.double()
     # the decode step of each layer, not the prefill
-    assert len(calls) == (cfg.num_hidden_layers if arch == "llama" else 0)
+    assert len(calls) == (0 if arch == "phi3-partial" else cfg.num_hidden_layers)
     err = (logits["triton"] - logits["torch"]).abs().max() / logits["torch"].abs().max()
     assert err < {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
