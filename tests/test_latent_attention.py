@@ -307,3 +307,26 @@ def test_latent_decode_with_gradients_keeps_to_the_torch_chain(arch, monkeypatch
     for name in ("latent_decode_for", "latent_rope_scores_for", "faster_path"):
         monkeypatch.setattr(bridge, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} asked where gradients flow"))
     torch.testing.assert_close(step_gradient(), want)
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation (README, 'Supported models and limitations'): "
+                   "under dynamic NTK RoPE kv mode rotates every cached key with the current table")
+def test_dynamic_ntk_decode_past_the_original_context_matches_dense():
+    """A fresh Llama with HF's "dynamic" RoPE and a 16-position original context, a 10-token prompt
+    decoded 14 steps: the dense cache keeps each key as rotated when written, while the frequencies
+    grow at every step past 16. Strict: the day it passes, the README's limitation goes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_compress import SHAPE, rel
+    from test_phi3 import greedy_steps
+
+    config = LlamaConfig(**{**SHAPE, "max_position_embeddings": 16},
+                         rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    dense = LlamaForCausalLM(config).eval()
+    model = tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (16, 12)), mode="kv", ratio=1.0,
+                          progress=False)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    want = greedy_steps(dense, ids, 14, DynamicCache(config=config))
+    got = greedy_steps(model, ids, 14, DynamicCache(config=config))
+    assert rel(got[:, :16], want[:, :16]) < 1e-5  # exact within the original context
+    assert rel(got[:, 16:], want[:, 16:]) < 1e-5
