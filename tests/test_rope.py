@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from tmps.models.rope import rope_pairs
+from tmps.models.rope import longrope_call_is_long, longrope_pairs, rope_pairs
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64, "rope_theta": 10000.0}
@@ -71,3 +71,25 @@ def test_a_changed_inv_freq_is_seen():
     assert not torch.allclose(after, before)
     module.inv_freq = module.inv_freq * 2.0  # replaced: new storage
     torch.testing.assert_close(rope_pairs(module, 50, like)[:, 0], before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("state", ["after a short forward", "after a long forward"])
+def test_longrope_tables_are_hfs_short_and_long_ones_whatever_the_rotary_state(state):
+    """Each slot's row is HF's table of its factors at that position, wherever the rotary's own
+    choice stands (on transformers 5.17 the long table once came out short after a short forward),
+    and reading the tables leaves that choice as it was."""
+    from test_phi3 import longrope_phi3
+
+    r, like = longrope_phi3().model.rotary_emb, torch.zeros(1, 1, 48)
+    with torch.no_grad():
+        short_hf = r(like, torch.arange(16)[None])[0][0]  # 16 positions: the original context, short factors
+        long_hf = r(like, torch.arange(40)[None])[0][0]   # past it: the long factors at every position
+        r(like, torch.arange(10 if "short" in state else 30)[None])
+        long_now, inv_freq = longrope_call_is_long(r), r.inv_freq.clone()
+        assert bool(long_now) == (state == "after a long forward")
+        slots = torch.arange(40) >= 16
+        pairs = longrope_pairs(r, 40, like, slots)
+    assert torch.equal(pairs[:16, 0], short_hf) and torch.equal(pairs[16:, 0], long_hf[16:])
+    assert not torch.equal(short_hf, long_hf[:16])  # the two tables differ
+    assert torch.equal(r.inv_freq, inv_freq) and r.rope_type == "longrope"
+    assert bool(longrope_call_is_long(r)) == bool(long_now)

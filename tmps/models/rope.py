@@ -145,16 +145,20 @@ def longrope_pairs(rotary, total: int, like: torch.Tensor, long_slots: torch.Ten
 
 
 def _table_with(rotary, inv_freq: torch.Tensor, length: int, like: torch.Tensor, layer_type) -> torch.Tensor:
-    """HF's table at positions ``0 … length-1`` with ``inv_freq`` in place of the rotary's current one:
-    its forward without the dynamic update (``__wrapped__``), which would choose the factors by
-    ``length``, on the given frequencies (swapped in, then the rotary's own buffer put back)."""
-    forward = type(rotary).forward.__wrapped__
+    """HF's table at positions ``0 … length-1`` with ``inv_freq`` in place of the rotary's current one.
+
+    HF's forward first runs its dynamic update, which would choose the factors by ``length``; it is
+    skipped by presenting the rotary as a "default" one for the call (the update reads ``rope_type``
+    then; unwrapping ``forward`` instead fails on transformers 5.17, whose ``no_grad`` wraps the
+    update). The rotary's own frequencies and type are put back after.
+    """
     name = _prefix(layer_type) + "inv_freq"
-    current = rotary._buffers[name]
+    current, rope_type = rotary._buffers[name], rotary.rope_type
     rotary._buffers[name] = inv_freq.to(current.device)
+    rotary.rope_type = "default" if layer_type is None else {**rope_type, layer_type: "default"}
     try:
         positions = torch.arange(length, device=like.device).unsqueeze(0)
-        cos, sin = forward(rotary, like, positions) if layer_type is None else forward(rotary, like, positions, layer_type)
+        cos, sin = rotary(like, positions) if layer_type is None else rotary(like, positions, layer_type)
     finally:
-        rotary._buffers[name] = current
+        rotary._buffers[name], rotary.rope_type = current, rope_type
     return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
