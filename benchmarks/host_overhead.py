@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}; host time per call, {machine}; Triton kernels stubbed (no launch, no compute)")
     results = {"machine": machine, "torch": torch.__version__, "calls": {}, "steps": {}}
     print("\n| call (real decode shapes) | µs per call | stubbed launches |\n|---|---|---|")
-    with stubbed_kernels() as counter:
+    with torch.no_grad(), stubbed_kernels() as counter:  # inference (the factors are trainable parameters)
         for name, (fn, launches) in call_cases(torch).items():
             us = best_us(fn, args.calls)
             before = counter["launches"]

@@ -207,12 +207,18 @@ def test_kv_cache_holds_reduced_width(arch):
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 def test_parameter_counts_match_report(mode):
     # rank_multiple=1: at these widths (K/V 16, input 48) steps of 8 could not land near 0.5
-    model = compressed(llama(), mode=mode, ratio=0.5, rank_multiple=1)
+    dense = llama()
+    model = compressed(dense, mode=mode, ratio=0.5, rank_multiple=1)
     for layer, info in zip(model.model.layers, model.tmps_info["layers"]):
         attn = layer.self_attn
-        counted = sum(b.numel() for b in attn.qkv.buffers())
-        counted += sum(b.numel() for b in (attn.k_up, attn.v_up) if b is not None)
+        counted = sum(p.numel() for p in attn.qkv.parameters())
+        counted += sum(p.numel() for p in (attn.k_up, attn.v_up) if p is not None)
         assert counted == info["qkv_parameters"]
+    # the factors are parameters: HF's count is the dense one with Q/K/V's weights traded for them
+    dense_qkv = sum(p.numel() for layer in dense.model.layers for name in ("q_proj", "k_proj", "v_proj")
+                    for p in getattr(layer.self_attn, name).parameters())
+    kept = sum(info["qkv_parameters"] for info in model.tmps_info["layers"])
+    assert model.num_parameters() == dense.num_parameters() - dense_qkv + kept
     summary = tmps.summary(model.tmps_info)
     if mode == "weights":
         assert summary["qkv_parameters_kept"] <= 0.5 + 1e-9
@@ -220,6 +226,25 @@ def test_parameter_counts_match_report(mode):
     else:
         assert summary["kv_cache_kept"] == pytest.approx(0.5, abs=0.02)
     assert "total" in tmps.report(model)
+
+
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+def test_factors_are_parameters_trained_like_the_dense_weights(mode):
+    """Fine-tuning after compression: one Adam step over ``model.parameters()`` moves every factor
+    (they were buffers, which no optimizer saw; Adam's step does not scale with the gradient, and
+    in this random model the keys barely move the loss); a frozen model compresses to frozen factors."""
+    model = compressed(llama(), mode=mode, ratio=0.5)
+    attention = model.model.layers[0].self_attn
+    factors = {n: p for n, p in attention.named_parameters() if n.startswith("qkv.") or n in ("k_up", "v_up")}
+    assert len(factors) == (5 if mode == "kv" else 4) and all(p.requires_grad for p in factors.values())
+    before = {n: p.detach().clone() for n, p in factors.items()}
+    ids = torch.randint(0, VOCAB, (2, 9))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(before[n], p) for n, p in factors.items())
+    frozen = compressed(llama().requires_grad_(False), mode=mode, ratio=0.5)
+    assert not any(p.requires_grad for p in frozen.parameters())
 
 
 def test_ratio_orders_error_and_size():

@@ -88,6 +88,7 @@ def test_no_timing_during_graph_capture(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel_ms,torch_ms,kernel_runs", [(1.0, 2.0, True), (3.0, 2.0, False)])
+@torch.no_grad()  # inference: trainable factors keep the kernels out of calls that record gradients
 def test_auto_backend_follows_the_faster_path(monkeypatch, kernel_ms, torch_ms, kernel_runs):
     """On a (pretended) GPU, "auto" runs the kernel only where it timed faster; outputs are the chain's."""
     module = projection()
@@ -140,6 +141,7 @@ def test_forced_backends_are_not_timed(monkeypatch):
     assert bridge._FASTER == {}
 
 
+@torch.no_grad()  # inference: trainable factors keep the kernels out of calls that record gradients
 def test_auto_considers_the_kernel_for_kv_layouts_but_not_whole_projection_out_factors(monkeypatch):
     """kv mode's projection (no in factor) is timed at decode sizes; the svd baseline's (d_p, r) out
     factors are larger than the kernel's per-head tiles, so "auto" keeps the chain without timing."""
@@ -160,6 +162,7 @@ def test_auto_considers_the_kernel_for_kv_layouts_but_not_whole_projection_out_f
     assert len(asked) == 2
 
 
+@torch.no_grad()  # inference: trainable factors keep the kernels out of calls that record gradients
 def test_forcing_the_kernel_on_factors_it_cannot_tile_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(bridge, "triton_path_available", lambda device: True)
     svd = FactoredProjection(None, [torch.randn(1, 6, 12)], [torch.randn(300, 6)], [None])
@@ -168,8 +171,9 @@ def test_forcing_the_kernel_on_factors_it_cannot_tile_is_a_clear_error(monkeypat
         svd(torch.randn(2, 12))
 
 
-def test_the_kernel_launcher_is_built_once_and_rebuilt_when_buffers_are_replaced(monkeypatch):
-    """Decode calls are host-bound: the module keeps its FusedProjection until a buffer is replaced
+@torch.no_grad()  # inference: trainable factors keep the kernels out of calls that record gradients
+def test_the_kernel_launcher_is_built_once_and_rebuilt_when_factors_are_replaced(monkeypatch):
+    """Decode calls are host-bound: the module keeps its FusedProjection until a factor is replaced
     (``.to()``, ``load_state_dict(assign=True)``), and does not keep one holding copies."""
     built, ran = [], []
 
@@ -193,7 +197,7 @@ def test_the_kernel_launcher_is_built_once_and_rebuilt_when_buffers_are_replaced
     for _ in range(3):
         module(x)
     assert len(built) == 1 and len(ran) == 3 and ran[0] is ran[2]
-    module.double()  # new buffer tensors: a new launcher, for the new dtype
+    module.double()  # new factor tensors: a new launcher, for the new dtype
     ys = module(x.double())
     assert len(built) == 2 and ran[-1].dtype == torch.float64
     for y, ref in zip(ys, factored_projection_torch(x.double(), module.in_factor, module.groups)):
@@ -205,13 +209,14 @@ def test_the_kernel_launcher_is_built_once_and_rebuilt_when_buffers_are_replaced
     module.load_state_dict(state)  # in place: the same tensors, the same launcher
     module(x.double())
     assert len(built) == 3
-    module.in_factor = module.in_factor.T.contiguous().T  # a non-contiguous factor: never cached
+    module.in_factor = torch.nn.Parameter(module.in_factor.T.contiguous().T)  # a non-contiguous factor: never cached
     module(x.double()), module(x.double())
     assert len(built) == 5
 
 
+@torch.no_grad()  # inference: trainable factors keep the kernels out of calls that record gradients
 def test_moving_the_module_releases_the_cached_launcher(monkeypatch):
-    """The cache holds the buffers it was built from: .to() / .half() must not keep the old ones alive."""
+    """The cache holds the factors it was built from: .to() / .half() must not keep the old ones alive."""
     import gc
     import weakref
 
@@ -225,10 +230,12 @@ def test_moving_the_module_releases_the_cached_launcher(monkeypatch):
     module = projection()
     module.backend = "triton"
     module(torch.randn(2, 12))
-    old = weakref.ref(module.in_factor)
+    # .double() swaps the parameters' data in place; what could keep the float32 copies alive is the
+    # launcher (a real one holds tensors derived from them)
+    old = weakref.ref(module.__dict__["_kernel_cache"].launcher)
     module.double()
     gc.collect()
-    assert old() is None, "the cached launcher kept the float32 factors alive"
+    assert old() is None, "the cached launcher (and the float32 factors it holds) outlived .double()"
 
 
 def test_gradients_flow_through_the_torch_chain_not_the_kernel(monkeypatch):

@@ -108,7 +108,7 @@ def poison(built):
     qkv = built[0] if isinstance(built, tuple) else built
     core = qkv.core_0.clone()
     core.view(-1)[0] = float("nan")
-    qkv.core_0 = core
+    qkv.core_0 = torch.nn.Parameter(core)
     return built
 
 
@@ -320,6 +320,7 @@ def random_projection(d_in, r, groups, dtype, seed):
     return FactoredProjection(randn(d_in, r, scale=d_in ** -0.5), cores, outs, biases)
 
 
+@torch.no_grad()  # inference: trainable factors keep the kernels out of calls that record gradients
 def test_triton_path_alternating_shapes_matches_torch():
     """The kernel caches plans (lru_cache on (config, r, groups)) and, on the GPU, tuned configs per
     shape: projections of different shapes called in turn must each get their own."""

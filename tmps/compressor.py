@@ -605,15 +605,17 @@ def assemble_attention(arch, dense_attention, mode, qkv, k_up, v_up, rotary, dty
     children other than the Q/K/V projections (o_proj; Qwen3's and Gemma 3's q_norm and k_norm).
     ``k_down: (r_k, d_kv)``, kv mode on those two only: the key basis applied after the key norm."""
     device = arch.projections(dense_attention)[3].weight.device
+    # the factors are parameters, trainable where the dense projections were (a frozen model stays frozen)
+    trainable = any(arch.projection_output(dense_attention, name)[0].weight.requires_grad for name in "qkv")
     module = new_like(arch.compressed_attention_class, dense_attention)
     module.mode = mode
     for name, child in dense_attention.named_children():
         if name not in (arch.q_name, arch.k_name, arch.v_name):
             module.add_module(name, child)
-    module.add_module("qkv", qkv.to(device=device, dtype=dtype))
-    module.register_buffer("k_up", None if k_up is None else k_up.to(device=device, dtype=dtype))
-    module.register_buffer("v_up", None if v_up is None else v_up.to(device=device, dtype=dtype))
-    module.register_buffer("k_down", None if k_down is None else k_down.to(device=device, dtype=dtype))
+    module.add_module("qkv", qkv.to(device=device, dtype=dtype).requires_grad_(trainable))
+    for name, basis in (("k_up", k_up), ("v_up", v_up), ("k_down", k_down)):
+        module.register_parameter(name, None if basis is None else
+                                  nn.Parameter(basis.to(device=device, dtype=dtype), requires_grad=trainable))
     if rotary is not None:
         detach_rotary(module, rotary)
     return module

@@ -38,7 +38,8 @@ def _layer_structure(attention) -> dict:
     qkv = attention.qkv
     return {
         "mode": attention.mode,
-        "buffers": {name: (list(buf.shape) if buf is not None else None) for name, buf in qkv._buffers.items()},
+        # the factors' shapes, under the key files have always used (the factors were buffers until 2026-12)
+        "buffers": {name: (list(p.shape) if p is not None else None) for name, p in qkv._parameters.items()},
         "k_up": list(attention.k_up.shape) if attention.k_up is not None else None,
         "v_up": list(attention.v_up.shape) if attention.v_up is not None else None,
         "k_down": list(attention.k_down.shape) if attention.k_down is not None else None,

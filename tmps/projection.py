@@ -29,27 +29,39 @@ class FactoredProjection(nn.Module):
     cores : list of Tensor (n_g, s_g, r)   (``r = d_in`` when ``in_factor`` is None)
     out_factors : list of Tensor (o_g, s_g) or None
     biases : list of Tensor (n_g · o_g,) or None
+    requires_grad : the factors' flag (the compressor copies the dense projections')
+
+    The factors are the layer's parameters, as the linears' weights they replace were: counted by
+    ``model.num_parameters()``, trained by an optimizer over ``model.parameters()`` (fine-tuning
+    after compression), frozen by ``requires_grad_(False)``.
     """
 
-    def __init__(self, in_factor, cores, out_factors, biases):
+    def __init__(self, in_factor, cores, out_factors, biases, requires_grad: bool = True):
         super().__init__()
         if not (len(cores) == len(out_factors) == len(biases)):
             raise ValueError("cores, out_factors and biases must have one entry per group")
         self.num_groups = len(cores)
-        self.register_buffer("in_factor", in_factor)
+        self._register_factor("in_factor", in_factor, requires_grad)
         for g, (core, out, bias) in enumerate(zip(cores, out_factors, biases)):
-            self.register_buffer(f"core_{g}", core)
-            self.register_buffer(f"out_factor_{g}", out)
-            self.register_buffer(f"bias_{g}", bias)
+            self._register_factor(f"core_{g}", core, requires_grad)
+            self._register_factor(f"out_factor_{g}", out, requires_grad)
+            self._register_factor(f"bias_{g}", bias, requires_grad)
         # "auto": on CUDA, the Triton kernel or the torch chain, whichever is faster for this shape
         # (timed once per token bucket, eagerly and in device time; calls inside a CUDA-graph capture
         # take the device-time winner, see kernels_bridge.faster_path); the torch chain elsewhere.
         # "torch" / "triton" force a path.
         self.backend = "auto"
 
+    def _register_factor(self, name: str, tensor: torch.Tensor | None, requires_grad: bool):
+        self.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=requires_grad))
+
+    def factors(self) -> tuple:
+        """Every factor slot in registration order (None where a group has no out factor or bias)."""
+        return tuple(self._parameters.values())
+
     @classmethod
     def empty(cls, shapes: dict, dtype: torch.dtype) -> "FactoredProjection":
-        """A skeleton with uninitialised buffers of the given shapes (``{name: shape or None}``), for loading."""
+        """A skeleton with uninitialised factors of the given shapes (``{name: shape or None}``), for loading."""
         def make(name):
             shape = shapes.get(name)
             return torch.empty(shape, dtype=dtype) if shape is not None else None
@@ -68,7 +80,7 @@ class FactoredProjection(nn.Module):
         return [core.shape[0] * (out.shape[0] if out is not None else core.shape[1]) for core, out, _ in self.groups]
 
     def num_parameters(self) -> int:
-        return sum(b.numel() for b in self.buffers())
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> int:
         """Multiply-adds ×2 per input row (bias adds not counted)."""
@@ -85,7 +97,7 @@ class FactoredProjection(nn.Module):
         whole-projection out factors ``(d_p, r)`` are not (``backend="auto"`` keeps the torch chain)."""
         return all(out is None or max(out.shape) <= 256 for _, out, _ in self.groups)
 
-    # The kernel cache holds the buffers it was built from: drop it when they are replaced, so that
+    # The kernel cache holds the factors it was built from: drop it when they are replaced, so that
     # ``model.to("cuda")`` or ``.half()`` does not keep the old copies alive until the next call.
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_kernel_cache", None)
@@ -96,22 +108,23 @@ class FactoredProjection(nn.Module):
         super().__setattr__(name, value)
 
     def _kernel_state(self) -> "_KernelState":
-        """What the kernel path derives from the buffers alone, kept until one of them is replaced.
+        """What the kernel path derives from the factors alone, kept until one of them is replaced.
 
-        At decode sizes a call is host-bound, and rebuilding this (nine buffer lookups through
+        At decode sizes a call is host-bound, and rebuilding this (nine factor lookups through
         ``nn.Module.__getattr__``, the shape key, the kernel's factor checks) took 128-185 us of host
-        time a call on this project's CPU, the kernel ~20 us of device time on an H200. ``.to()`` / ``.half()`` and ``load_state_dict(assign=True)`` put new
-        tensors in ``_buffers``, so identity tells a stale state; in-place updates need no rebuild.
+        time a call on this project's CPU, the kernel ~20 us of device time on an H200. ``.to()`` /
+        ``.half()`` go through ``_apply`` (which drops the cache), ``load_state_dict(assign=True)`` puts
+        new tensors in ``_parameters``, so identity tells a stale state; in-place updates need no rebuild.
         """
-        buffers = tuple(self._buffers.values())
+        factors = self.factors()
         state = self.__dict__.get("_kernel_cache")
-        stale = state is None or len(state.buffers) != len(buffers) or \
-            any(a is not b for a, b in zip(state.buffers, buffers))
+        stale = state is None or len(state.factors) != len(factors) or \
+            any(a is not b for a, b in zip(state.factors, factors))
         if stale:
             shape_key = (None if self.in_factor is None else tuple(self.in_factor.shape),
                          tuple((tuple(c.shape), None if a is None else tuple(a.shape), b is not None)
                                for c, a, b in self.groups))
-            state = _KernelState(buffers, self.kernel_fits(), shape_key)
+            state = _KernelState(factors, self.kernel_fits(), shape_key)
             self.__dict__["_kernel_cache"] = state
         return state
 
@@ -125,7 +138,7 @@ class FactoredProjection(nn.Module):
         """The kernel state when the kernel serves ``x`` (so the call does not look it up twice), else None."""
         if not bridge.kernel_considered(x.device, self.backend):
             return None
-        if torch.is_grad_enabled() and not bridge.kernels_serve_gradients(self.backend, x, *self._buffers.values()):
+        if torch.is_grad_enabled() and not bridge.kernels_serve_gradients(self.backend, x, *self.factors()):
             return None
         state = self._kernel_state()
         if self.backend == "triton":
@@ -169,7 +182,7 @@ class FactoredProjection(nn.Module):
         """The path traced by ``torch.compile``: the kernel as one opaque op under ``backend="triton"``,
         else the torch chain for the compiler to fuse (nothing is timed or cached while tracing)."""
         if not bridge.compiled_kernel(x.device, self.backend) or \
-                not bridge.kernels_serve_gradients(self.backend, x, *self._buffers.values()):
+                not bridge.kernels_serve_gradients(self.backend, x, *self.factors()):
             return self._torch(x)
         if not self.kernel_fits():
             self._refuse_unfit_factors()
@@ -179,11 +192,11 @@ class FactoredProjection(nn.Module):
 
 @dataclass
 class _KernelState:
-    """The kernel path's per-buffers cache: see :meth:`FactoredProjection._kernel_state`."""
+    """The kernel path's per-factors cache: see :meth:`FactoredProjection._kernel_state`."""
 
-    buffers: tuple  # the ``_buffers`` values it was built from (identity marks it stale)
+    factors: tuple  # the ``_parameters`` values it was built from (identity marks it stale)
     fits: bool  # kernel_fits()
-    shape_key: tuple  # the buffers' shapes, for the faster_path key
+    shape_key: tuple  # the factors' shapes, for the faster_path key
     launcher: Any = None  # a FusedProjection, built at the first kernel call
 
 

@@ -44,7 +44,7 @@ class CompressedAttentionMixin:
     Expects on ``self``: ``qkv``, ``mode``, ``head_dim``, ``num_heads``, ``num_kv_heads``,
     ``query_prescale`` (OPT multiplies q by ``scaling`` and passes 1.0 to attention), ``scaling``,
     ``layer_idx``, ``config``, ``output_projection`` (the o_proj module), and in kv mode the
-    buffers ``k_up: (d_kv, r_k)``, ``v_up: (d_kv, r_v)``, and ``k_down: (r_k, d_kv)`` where the model
+    parameters ``k_up: (d_kv, r_k)``, ``v_up: (d_kv, r_v)``, and ``k_down: (r_k, d_kv)`` where the model
     normalises its key heads (else None: the key basis is folded into ``qkv``); for RoPE models
     ``rotary_emb()``.
     """
