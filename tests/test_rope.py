@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from tmps.models.rope import longrope_call_is_long, longrope_pairs, rope_pairs
+from tmps.models.rope import current_frequencies, longrope_call_is_long, longrope_pairs, per_token_pairs, rope_pairs
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64, "rope_theta": 10000.0}
@@ -93,3 +93,16 @@ def test_longrope_tables_are_hfs_short_and_long_ones_whatever_the_rotary_state(s
     assert not torch.equal(short_hf, long_hf[:16])  # the two tables differ
     assert torch.equal(r.inv_freq, inv_freq) and r.rope_type == "longrope"
     assert bool(longrope_call_is_long(r)) == bool(long_now)
+
+
+@pytest.mark.parametrize("params", [None, DYNAMIC, LLAMA3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_pairs_with_one_frequency_row_are_hfs_table(params, dtype):
+    """Every token at the rotary's current frequencies: HF's own table, bit for bit (the per-token
+    tables of dynamic NTK RoPE compute it the way HF's forward does)."""
+    module, like = rotary(params), torch.zeros(1, 1, 64, dtype=dtype)
+    with torch.no_grad():
+        cos, sin = module(like, torch.arange(40)[None])
+        pairs = per_token_pairs(module, current_frequencies(module).expand(40, -1), like)
+    assert pairs.dtype == dtype
+    assert torch.equal(pairs[:, 0], cos[0]) and torch.equal(pairs[:, 1], sin[0])

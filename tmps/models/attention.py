@@ -12,8 +12,9 @@ last q filled slots: ``T-q … T-1`` in a dynamic cache, counted by a static one
 depend only on relative positions, and within a sequence the model's position ids are contiguous,
 so this is exact (at full rank it reproduces the dense model). Under "longrope" (Phi-3 128k,
 Phi-4-mini) the dense cache holds keys rotated with the short factors, then the long ones, once a
-forward passes the original context: kv mode reads the rotation of each slot from a record of
-those forwards, at the tokens' positions (see ``_longrope_long_tokens``). Models that RMS-normalise each key
+forward passes the original context, and under "dynamic" (dynamic NTK) the frequencies grow with
+the sequence past it: kv mode reads the rotation of each slot from a record of those forwards, at
+the tokens' positions (see ``_record_tokens``). Models that RMS-normalise each key
 head (Qwen3, Gemma 3) cache latents of the normalised keys, ``c_k = P_k k_norm(W_k x)``: the
 projection outputs full keys and ``k_down = P_k`` follows the norm (a norm is not linear, so the
 basis cannot be folded into the projection as it is elsewhere).
@@ -30,7 +31,8 @@ import torch
 from .. import kernels_bridge as bridge
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import is_longrope, longrope_call_is_long, longrope_pairs, rope_pairs, rotate
+from .rope import (current_frequencies, is_dynamic, is_longrope, longrope_call_is_long, longrope_pairs,
+                   per_token_pairs, rope_pairs, rotate)
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -181,43 +183,51 @@ class CompressedAttentionMixin:
         rotary, layer_type = self.rotary_emb(), self.rope_layer_type()
         slots = self._query_slots(cache, total, q.shape[2], q.device)
         if is_longrope(rotary, layer_type):
-            long_tokens, offset = self._longrope_long_tokens(rotary, layer_type, cache, total, slots)
+            long_tokens, offset = self._record_tokens(cache, total, slots, "_tmps_longrope_long",
+                                                      longrope_call_is_long(rotary, layer_type))
             pairs = longrope_pairs(rotary, offset + total, q, long_tokens, layer_type)[offset:]
+        elif is_dynamic(rotary, layer_type):
+            frequencies, offset = self._record_tokens(cache, total, slots, "_tmps_rope_frequencies",
+                                                      current_frequencies(rotary, layer_type))
+            pairs = per_token_pairs(rotary, frequencies, q, layer_type)[offset:]
         else:
             pairs = rope_pairs(rotary, total, q, layer_type)
         cos_q, sin_q = pairs[slots].unbind(1)  # one gather for both (static cache), a view otherwise
         return rotate(q, cos_q, sin_q), pairs[:, 0], pairs[:, 1]
 
-    def _longrope_long_tokens(self, rotary, layer_type, cache, total: int, slots) -> tuple[torch.Tensor, int]:
-        """``(long, offset)``: bool ``(offset + total,)``, which of the sequence's tokens the dense cache
-        holds rotated with longrope's long factors, and the index of the cache's first slot among them.
+    def _record_tokens(self, cache, total: int, slots, name: str, value: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(record, offset)``: ``value`` (this forward's RoPE choice: longrope's long-or-short flag, or
+        dynamic NTK's frequencies) kept for each token this forward writes, ``record: (offset + total,
+        *value.shape)`` for the sequence's tokens so far, and the index of the cache's first slot among them.
 
-        Each forward's choice (:func:`longrope_call_is_long`) is recorded for the tokens it writes, on
-        the cache layer, by the token's index in the sequence: a sliding window shifts the slots, and
-        returns the latest ``total`` of the tokens it has seen (a static cache before its window
-        fills writes at ``slots``, a device index). Keys and queries rotated with different factors
-        score by their positions, not only by their distance, so the tables are read at the tokens'
-        indices too. Reordered rows (beam search) share the record; a cropped cache rewrites the
-        tokens past its new length before reading them.
+        The dense cache holds each key as rotated by the forward that wrote it; kv mode rotates its
+        latent keys anew at every step, so it keeps that forward's choice per token, on the cache layer,
+        by the token's index in the sequence: a sliding window shifts the slots, and returns the latest
+        ``total`` of the tokens it has seen (a static cache before its window fills writes at
+        ``slots``, a device index). Keys and queries rotated with different frequencies score by
+        position, not only by distance, so the tables are read at the tokens' indices too. Reordered
+        rows (beam search) share the record; a cropped cache rewrites the tokens past its new length
+        before reading them. No cache: every key is this forward's.
         """
-        long_now = longrope_call_is_long(rotary, layer_type)
         layers = getattr(cache, "layers", None)
         layer = layers[self.layer_idx] if layers else None
-        if layer is None:  # no cache: every key is this forward's
-            return long_now.expand(total), 0
+        if layer is None:
+            return value.expand(total, *value.shape), 0
         if isinstance(slots, torch.Tensor):
             offset, written = 0, slots
         else:  # the latest `total` tokens of those the layer has seen
             seen = getattr(layer, "cumulative_length_int", getattr(layer, "cumulative_length", total))
             offset = (seen if isinstance(seen, int) else total) - total
             written = slice(offset + slots.start, offset + slots.stop)
-        record = layer.__dict__.get("_tmps_longrope_long")
-        if record is None or record.device != long_now.device or record.numel() < offset + total:
-            grown = torch.zeros(1 << max(0, offset + total - 1).bit_length(), dtype=torch.bool, device=long_now.device)
-            if record is not None and record.device == grown.device:
-                grown[:record.numel()] = record
-            record = layer.__dict__["_tmps_longrope_long"] = grown
-        record[written] = long_now
+        record = layer.__dict__.get(name)
+        if record is None or record.device != value.device or record.shape[1:] != value.shape \
+                or record.shape[0] < offset + total:
+            grown = torch.zeros((1 << max(0, offset + total - 1).bit_length(), *value.shape), dtype=value.dtype,
+                                device=value.device)
+            if record is not None and record.device == grown.device and record.shape[1:] == value.shape:
+                grown[:record.shape[0]] = record
+            record = layer.__dict__[name] = grown
+        record[written] = value
         return record[:offset + total], offset
 
     def _query_slots(self, cache, total: int, q_len: int, device):

@@ -122,6 +122,34 @@ def longrope_call_is_long(rotary, layer_type: str | None = None) -> torch.Tensor
     return (current != original.to(current.device)).any()
 
 
+def is_dynamic(rotary, layer_type: str | None = None) -> bool:
+    """Whether ``rotary`` is HF's dynamic NTK RoPE ("dynamic", as HF tests it), see :func:`per_token_pairs`."""
+    rope_type = None if rotary is None else _rope_type(rotary, layer_type)
+    return rope_type is not None and "dynamic" in rope_type
+
+
+def current_frequencies(rotary, layer_type: str | None = None) -> torch.Tensor:
+    """``(rotary_dim / 2,)`` float32: the frequencies of this forward, which HF's rotary embedding set
+    (its dynamic update runs once per forward, before the layers)."""
+    return getattr(rotary, _prefix(layer_type) + "inv_freq").float()
+
+
+def per_token_pairs(rotary, frequencies: torch.Tensor, like: torch.Tensor, layer_type: str | None = None) -> torch.Tensor:
+    """:func:`rope_pairs` with token ``j`` rotated at position ``j`` by its own ``frequencies[j]``
+    (``(n, rotary_dim / 2)`` float32), as the dense cache holds keys under dynamic NTK RoPE.
+
+    HF's forward, row by row: angles ``j · f`` in float32, ``emb = [angles, angles]``, cos and sin
+    times ``attention_scaling``, cast to ``like``'s dtype. The tables change at every step past the
+    original context, so they are computed per call (as :func:`rope_pairs` does for dynamic types).
+    """
+    positions = torch.arange(frequencies.shape[0], device=frequencies.device, dtype=torch.float32)
+    angles = positions[:, None] * frequencies
+    emb = torch.cat((angles, angles), dim=-1)
+    scale = getattr(rotary, "attention_scaling", 1.0) if layer_type is None else \
+        getattr(rotary, f"{layer_type}_attention_scaling", getattr(rotary, "attention_scaling", 1.0))
+    return torch.stack((emb.cos() * scale, emb.sin() * scale), dim=1).to(like.dtype)
+
+
 def longrope_pairs(rotary, total: int, like: torch.Tensor, long_slots: torch.Tensor,
                    layer_type: str | None = None) -> torch.Tensor:
     """:func:`rope_pairs` for "longrope", slot by slot as the dense model's cache holds its keys.
