@@ -29,31 +29,31 @@ class FactoredProjection(nn.Module):
     cores : list of Tensor (n_g, s_g, r)   (``r = d_in`` when ``in_factor`` is None)
     out_factors : list of Tensor (o_g, s_g) or None
     biases : list of Tensor (n_g · o_g,) or None
-    requires_grad : the factors' flag (the compressor copies the dense projections')
 
     The factors are the layer's parameters, as the linears' weights they replace were: counted by
     ``model.num_parameters()``, trained by an optimizer over ``model.parameters()`` (fine-tuning
-    after compression), frozen by ``requires_grad_(False)``.
+    after compression), frozen by ``requires_grad_(False)`` (the compressor copies the dense
+    projections' flag).
     """
 
-    def __init__(self, in_factor, cores, out_factors, biases, requires_grad: bool = True):
+    def __init__(self, in_factor, cores, out_factors, biases):
         super().__init__()
         if not (len(cores) == len(out_factors) == len(biases)):
             raise ValueError("cores, out_factors and biases must have one entry per group")
         self.num_groups = len(cores)
-        self._register_factor("in_factor", in_factor, requires_grad)
+        self._register_factor("in_factor", in_factor)
         for g, (core, out, bias) in enumerate(zip(cores, out_factors, biases)):
-            self._register_factor(f"core_{g}", core, requires_grad)
-            self._register_factor(f"out_factor_{g}", out, requires_grad)
-            self._register_factor(f"bias_{g}", bias, requires_grad)
+            self._register_factor(f"core_{g}", core)
+            self._register_factor(f"out_factor_{g}", out)
+            self._register_factor(f"bias_{g}", bias)
         # "auto": on CUDA, the Triton kernel or the torch chain, whichever is faster for this shape
         # (timed once per token bucket, eagerly and in device time; calls inside a CUDA-graph capture
         # take the device-time winner, see kernels_bridge.faster_path); the torch chain elsewhere.
         # "torch" / "triton" force a path.
         self.backend = "auto"
 
-    def _register_factor(self, name: str, tensor: torch.Tensor | None, requires_grad: bool):
-        self.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=requires_grad))
+    def _register_factor(self, name: str, tensor: torch.Tensor | None):
+        self.register_parameter(name, None if tensor is None else nn.Parameter(tensor))
 
     def factors(self) -> tuple:
         """Every factor slot in registration order (None where a group has no out factor or bias)."""

@@ -31,8 +31,8 @@ import torch
 from .. import kernels_bridge as bridge
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import (current_frequencies, is_dynamic, is_longrope, longrope_call_is_long, longrope_pairs,
-                   per_token_pairs, rope_pairs, rotate)
+from .rope import (current_frequencies, longrope_call_is_long, longrope_pairs, per_token_pairs, rope_pairs,
+                   rope_type, rotate)
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -182,11 +182,12 @@ class CompressedAttentionMixin:
         """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
         rotary, layer_type = self.rotary_emb(), self.rope_layer_type()
         slots = self._query_slots(cache, total, q.shape[2], q.device)
-        if is_longrope(rotary, layer_type):
+        kind = rope_type(rotary, layer_type)  # read once: this runs in every layer at every decode step
+        if kind == "longrope":  # Phi-3 128k, Phi-3.5, Phi-4-mini
             long_tokens, offset = self._record_tokens(cache, total, slots, "_tmps_longrope_long",
                                                       longrope_call_is_long(rotary, layer_type))
             pairs = longrope_pairs(rotary, offset + total, q, long_tokens, layer_type)[offset:]
-        elif is_dynamic(rotary, layer_type):
+        elif kind is not None and "dynamic" in kind:  # dynamic NTK, matched as HF's update matches it
             frequencies, offset = self._record_tokens(cache, total, slots, "_tmps_rope_frequencies",
                                                       current_frequencies(rotary, layer_type))
             pairs = per_token_pairs(rotary, frequencies, q, layer_type)[offset:]

@@ -70,8 +70,8 @@ def rope_pairs(rotary, total: int, like: torch.Tensor, layer_type: str | None = 
         cos, sin = rotary(like, positions) if layer_type is None else rotary(like, positions, layer_type)
         return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
 
-    rope_type, inv_freq = _rope_type(rotary, layer_type), getattr(rotary, _prefix(layer_type) + "inv_freq", None)
-    if rope_type not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
+    kind, inv_freq = rope_type(rotary, layer_type), getattr(rotary, _prefix(layer_type) + "inv_freq", None)
+    if kind not in STATIC_ROPE_TYPES or not isinstance(inv_freq, torch.Tensor):
         return compute(total)
     return _cached_table(rotary, layer_type, "inv_freq", total, like, compute)
 
@@ -80,11 +80,13 @@ def _prefix(layer_type: str | None) -> str:
     return "" if layer_type is None else f"{layer_type}_"
 
 
-def _rope_type(rotary, layer_type: str | None) -> str | None:
-    rope_type = getattr(rotary, "rope_type", "default")
+def rope_type(rotary, layer_type: str | None = None) -> str | None:
+    """HF's RoPE type of ``rotary`` ("default", "llama3", "longrope", "dynamic", ...), of the layer kind
+    ``layer_type`` where it keeps one per kind (Gemma 3); None where it names none."""
+    kind = getattr(rotary, "rope_type", "default")
     if layer_type is not None:
-        rope_type = rope_type.get(layer_type) if isinstance(rope_type, dict) else None
-    return rope_type if isinstance(rope_type, str) else None
+        kind = kind.get(layer_type) if isinstance(kind, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _cached_table(rotary, layer_type, name: str, total: int, like: torch.Tensor, compute) -> torch.Tensor:
@@ -104,11 +106,6 @@ def _cached_table(rotary, layer_type, name: str, total: int, like: torch.Tensor,
     return cached[1][:total]
 
 
-def is_longrope(rotary, layer_type: str | None = None) -> bool:
-    """Whether ``rotary`` is HF's "longrope" (Phi-3 128k, Phi-3.5, Phi-4-mini), see :func:`longrope_pairs`."""
-    return rotary is not None and _rope_type(rotary, layer_type) == "longrope"
-
-
 def longrope_call_is_long(rotary, layer_type: str | None = None) -> torch.Tensor:
     """0-dim bool on the device: whether this forward's rotation uses the long factors.
 
@@ -120,12 +117,6 @@ def longrope_call_is_long(rotary, layer_type: str | None = None) -> torch.Tensor
     prefix = _prefix(layer_type)
     current, original = getattr(rotary, prefix + "inv_freq"), getattr(rotary, prefix + "original_inv_freq")
     return (current != original.to(current.device)).any()
-
-
-def is_dynamic(rotary, layer_type: str | None = None) -> bool:
-    """Whether ``rotary`` is HF's dynamic NTK RoPE ("dynamic", as HF tests it), see :func:`per_token_pairs`."""
-    rope_type = None if rotary is None else _rope_type(rotary, layer_type)
-    return rope_type is not None and "dynamic" in rope_type
 
 
 def current_frequencies(rotary, layer_type: str | None = None) -> torch.Tensor:
@@ -181,12 +172,12 @@ def _table_with(rotary, inv_freq: torch.Tensor, length: int, like: torch.Tensor,
     update). The rotary's own frequencies and type are put back after.
     """
     name = _prefix(layer_type) + "inv_freq"
-    current, rope_type = rotary._buffers[name], rotary.rope_type
+    current, kinds = rotary._buffers[name], rotary.rope_type
     rotary._buffers[name] = inv_freq.to(current.device)
-    rotary.rope_type = "default" if layer_type is None else {**rope_type, layer_type: "default"}
+    rotary.rope_type = "default" if layer_type is None else {**kinds, layer_type: "default"}
     try:
         positions = torch.arange(length, device=like.device).unsqueeze(0)
         cos, sin = rotary(like, positions) if layer_type is None else rotary(like, positions, layer_type)
     finally:
-        rotary._buffers[name], rotary.rope_type = current, rope_type
+        rotary._buffers[name], rotary.rope_type = current, kinds
     return torch.stack((cos[0], sin[0]), dim=1).to(like.dtype)
