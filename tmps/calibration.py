@@ -37,6 +37,20 @@ def sample_from_model(model: nn.Module, num_sequences: int = 16, seq_len: int = 
     return torch.cat(out)
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` is meant to take: ``config.max_position_embeddings``, or None
+    (no limit) where that is not a limit. Past it, a table of learned positions (OPT) has no row and
+    plain RoPE meets angles it was never trained on; dynamic NTK RoPE (``rope_type="dynamic"``)
+    rescales its frequencies past it by design, so there it is the original context, not a limit."""
+    for module in model.modules():  # HF's rotary embeddings name their kind (a dict per layer kind: Gemma 3)
+        kinds = getattr(module, "rope_type", None)
+        if any(isinstance(kind, str) and "dynamic" in kind
+               for kind in (kinds.values() if isinstance(kinds, dict) else [kinds])):
+            return None
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
 def calibration_batches(calibration, model: nn.Module, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Normalise ``calibration`` into ``[(input_ids (b, s), attention_mask (b, s))]`` after checking it.
 
@@ -51,7 +65,7 @@ def calibration_batches(calibration, model: nn.Module, batch_size: int = 8) -> l
         raise TypeError(f"calibration must be a LongTensor (n, seq) or an iterable of batches, got {type(calibration).__name__}")
     device = next(model.parameters()).device
     vocab = getattr(model.config, "vocab_size", None)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = position_limit(model)
     batches = []
     for item in items:
         mask = None

@@ -126,8 +126,10 @@ def _model_vocab(model) -> int | None:
 
 
 def _check_seq_len(model, seq_len: int, option: str) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
+    from tmps.calibration import position_limit
+
+    limit = position_limit(model)
+    if limit is not None and seq_len > limit:
         raise UsageError(f"{option} {seq_len} is longer than the model's {limit} positions; use {option} {limit} or less")
 
 
