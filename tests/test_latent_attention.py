@@ -360,7 +360,39 @@ def test_kv_mode_holds_dynamic_ntk_keys_as_the_dense_cache_does(path, cache_kind
     rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     shape = {**SHAPE, "max_position_embeddings": 16}
     if window is None:
-        dense = LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=rope)).eval()
+        dense = dynamic_ntk_llama()
     else:
         dense = MistralForCausalLM(MistralConfig(**shape, rope_parameters=rope, sliding_window=window)).eval()
     assert_kv_decodes_like_dense_past_the_context(dense, path, cache_kind, torch.randint(0, VOCAB, (8, 24)))
+
+
+def dynamic_ntk_llama(context=16):
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    return LlamaForCausalLM(LlamaConfig(**{**SHAPE, "max_position_embeddings": context}, rope_parameters=rope)).eval()
+
+
+@pytest.mark.parametrize("outcome", ["compressed", "failed"])
+def test_compressing_leaves_dynamic_ntk_rope_as_it_was(outcome, monkeypatch):
+    """HF's dynamic NTK RoPE remembers the longest forward it ran: after 24-token calibration past
+    the 16-position context, the model's frequencies stayed grown, and its next 20-token forward was
+    1.7e-4 (relative) off the logits of the same model never calibrated. Compression, finished or
+    failed, now leaves the rotary embedding as it found it."""
+    dense = dynamic_ntk_llama()
+    fresh, rotary = copy.deepcopy(dense), dense.model.rotary_emb
+    inv_freq, before = rotary.inv_freq, rotary.inv_freq.clone()
+    calibration = torch.randint(0, VOCAB, (8, 24))
+    if outcome == "failed":
+        def fail_after_a_long_forward(model, *args, **kwargs):
+            model(calibration)
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr("tmps.compressor._compress_layers", fail_after_a_long_forward)
+        with pytest.raises(RuntimeError, match="injected"):
+            tmps.compress(dense, calibration, mode="kv", ratio=1.0, progress=False)
+    else:
+        tmps.compress(dense, calibration, mode="kv", ratio=1.0, progress=False)
+    assert rotary.inv_freq is inv_freq and torch.equal(inv_freq, before)
+    assert int(rotary.max_seq_len_cached) == 16
+    ids = torch.randint(1, VOCAB, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, fresh(ids).logits, rtol=1e-5, atol=1e-5)

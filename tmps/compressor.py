@@ -39,6 +39,7 @@ from .calibration import (
 )
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like, offloaded_by_dispatch
+from .models.rope import rotary_state_kept
 from .sensitivity import direction_costs, has_language_model_head, loss_statistics, pack_layers, unpacked
 from .solvers import (
     DenseAttentionWeights,
@@ -138,22 +139,23 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     if config.metric == "fisher" and not has_lm_head:
         raise ValueError(f"metric='fisher' needs the language-model loss, which a bare {type(model).__name__} "
                          "has not: pass the *ForCausalLM, or use metric='analytic'")
-    if calibration is None:
-        calibration = sample_from_model(model, calibration_samples, calibration_seq_len, seed, batch_size)
-    batches = calibration_batches(calibration, model, batch_size)
+    with rotary_state_kept(model):  # dynamic NTK RoPE remembers the longest forward
+        if calibration is None:
+            calibration = sample_from_model(model, calibration_samples, calibration_seq_len, seed, batch_size)
+        batches = calibration_batches(calibration, model, batch_size)
 
-    layers = arch.decoder_layers(model)
-    swapped: list[tuple[int, nn.Module]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        info = _compress_layers(model, arch, layers, batches, config, swapped, progress, fisher_tokens)
-    except BaseException:
-        for index, original in reversed(swapped):
-            layers[index] = original
-        raise
-    finally:
-        model.train(was_training)
+        layers = arch.decoder_layers(model)
+        swapped: list[tuple[int, nn.Module]] = []
+        was_training = model.training
+        model.eval()
+        try:
+            info = _compress_layers(model, arch, layers, batches, config, swapped, progress, fisher_tokens)
+        except BaseException:
+            for index, original in reversed(swapped):
+                layers[index] = original
+            raise
+        finally:
+            model.train(was_training)
     model.tmps_info = {"config": config.to_dict(), "layers": info}
     return wrapper
 
