@@ -83,6 +83,7 @@ from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_
 from ._common import cdiv, require_runnable, tl, triton_available
 from ._common import aligned, alignment, decode_bench, eager_ms, launch
 from ._common import interpreted as _interpreted
+from ..tuning_cache import TunedChoices
 
 __all__ = [
     "FusedProjection",
@@ -617,7 +618,7 @@ def _launch(x2d, in_factor, cores, out_factors, biases, ys, r, groups, config: K
     )
 
 
-_TUNED: dict = {}
+_TUNED = TunedChoices("fused_projection", KernelConfig)  # kept on disk too where TMPS_TUNING_CACHE asks (tmps.tuning_cache)
 
 
 def _heuristic_config(m: int, z_given: bool) -> KernelConfig:
@@ -637,7 +638,7 @@ def _tuning_bench(m: int):
 
 
 def _tune_key(device, dtype, m, d_in, r, groups, z_given=False):
-    return (torch.device(device).index, dtype, _m_bucket(m), d_in, r, groups, z_given)
+    return (torch.device(device), dtype, _m_bucket(m), d_in, r, groups, z_given)  # the device, not its index: see tmps.tuning_cache
 
 
 def _pick_config(x2d, in_factor, cores, out_factors, biases, ys, r, groups) -> KernelConfig:

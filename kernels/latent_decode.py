@@ -63,6 +63,7 @@ from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_
 from ._common import cdiv, require_runnable, tl, triton_available, unit_last
 from ._common import aligned, alignment, decode_bench, launch
 from ._common import interpreted as _interpreted
+from ..tuning_cache import TunedChoices
 
 __all__ = ["MAX_ROWS", "DecodeConfig", "latent_decode_attention", "latent_decode_attention_ref", "triton_available"]
 
@@ -391,7 +392,7 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
     )
 
 
-_TUNED: dict = {}
+_TUNED = TunedChoices("latent_decode", DecodeConfig)  # kept on disk too where TMPS_TUNING_CACHE asks (tmps.tuning_cache)
 
 
 def _candidates(scores_given: bool) -> tuple:
@@ -410,7 +411,7 @@ def _pick_config(args, kind_key) -> DecodeConfig:
     if c_v.dtype == torch.float32:
         return _FP32_CONFIG
     b, total, r_v = c_v.shape
-    key = (c_v.device.index, c_v.dtype, b, heads, q_len, 0 if c_k is None else c_k.shape[2], r_v, out.shape[-1],
+    key = (c_v.device, c_v.dtype, b, heads, q_len, 0 if c_k is None else c_k.shape[2], r_v, out.shape[-1],
            v_up.shape[0], min(next_pow2(total), 1 << 20), kind_key)
     if key in _TUNED:
         return _TUNED[key]

@@ -45,6 +45,7 @@ from ._common import FP32_DOT_PRECISION, SUPPORTED_DTYPES, autotune, check_tile_
 from ._common import cdiv, require_runnable, tl, triton_available, unit_last
 from ._common import aligned, alignment, decode_bench, launch
 from ._common import interpreted as _interpreted
+from ..tuning_cache import TunedChoices
 
 __all__ = ["MAX_ROWS", "ScoresConfig", "latent_rope_scores", "latent_rope_scores_ref", "triton_available"]
 
@@ -208,7 +209,7 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
     )
 
 
-_TUNED: dict = {}
+_TUNED = TunedChoices("latent_scores", ScoresConfig)  # kept on disk too where TMPS_TUNING_CACHE asks (tmps.tuning_cache)
 
 
 def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
@@ -219,7 +220,7 @@ def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
     if q.dtype == torch.float32:
         return _FP32_CONFIG
     b, kv_heads, m, head_dim = q.shape
-    key = (q.device.index, q.dtype, b, kv_heads, m, head_dim, c_k.shape[2], min(next_pow2(c_k.shape[1]), 1 << 16))
+    key = (q.device, q.dtype, b, kv_heads, m, head_dim, c_k.shape[2], min(next_pow2(c_k.shape[1]), 1 << 16))
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture

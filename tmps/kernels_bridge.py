@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .tuning_cache import TunedChoices
+
 
 _AVAILABLE: dict = {}  # device type -> whether the kernels run there
 
@@ -69,7 +71,7 @@ class PathChoice:
     graphed: str
 
 
-_FASTER: dict = {}  # key -> PathChoice
+_FASTER = TunedChoices("faster_path", PathChoice)  # key -> PathChoice; on disk too where TMPS_TUNING_CACHE asks
 _graphed_everywhere = False  # set by graphed_choices()
 
 

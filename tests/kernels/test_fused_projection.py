@@ -554,3 +554,22 @@ def test_kv_mode_projection_runs_through_the_kernel(arch, monkeypatch):
         got, want = model(ids).logits, dense(ids).logits
     assert len(calls) == cfg.num_hidden_layers
     assert_close_to_ref(got, want.double().cpu(), 1e-4, name="logits")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the tuner times candidates on CUDA only")
+def test_tuned_config_is_read_back_from_the_tuning_cache(tmp_path, monkeypatch):
+    """With TMPS_TUNING_CACHE set, the winner tuned here is written down (keyed by this GPU's name)
+    and a later process, its table empty, launches with it untimed: the same outputs."""
+    from tmps.tuning_cache import TunedChoices
+
+    monkeypatch.setenv("TMPS_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(fp, "_TUNED", TunedChoices("fused_projection", fp.KernelConfig))
+    inputs = make_inputs((5,), 64, 40, 24, "llama_gqa", torch.float16)
+    first = check(inputs, torch.float16)
+    (key, config), = dict.items(fp._TUNED)
+    assert isinstance(key[0], torch.device)
+    monkeypatch.setattr(fp, "_TUNED", TunedChoices("fused_projection", fp.KernelConfig))
+    monkeypatch.setattr(fp, "autotune", lambda *args, **kwargs: pytest.fail("tuned again"))
+    again = check(inputs, torch.float16)
+    assert dict.get(fp._TUNED, key) == config
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
