@@ -9,6 +9,7 @@ from .compressor import compress, is_compressed
 from .config import CompressionConfig
 from .io import load, save
 from .paths import set_paths
+from . import pretrained  # registers the from_pretrained loader of compressed checkpoints  # noqa: F401
 from .report import report, summary
 from .decompose import combined_mps_hooi_compression, hooi, tt_svd, tucker_mps
 

@@ -40,6 +40,7 @@ from .calibration import (
 from .config import FISHER_METHODS, CompressionConfig
 from .models.base import AttentionShape, architecture_of, detach_rotary, new_like, offloaded_by_dispatch
 from .models.rope import rotary_state_kept
+from .pretrained import record_compression
 from .sensitivity import direction_costs, has_language_model_head, loss_statistics, pack_layers, unpacked
 from .solvers import (
     DenseAttentionWeights,
@@ -157,6 +158,7 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
         finally:
             model.train(was_training)
     model.tmps_info = {"config": config.to_dict(), "layers": info}
+    record_compression(model)  # for save_pretrained / from_pretrained (tmps.pretrained)
     return wrapper
 
 

@@ -46,6 +46,30 @@ def _layer_structure(attention) -> dict:
     }
 
 
+def structure_of(model) -> list[dict]:
+    """Per decoder layer, what :func:`build_compressed_skeleton` needs to rebuild its compressed
+    attention: the mode and the shapes of the factors and of the K/V bases."""
+    arch = architecture_of(model)
+    return [_layer_structure(arch.attention_of(layer)) for layer in arch.decoder_layers(model)]
+
+
+def build_compressed_skeleton(model, structure: list[dict], dtype: torch.dtype) -> None:
+    """Swap every attention of a dense ``model`` (in place) for compressed attention whose factors have
+    the shapes ``structure`` records (:func:`structure_of`), uninitialised: the tensors are loaded next."""
+    from .compressor import assemble_attention
+
+    arch = architecture_of(model)
+    layers = arch.decoder_layers(model)
+    rotary = arch.rotary_embedding(model)
+    for index, layer_meta in enumerate(structure):
+        qkv = FactoredProjection.empty(layer_meta["buffers"], dtype)
+        up = [torch.empty(s, dtype=dtype) if s is not None else None for s in (layer_meta["k_up"], layer_meta["v_up"])]
+        down = layer_meta.get("k_down")  # absent from files written before kv mode took head norms
+        attention = assemble_attention(arch, arch.attention_of(layers[index]), layer_meta["mode"], qkv, *up, rotary,
+                                       dtype, torch.empty(down, dtype=dtype) if down is not None else None)
+        arch.set_attention(layers, index, attention)
+
+
 def save(model, path) -> Path:
     """Write a compressed ``model`` (or its ``torch.compile`` wrapper) to the folder ``path`` (created;
     replaced atomically if it exists)."""
@@ -56,9 +80,7 @@ def save(model, path) -> Path:
     if info is None:
         raise ValueError("this model is not compressed by tmps; call tmps.compress(model) first "
                          "(a dense model is saved with model.save_pretrained)")
-    arch = architecture_of(model)
-    layers = arch.decoder_layers(model)
-    structure = [_layer_structure(arch.attention_of(layer)) for layer in layers]
+    structure = structure_of(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -116,8 +138,6 @@ def _read_meta(path: Path) -> dict:
 
 def load(path, device: str | torch.device = "cpu"):
     """Rebuild a model saved by :func:`save`: dense skeleton from its config, compressed layers, then the tensors."""
-    from .compressor import assemble_attention
-
     path = Path(path)
     meta = _read_meta(path)
     config = transformers.AutoConfig.from_pretrained(path)
@@ -126,18 +146,10 @@ def load(path, device: str | torch.device = "cpu"):
         raise ValueError(f"{meta['model_class']} is not a class of the installed transformers")
     dtype = getattr(torch, meta["dtype"])
     model = model_class(config).to(dtype).eval()
-    arch = architecture_of(model)
-    layers = arch.decoder_layers(model)
+    layers = architecture_of(model).decoder_layers(model)
     if len(layers) != len(meta["structure"]):
         raise ValueError(f"{path}: {len(meta['structure'])} compressed layers recorded but the config builds {len(layers)}")
-    rotary = arch.rotary_embedding(model)
-    for index, layer_meta in enumerate(meta["structure"]):
-        qkv = FactoredProjection.empty(layer_meta["buffers"], dtype)
-        up = [torch.empty(s, dtype=dtype) if s is not None else None for s in (layer_meta["k_up"], layer_meta["v_up"])]
-        down = layer_meta.get("k_down")  # absent from files written before kv mode took head norms
-        attention = assemble_attention(arch, arch.attention_of(layers[index]), layer_meta["mode"], qkv, *up, rotary,
-                                       dtype, torch.empty(down, dtype=dtype) if down is not None else None)
-        arch.set_attention(layers, index, attention)
+    build_compressed_skeleton(model, meta["structure"], dtype)
     state = load_file(str(path / TENSORS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):

@@ -1,0 +1,111 @@
+"""``save_pretrained`` / ``from_pretrained`` of compressed models (tmps.pretrained): transformers
+rebuilds the compressed attention before it loads the factors, and gives the same logits."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tmps
+from tmps.pretrained import QUANT_METHOD
+
+from test_architectures import gemma3, qwen3
+from test_compress import VOCAB, assert_unchanged, calib, llama, opt, snapshot
+from test_latent_attention import greedy_steps
+from transformers import DynamicCache
+
+BUILDERS = {"llama": llama, "opt": opt, "qwen3": qwen3, "gemma3": gemma3}
+
+
+def compressed(build, mode, **kwargs):
+    torch.manual_seed(0)
+    return tmps.compress(build(), calib(), mode=mode, ratio=0.5, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["kv", "weights"])
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_from_pretrained_gives_the_compressed_model(tmp_path, arch, mode):
+    """Every factor back where it was (Qwen3 and Gemma 3: kv mode's k_down after the key norm),
+    the report, and the logits bit for bit, of one forward and of cached greedy steps."""
+    model = compressed(BUILDERS[arch], mode)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and tmps.is_compressed(loaded)
+    assert loaded.tmps_info == json.loads(json.dumps(model.tmps_info))
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        torch.testing.assert_close(greedy_steps(loaded, ids, 4, DynamicCache(config=loaded.config)),
+                                   greedy_steps(model, ids, 4, DynamicCache(config=model.config)), rtol=0, atol=0)
+    assert tmps.report(loaded) == tmps.report(model)
+
+
+def test_config_json_records_the_compression(tmp_path):
+    model = compressed(llama, "kv")
+    model.save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert recorded["quant_method"] == QUANT_METHOD
+    assert recorded["compression"]["mode"] == "kv" and len(recorded["structure"]) == 2
+    assert recorded["layers"] == json.loads(json.dumps(model.tmps_info["layers"]))
+
+
+def test_loaded_model_casts_trains_saves_and_refuses_recompression(tmp_path):
+    """transformers marks a model its quantizer loaded as quantized and then refuses .half() and the
+    Trainer; the factors are plain floating-point parameters, so tmps lifts that mark."""
+    model = compressed(llama, "weights")
+    model.save_pretrained(tmp_path / "first")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first")
+    assert not loaded.is_quantized
+    assert copy.deepcopy(loaded).half().dtype == torch.float16 and copy.deepcopy(loaded).float().dtype == torch.float32
+    assert all(p.requires_grad for p in loaded.model.layers[0].self_attn.qkv.parameters())
+    with pytest.raises(ValueError, match="already compressed"):
+        tmps.compress(loaded, calib(), progress=False)
+    loaded.save_pretrained(tmp_path / "second")  # a loaded model saves again, and tmps.save takes it too
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "second")
+    tmps.save(again, tmp_path / "tmps")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(tmps.load(tmp_path / "tmps")(ids).logits, model(ids).logits)
+
+
+def test_dtype_asked_of_from_pretrained_is_the_factors(tmp_path):
+    model = compressed(llama, "kv")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    attention = loaded.model.layers[0].self_attn
+    assert {p.dtype for p in attention.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits.float(), model(ids).logits, rtol=0.05, atol=0.05)
+
+
+def test_a_failed_compression_records_nothing():
+    model = llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError):
+        tmps.compress(model, calib(), ratio=1.5, progress=False)
+    assert_unchanged(model, snap)
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_a_dense_model_saves_as_before(tmp_path):
+    llama().save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_a_config_without_the_structure_is_refused(tmp_path):
+    model = compressed(llama, "kv")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]["structure"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="structure"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_deepcopy_keeps_the_record():
+    model = compressed(llama, "kv")
+    assert copy.deepcopy(model).config.quantization_config.structure == model.config.quantization_config.structure
