@@ -109,3 +109,35 @@ def test_a_config_without_the_structure_is_refused(tmp_path):
 def test_deepcopy_keeps_the_record():
     model = compressed(llama, "kv")
     assert copy.deepcopy(model).config.quantization_config.structure == model.config.quantization_config.structure
+
+
+def test_a_model_loaded_from_gguf_saves_once_compressed(tmp_path):
+    """transformers dequantizes a GGUF file on load and keeps its loader on the model, which refuses
+    save_pretrained (the dense model cannot be saved so either). Once compressed, the model holds
+    floating-point tensors only, so tmps drops that loader (as loaded here: SmolLM2's GGUF is too big
+    for the unit suite: `python benchmarks/pretrained_check.py` runs the real one)."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    dense = llama()
+    dense.hf_quantizer, dense.is_quantized = GgufHfQuantizer(GgufConfig()), True
+    dense.config.quantization_config = GgufConfig()
+    with pytest.raises(ValueError, match="not serializable"):
+        dense.save_pretrained(tmp_path / "dense")
+    model = tmps.compress(dense, calib(), mode="kv", ratio=0.5, progress=False)
+    model.save_pretrained(tmp_path / "compressed")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")(ids).logits, model(ids).logits)
+
+
+def test_without_import_tmps_transformers_refuses_the_folder(tmp_path):
+    """Rather than loading a dense model whose Q/K/V weights are missing (randomly initialised)."""
+    import subprocess
+    import sys
+
+    compressed(llama, "kv").save_pretrained(tmp_path)
+    run = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
+                          "AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "tmps" in run.stderr.splitlines()[-1], run.stderr[-500:]

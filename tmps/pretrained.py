@@ -84,3 +84,8 @@ def record_compression(model) -> None:
 
     model.config.quantization_config = TmpsCompressionConfig(
         compression=model.tmps_info["config"], layers=model.tmps_info["layers"], structure=structure_of(model))
+    loader = getattr(model, "hf_quantizer", None)
+    if loader is not None and getattr(loader.quantization_config, "quant_method", None) == "gguf":
+        # transformers dequantized the GGUF file's weights on load and keeps its loader, which refuses
+        # save_pretrained (and .half()); the compressed model holds floating-point tensors only
+        model.hf_quantizer, model.is_quantized = None, False
