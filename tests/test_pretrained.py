@@ -144,3 +144,13 @@ def test_without_import_tmps_transformers_warns_and_lists_the_missing_weights(tm
     assert run.returncode == 0, run.stderr[-500:]
     assert "Unknown quantization type, got tmps" in run.stderr
     assert "q_proj.weight" in run.stderr and "MISSING" in run.stderr
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_tmps_save_folder_loads_with_from_pretrained(tmp_path, tied):
+    """tmps.save (and so `tmps compress --out`) writes the same config.json and tensor names."""
+    model = tmps.compress(llama(tie_word_embeddings=tied), calib(), mode="kv", ratio=0.5, progress=False)
+    tmps.save(model, tmp_path / "saved")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits, model(ids).logits)
