@@ -57,7 +57,7 @@ def test_loaded_model_casts_trains_saves_and_refuses_recompression(tmp_path):
     model = compressed(llama, "weights")
     model.save_pretrained(tmp_path / "first")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "first")
-    assert not loaded.is_quantized
+    assert not loaded.is_quantized  # marked, transformers' Trainer refuses it (test_trainer_fine_tunes_a_loaded_model)
     assert copy.deepcopy(loaded).half().dtype == torch.float16 and copy.deepcopy(loaded).float().dtype == torch.float32
     assert all(p.requires_grad for p in loaded.model.layers[0].self_attn.qkv.parameters())
     with pytest.raises(ValueError, match="already compressed"):
@@ -154,3 +154,20 @@ def test_a_tmps_save_folder_loads_with_from_pretrained(tmp_path, tied):
     ids = torch.randint(0, VOCAB, (1, 7))
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits, model(ids).logits)
+
+
+def test_trainer_fine_tunes_a_loaded_model(tmp_path):
+    """Two steps of transformers' Trainer move every factor of a model loaded with from_pretrained
+    (device_map="cpu"); it raised "You cannot perform fine-tuning on purely quantized models" while
+    the model was marked quantized."""
+    from transformers import Trainer, TrainingArguments
+
+    compressed(llama, "weights").save_pretrained(tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="cpu")
+    before = {name: p.detach().clone() for name, p in loaded.named_parameters()}
+    rows = torch.randint(0, VOCAB, (8, 12))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True)
+    Trainer(model=loaded, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train()
+    factors = {name for name, _ in loaded.named_parameters() if ".qkv." in name}
+    assert factors and all(not torch.equal(loaded.get_parameter(name), before[name]) for name in factors)
