@@ -47,9 +47,12 @@ Shapes and layout
     mask      None | (b|1, heads|1, q_len, ≥T): bool (True = attend) or additive float, any strides
     out       (b, q_len, heads, D)     contiguous, allocated here
 
-Masked scores use ``-1e30`` and additive ones are clamped there, so a fully masked row (a padding
-row) stays finite and averages uniformly, as HF's eager attention does. Without a mask the queries
-must be one token each (decode), which is what ``None`` means to HF's sdpa path.
+Masked scores use ``-1e30`` and additive ones are clamped there, so a fully masked row stays finite.
+A query with no position to attend to then gets what the dense model's attention gives it: under an
+additive mask (HF's eager attention) the uniform average of the values, as eager's finite minimum
+gives; under a boolean mask (HF's sdpa) zeros, as torch's SDPA returns (the combine kernel zeroes a
+row whose common max is the masked -1e30). Without a mask the queries must be one token each
+(decode), which is what ``None`` means to HF's sdpa path.
 """
 
 from __future__ import annotations  # Triton reads the string annotations; lets this import without Triton
@@ -231,6 +234,7 @@ def _combine_kernel(
     BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     ALIGN: tl.constexpr,  # r_v and stride_u are multiples of it (see _common.aligned)
+    EMPTY_ROWS_ZERO: tl.constexpr,  # a boolean mask: a row with no position to attend to gives 0 (SDPA)
 ):
     r_v, stride_u = aligned(r_v, ALIGN), aligned(stride_u, ALIGN)
     head = tl.program_id(0)
@@ -252,6 +256,8 @@ def _combine_kernel(
         m_c = tl.load(ml_ptr + base, mask=n_mask, other=0.0)
         big_l += tl.exp(m_c - big_m) * tl.load(ml_ptr + base + rows, mask=n_mask, other=0.0)
     inv_l = 1.0 / tl.where(n_mask, big_l, 1.0)
+    if EMPTY_ROWS_ZERO:  # every score of the row is the masked -1e30: nothing to attend to
+        inv_l = tl.where(big_m > -5e29, inv_l, 0.0)
 
     # -- out = ō U_v,gᵀ over r_v in BLOCK_R steps, ō = Σ_c exp(m_c - M) acc_c / L rounded to the dtype
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -387,8 +393,8 @@ def _launch(q_latent, scores, c_k, c_v, v_up, mask, scaling, heads, q_len, out, 
         n_rows, rows, q_len, heads, group, chunks, r_v, head_dim,
         v_up.stride(0),
         BLOCK_D=block_d, BLOCK_B=config.block_b, BLOCK_R=config.block_r,
-        DOT_PRECISION=precision, DOT_UPCAST=upcast, ALIGN=alignment(r_v, v_up.stride(0)), num_warps=4,
-        num_stages=config.num_stages,
+        DOT_PRECISION=precision, DOT_UPCAST=upcast, ALIGN=alignment(r_v, v_up.stride(0)),
+        EMPTY_ROWS_ZERO=kind == _MASK_BOOL, num_warps=4, num_stages=config.num_stages,
     )
 
 
@@ -485,6 +491,8 @@ def latent_decode_attention_ref(q_latent, scores, c_k, c_v, v_up, mask, scaling,
         else:
             scores = scores + mask.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(c_v.dtype)
+    if mask is not None and mask.dtype == torch.bool:  # SDPA: a row with nothing to attend to gives 0
+        probs = probs * mask.any(-1, keepdim=True)
     o_bar = probs.reshape(b, heads * q_len, total) @ c_v  # (b, rows, r_v)
     out = torch.einsum("bgmr,gdr->bgmd", o_bar.view(b, kv_heads, heads // kv_heads * q_len, r_v),
                        v_up.view(kv_heads, head_dim, r_v))

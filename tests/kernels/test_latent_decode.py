@@ -53,7 +53,7 @@ def make_case(b, heads, kv_heads, q_len, head_dim, total, r_k, r_v, mask_kind, s
     mask = None
     if mask_kind == "bool":  # per sequence, broadcast over heads, longer than T (a static cache's)
         mask = torch.rand(b, 1, q_len, total + 5) > 0.3
-        mask[0, 0, 0] = False  # a fully masked row: finite, uniform over the positions (as eager)
+        mask[0, 0, 0] = False  # a fully masked row: zeros, as torch's SDPA gives (test_a_query_that_attends_to_nothing)
     elif mask_kind == "additive":  # broadcast over the batch, per head
         mask = torch.where(torch.rand(1, heads, q_len, total) > 0.3, 0.0, torch.finfo(torch.float32).min)
     low = dict(q_latent=None if scores_given else q_latent.to(dtype), scores=scores.float() if scores_given else None,
@@ -86,6 +86,33 @@ def check(low, exact, dtype, **kw):
 def test_matches_reference(dtype, b, heads, kv_heads, q_len, head_dim, total, r_k, r_v, mask_kind, scores_given):
     low, exact = make_case(b, heads, kv_heads, q_len, head_dim, total, r_k, r_v, mask_kind, scores_given, dtype)
     check(low, exact, dtype, config=FIXED)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("dtype", SWEEP_DTYPES)
+def test_a_query_that_attends_to_nothing(mask_kind, dtype):
+    """What the dense model's attention gives a query whose every position is masked: under HF's
+    sdpa (a boolean mask) torch's SDPA returns zeros; under eager (an additive mask of the dtype's
+    minimum) every score sits at that minimum and the softmax averages the values uniformly. The
+    kernel and the chain gave the uniform average under both until the boolean case was fixed."""
+    b, heads, kv_heads, q_len, head_dim, total, r_v = 2, 4, 2, 1, 16, 70, 40
+    low, exact = make_case(b, heads, kv_heads, q_len, head_dim, total, 24, r_v, "none", False, dtype)
+    if mask_kind == "bool":
+        mask = torch.ones(b, 1, q_len, total, dtype=torch.bool)
+        mask[1] = False
+        want_row = torch.zeros(heads, head_dim, dtype=torch.float64)
+    else:
+        mask = torch.zeros(b, 1, q_len, total)
+        mask[1] = torch.finfo(torch.float32).min
+        mean_v = exact["c_v"][1].mean(0)  # (r_v,)
+        want_row = (exact["v_up"] @ mean_v).view(kv_heads, head_dim).repeat_interleave(heads // kv_heads, 0)
+    low["mask"], exact["mask"] = mask.to(DEVICE), mask
+    ref = latent_decode_attention_ref(**exact)
+    torch.testing.assert_close(ref[1, 0], want_row, rtol=1e-9, atol=1e-9)
+    out = latent_decode_attention(**low, config=FIXED)
+    torch.testing.assert_close(out[1, 0].double().cpu(), want_row, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    check(low, exact, dtype, config=FIXED)  # and the other sequence as usual
 
 
 @needs_kernel

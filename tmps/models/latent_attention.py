@@ -80,6 +80,10 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
             return out, None
     scores = _masked(scores.reshape(b, heads, q_len, total), attention_mask, total)
     probs = _softmax(scores, c_v.dtype)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # sdpa's dense attention: a query with nothing to attend to gets zeros (torch's SDPA), where
+        # eager's additive mask averages the values uniformly (what the finite minimum above gives)
+        probs = probs * attention_mask[..., :total].any(-1, keepdim=True)
     out_latent = probs.reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)
     out = grouped_bmm(out_latent.view(b, kv_heads, group * q_len, -1), v_up.view(kv_heads, head_dim, -1).mT)
     return out.reshape(b, heads, q_len, head_dim).transpose(1, 2), probs
@@ -134,7 +138,7 @@ def _masked(scores, attention_mask, total):
     if attention_mask is not None:
         mask = attention_mask[..., :total]
         if mask.dtype == torch.bool:
-            # The dtype's minimum, not -inf: a fully masked (padding) row stays finite, as in eager.
+            # The dtype's minimum, not -inf: a fully masked row stays finite (then zeroed, as SDPA's).
             # where(), not masked_fill(~mask): one kernel, no inverted mask.
             return torch.where(mask, scores, torch.finfo(scores.dtype).min)
         return scores + mask.to(scores.dtype)
