@@ -82,8 +82,9 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     probs = _softmax(scores, c_v.dtype)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         # sdpa's dense attention: a query with nothing to attend to gets zeros (torch's SDPA), where
-        # eager's additive mask averages the values uniformly (what the finite minimum above gives)
-        probs = probs * attention_mask[..., :total].any(-1, keepdim=True)
+        # eager's additive mask averages the values uniformly (what the finite minimum above gives).
+        # Elsewhere the masked probabilities are already 0 (exp underflows): one where, no reduction.
+        probs = torch.where(attention_mask[..., :total], probs, 0)
     out_latent = probs.reshape(b, heads * q_len, total) @ c_v  # (b, heads·q_len, r_v)
     out = grouped_bmm(out_latent.view(b, kv_heads, group * q_len, -1), v_up.view(kv_heads, head_dim, -1).mT)
     return out.reshape(b, heads, q_len, head_dim).transpose(1, 2), probs
