@@ -5,9 +5,10 @@
 writes a checkpoint that describes itself, and after ``import tmps``,
 ``AutoModelForCausalLM.from_pretrained(folder)`` rebuilds the compressed attention through the
 quantizer registered here before the factors load: the same logits, with ``push_to_hub``, sharding,
-``device_map`` and ``dtype`` handled by transformers. Without ``import tmps`` transformers refuses the
-folder ("Unknown quantization type, got tmps") instead of loading a dense model whose Q/K/V weights
-are missing (randomly initialised: it did, with a load report, before the compression was recorded).
+``device_map`` and ``dtype`` handled by transformers. Without ``import tmps`` transformers only warns
+("Unknown quantization type, got tmps") and loads a dense model whose Q/K/V weights are missing
+(randomly initialised, listed as MISSING in its load report), as it did for every such folder
+before the compression was recorded: import tmps first.
 
 transformers calls this mechanism quantization; nothing here quantizes: the factors keep the dtype
 they were saved in (or the ``dtype`` asked of ``from_pretrained``).
