@@ -171,3 +171,13 @@ def test_trainer_fine_tunes_a_loaded_model(tmp_path):
     Trainer(model=loaded, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train()
     factors = {name for name, _ in loaded.named_parameters() if ".qkv." in name}
     assert factors and all(not torch.equal(loaded.get_parameter(name), before[name]) for name in factors)
+
+
+def test_tmps_load_reads_a_save_pretrained_folder(tmp_path):
+    model = compressed(opt, "kv")
+    model.save_pretrained(tmp_path)
+    loaded = tmps.load(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert not loaded.training and tmps.is_compressed(loaded)

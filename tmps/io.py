@@ -136,9 +136,34 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _written_by_save_pretrained(path: Path) -> bool:
+    """Whether ``path`` holds a compressed model saved with transformers' ``save_pretrained``
+    (:mod:`tmps.pretrained`: its config.json records the compression)."""
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    recorded = config.get("quantization_config")
+    return isinstance(recorded, dict) and recorded.get("quant_method") == "tmps"
+
+
+def _from_pretrained(path: Path, device):
+    config = json.loads((path / CONFIG).read_text())
+    names = config.get("architectures") or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise ValueError(f"{path}/config.json names no model class of the installed transformers "
+                         f"(architectures={names!r})")
+    return model_class.from_pretrained(path).eval().to(device)
+
+
 def load(path, device: str | torch.device = "cpu"):
-    """Rebuild a model saved by :func:`save`: dense skeleton from its config, compressed layers, then the tensors."""
+    """Rebuild a model saved by :func:`save`: dense skeleton from its config, compressed layers, then the
+    tensors. A folder written by ``save_pretrained`` instead (no tmps.json) loads through transformers'
+    ``from_pretrained`` (:mod:`tmps.pretrained`)."""
     path = Path(path)
+    if path.is_dir() and not (path / META).is_file() and _written_by_save_pretrained(path):
+        return _from_pretrained(path, device)
     meta = _read_meta(path)
     config = transformers.AutoConfig.from_pretrained(path)
     model_class = getattr(transformers, meta["model_class"], None)
