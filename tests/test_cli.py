@@ -143,6 +143,15 @@ def test_report_prints_the_saved_table(compressed, capsys):
     assert rc == 0 and 0 < json.loads(stdout)["kv_cache_kept"] < 1
 
 
+def test_report_reads_a_save_pretrained_folder(compressed, workdir, capsys):
+    out, _ = compressed
+    model = tmps.load(out)
+    model.save_pretrained(workdir / "pretrained")
+    rc, stdout, _ = run_main(["report", workdir / "pretrained"], capsys)
+    assert rc == 0 and "saved by save_pretrained" in stdout and "LlamaForCausalLM" in stdout
+    assert tmps.report(model) in stdout
+
+
 # ---------------------------------------------------------------------------------------- eval
 
 

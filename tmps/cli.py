@@ -732,13 +732,10 @@ def cmd_report(args) -> int:
     from .report import report
 
     folder = Path(args.dir)
-    meta_path = folder / "tmps.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no tmps.json in {folder}: not a folder written by tmps compress (or tmps.save)")
+    meta, meta_path = _saved_compression(folder)
     try:
-        meta = json.loads(meta_path.read_text())
         info = {"config": meta["compression"], "layers": meta["layers"]}
-    except (json.JSONDecodeError, KeyError) as err:
+    except KeyError as err:
         raise UsageError(f"{meta_path} is corrupt ({_one_line(err)}); compress the model again") from None
     if args.json:
         from .report import summary
@@ -746,9 +743,31 @@ def cmd_report(args) -> int:
         print(json.dumps({"model_class": meta.get("model_class"), "dtype": meta.get("dtype"),
                           "compression": info["config"], **summary(info)}, indent=1))
         return 0
-    print(f"{folder}: {meta.get('model_class')} ({meta.get('dtype')}), saved by tmps {meta.get('tmps_version')}")
+    saved_by = f"tmps {meta.get('tmps_version')}" if meta_path.name == "tmps.json" else "save_pretrained"
+    print(f"{folder}: {meta.get('model_class')} ({meta.get('dtype')}), saved by {saved_by}")
     print(report(info))
     return 0
+
+
+def _saved_compression(folder: Path) -> tuple[dict, Path]:
+    """``(meta, the file it came from)``: tmps.json (tmps compress, tmps.save) or, from
+    ``save_pretrained``, the compression config.json records (tmps.pretrained)."""
+    for name in ("tmps.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} is corrupt ({_one_line(err)}); compress the model again") from None
+        if name == "tmps.json":
+            return data, path
+        recorded = data.get("quantization_config")
+        if isinstance(recorded, dict) and recorded.get("quant_method") == "tmps":
+            return {"model_class": (data.get("architectures") or [None])[0],
+                    "dtype": data.get("dtype", data.get("torch_dtype")), **recorded}, path
+    raise FileNotFoundError(f"no tmps.json in {folder}, nor a config.json that records a tmps compression: not a "
+                            "folder written by tmps compress, tmps.save or save_pretrained of a compressed model")
 
 
 # ----------------------------------------------------------------------------------- bench
@@ -1023,9 +1042,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report", formatter_class=_Formatter, help="print the per-layer report of a saved model",
         description="Print the per-layer report (ranks, Q/K/V parameters kept, KV cache kept, calibration error) "
-                    "of a folder written by tmps compress; reads DIR/tmps.json only.",
+                    "of a folder written by tmps compress, tmps.save or save_pretrained; reads DIR/tmps.json "
+                    "(or the compression DIR/config.json records) only.",
         epilog="examples:\n  tmps report smol-kv50\n  tmps report smol-kv50 --json")
-    p.add_argument("dir", metavar="DIR", help="a folder written by tmps compress or tmps.save")
+    p.add_argument("dir", metavar="DIR", help="a folder written by tmps compress, tmps.save or save_pretrained")
     p.add_argument("--json", action="store_true", help="print the totals as JSON instead")
     p.set_defaults(func=cmd_report)
 
