@@ -10,11 +10,18 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import tmps
 from tmps.pretrained import QUANT_METHOD
 
-from test_architectures import gemma3, qwen3
-from test_compress import VOCAB, assert_unchanged, calib, llama, opt, snapshot
+from test_architectures import gemma3, mixed_qwen2, qwen3
+from test_compress import VOCAB, assert_unchanged, calib, llama, mistral, opt, qwen2, snapshot
+from test_granite import granite
 from test_latent_attention import greedy_steps
+from test_moe import mixtral, qwen2_moe, qwen3_moe
+from test_phi3 import phi3
+from test_smollm3 import smollm3
 
-BUILDERS = {"llama": llama, "opt": opt, "qwen3": qwen3, "gemma3": gemma3}
+# every supported model type (tmps.models.supported_model_types), Qwen2 with full and sliding layers mixed
+BUILDERS = {"llama": llama, "opt": opt, "qwen3": qwen3, "gemma3": gemma3, "mistral": mistral, "qwen2": mixed_qwen2,
+            "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "phi3": phi3, "granite": granite,
+            "smollm3": smollm3}
 
 
 def compressed(build, mode, **kwargs):
@@ -25,8 +32,9 @@ def compressed(build, mode, **kwargs):
 @pytest.mark.parametrize("mode", ["kv", "weights"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_from_pretrained_gives_the_compressed_model(tmp_path, arch, mode):
-    """Every factor back where it was (Qwen3 and Gemma 3: kv mode's k_down after the key norm),
-    the report, and the logits bit for bit, of one forward and of cached greedy steps."""
+    """Every factor back where it was (Qwen3 and Gemma 3: kv mode's k_down after the key norm; Phi-3:
+    its fused qkv_proj replaced; the MoE models: experts as transformers converts them on load), the
+    report, and the logits bit for bit, of one forward and of cached greedy steps."""
     model = compressed(BUILDERS[arch], mode)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
