@@ -43,9 +43,27 @@ def generated(model, ids, mask, cache):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def _kernels_run_here():
+    import tmps.kernels_bridge as bridge
+
+    return bridge.triton_path_available(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_left_padded_generate_matches_dense(arch, attn, one_thread):
+    assert_generate_matches_dense(arch, attn, "torch")
+
+
+@pytest.mark.skipif(not _kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma3", "phi3"])
+def test_left_padded_generate_matches_dense_with_the_kernels(arch, one_thread):
+    """The same with the Triton kernels forced (the interpreter here): OPT's biases, Llama's RoPE and
+    GQA, Gemma 3's key norms and windows, Phi-3's fused projection; sdpa."""
+    assert_generate_matches_dense(arch, "sdpa", "triton")
+
+
+def assert_generate_matches_dense(arch, attn, backend):
     dense = build(arch, attn)
     ids, mask = left_padded_batch()
     want = {cache: generated(dense, ids, mask, cache) for cache in ("dynamic", "static")}
@@ -53,8 +71,7 @@ def test_left_padded_generate_matches_dense(arch, attn, one_thread):
     for mode, paths in (("kv", ("latent", "rebuild")), ("weights", (None,))):
         model = full_rank(dense, mode)
         for path in paths:
-            if path is not None:
-                tmps.set_paths(model, kv_attention=path)
+            tmps.set_paths(model, backend=backend, **({"kv_attention": path} if path else {}))
             for cache, (tokens, logits) in want.items():
                 got_tokens, got_logits = generated(model, ids, mask, cache)
                 rel = [((g - w).norm() / w.norm()).item() for g, w in zip(got_logits, logits)]
