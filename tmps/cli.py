@@ -752,20 +752,17 @@ def cmd_report(args) -> int:
 def _saved_compression(folder: Path) -> tuple[dict, Path]:
     """``(meta, the file it came from)``: tmps.json (tmps compress, tmps.save) or, from
     ``save_pretrained``, the compression config.json records (tmps.pretrained)."""
-    for name in ("tmps.json", "config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
+    from .io import recorded_compression
+
+    path = folder / "tmps.json"
+    if path.is_file():
         try:
-            data = json.loads(path.read_text())
+            return json.loads(path.read_text()), path
         except json.JSONDecodeError as err:
             raise UsageError(f"{path} is corrupt ({_one_line(err)}); compress the model again") from None
-        if name == "tmps.json":
-            return data, path
-        recorded = data.get("quantization_config")
-        if isinstance(recorded, dict) and recorded.get("quant_method") == "tmps":
-            return {"model_class": (data.get("architectures") or [None])[0],
-                    "dtype": data.get("dtype", data.get("torch_dtype")), **recorded}, path
+    recorded = recorded_compression(folder)
+    if recorded is not None:
+        return recorded, folder / "config.json"
     raise FileNotFoundError(f"no tmps.json in {folder}, nor a config.json that records a tmps compression: not a "
                             "folder written by tmps compress, tmps.save or save_pretrained of a compressed model")
 

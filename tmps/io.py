@@ -136,24 +136,26 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _written_by_save_pretrained(path: Path) -> bool:
-    """Whether ``path`` holds a compressed model saved with transformers' ``save_pretrained``
-    (:mod:`tmps.pretrained`: its config.json records the compression)."""
+def recorded_compression(path: Path) -> dict | None:
+    """``{"model_class", "dtype", "compression", "layers", "structure", ...}`` where ``path`` holds a
+    compressed model saved with transformers' ``save_pretrained`` (its config.json records the
+    compression, :mod:`tmps.pretrained`), else None."""
     try:
-        config = json.loads((path / CONFIG).read_text())
+        config = json.loads((Path(path) / CONFIG).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     recorded = config.get("quantization_config")
-    return isinstance(recorded, dict) and recorded.get("quant_method") == "tmps"
+    if not isinstance(recorded, dict) or recorded.get("quant_method") != "tmps":
+        return None
+    return {"model_class": (config.get("architectures") or [None])[0],
+            "dtype": config.get("dtype", config.get("torch_dtype")), **recorded}
 
 
 def _from_pretrained(path: Path, device):
-    config = json.loads((path / CONFIG).read_text())
-    names = config.get("architectures") or []
-    model_class = getattr(transformers, names[0], None) if names else None
+    name = recorded_compression(path)["model_class"]
+    model_class = getattr(transformers, name, None) if name else None
     if model_class is None:
-        raise ValueError(f"{path}/config.json names no model class of the installed transformers "
-                         f"(architectures={names!r})")
+        raise ValueError(f"{path / CONFIG} names no model class of the installed transformers ({name!r})")
     return model_class.from_pretrained(path).eval().to(device)
 
 
@@ -162,7 +164,7 @@ def load(path, device: str | torch.device = "cpu"):
     tensors. A folder written by ``save_pretrained`` instead (no tmps.json) loads through transformers'
     ``from_pretrained`` (:mod:`tmps.pretrained`)."""
     path = Path(path)
-    if path.is_dir() and not (path / META).is_file() and _written_by_save_pretrained(path):
+    if path.is_dir() and not (path / META).is_file() and recorded_compression(path) is not None:
         return _from_pretrained(path, device)
     meta = _read_meta(path)
     config = transformers.AutoConfig.from_pretrained(path)
