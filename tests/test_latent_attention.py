@@ -145,8 +145,8 @@ def test_a_decode_query_that_attends_to_nothing_gets_what_dense_gives(arch, attn
     """A decode step whose attention mask hides every position of one row (transformers 5.17's
     Phi-3 generate passes such a row once it crosses the original context): HF's sdpa attention
     returns zeros there (torch's SDPA), eager the values' uniform average. The latent path averaged
-    under both, 24-31% off the dense logits of that row under sdpa; at full rank it now gives the
-    dense logits on every path."""
+    under both: 0.57 (Llama) and 0.43 (OPT) relative off the dense logits of that row under sdpa
+    (this test on the library of b00a0cc); at full rank it now gives the dense logits on every path."""
     dense = {"llama": llama, "opt": opt}[arch](attn)
     model = tmps.compress(copy.deepcopy(dense), calib(), mode="kv", ratio=1.0, progress=False)
     tmps.set_paths(model, kv_attention=path, backend=backend)
@@ -159,7 +159,8 @@ def test_a_decode_query_that_attends_to_nothing_gets_what_dense_gives(arch, attn
         with torch.no_grad():
             m(ids, **{cache_keyword(m): cache})
             logits.append(m(step, attention_mask=step_mask, **{cache_keyword(m): cache}).logits)
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    errors = [rel(got, want) for got, want in zip(*logits[::-1])]  # per row: the hidden one, then a plain one
+    assert max(errors) < 1e-5, errors
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -412,7 +413,7 @@ def test_left_padded_generate_past_the_original_context(rope):
     """HF's ``generate`` numbers a left-padded row's tokens from its first real one, so there a
     token's position is its slot less the padding. Where the frequencies change past the original
     context, keys and queries rotated with different ones score by absolute position, and kv mode,
-    which reads the tables at slots, is off the dense logits for that row: 2.4e-4 (relative) under
+    which reads the tables at slots, is off the dense logits for that row: 1.3e-4 (relative) under
     dynamic NTK, both transformers versions (a strict xfail until kv mode keeps per-row positions).
     Phi-3's ``generate`` drops the cache when it crosses the original context (5.25 recomputes the
     sequence; 5.17 feeds the new token alone, the padded row's mask hiding every position), so
@@ -430,14 +431,16 @@ def test_left_padded_generate_past_the_original_context(rope):
         want, got = (torch.stack(m.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
                                             output_logits=True, return_dict_in_generate=True).logits, 1)
                      for m in (dense, model))
-    assert [rel(g, w) < 1e-5 for g, w in zip(got, want)] == [True, True]  # float noise: ~2e-7
+    errors = [rel(g, w) for g, w in zip(got, want)]  # per row: the padded one, then the other
+    assert max(errors) < 1e-5, errors  # float noise: ~2e-7
 
 
 @pytest.mark.parametrize("outcome", ["compressed", "failed"])
 def test_compressing_leaves_dynamic_ntk_rope_as_it_was(outcome, monkeypatch):
     """HF's dynamic NTK RoPE remembers the longest forward it ran: after 24-token calibration past
     the 16-position context, the model's frequencies stayed grown, and its next 20-token forward was
-    1.7e-4 (relative) off the logits of the same model never calibrated. Compression, finished or
+    1.7e-4 (relative) off the logits of the same model never calibrated (this test on the library of
+    bbf96f9). Compression, finished or
     failed, now leaves the rotary embedding as it found it."""
     dense = dynamic_ntk_llama()
     fresh, rotary = copy.deepcopy(dense), dense.model.rotary_emb
@@ -453,8 +456,9 @@ def test_compressing_leaves_dynamic_ntk_rope_as_it_was(outcome, monkeypatch):
             tmps.compress(dense, calibration, mode="kv", ratio=1.0, progress=False)
     else:
         tmps.compress(dense, calibration, mode="kv", ratio=1.0, progress=False)
-    assert rotary.inv_freq is inv_freq and torch.equal(inv_freq, before)
-    assert int(rotary.max_seq_len_cached) == 16
-    ids = torch.randint(1, VOCAB, (2, 20))
+    kept = rotary.inv_freq is inv_freq and torch.equal(inv_freq, before) and int(rotary.max_seq_len_cached) == 16
+    ids = torch.randint(1, VOCAB, (2, 20))  # this forward grows the frequencies again, past the context
     with torch.no_grad():
-        torch.testing.assert_close(dense(ids).logits, fresh(ids).logits, rtol=1e-5, atol=1e-5)
+        error = rel(dense(ids).logits, fresh(ids).logits)
+    assert error < 1e-6, error
+    assert kept
