@@ -118,7 +118,8 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     progress : show progress bars.
 
     Returns the same model object, with ``model.tmps_info`` describing every layer (see
-    :func:`tmps.report`). A ``torch.compile``d model is compressed through its original module,
+    :func:`tmps.report`), recorded in ``model.config.quantization_config`` too, so that
+    ``model.save_pretrained`` writes a folder ``from_pretrained`` rebuilds (:mod:`tmps.pretrained`). A ``torch.compile``d model is compressed through its original module,
     eagerly (tracing every calibration pass with its hooks recompiled the model again and again);
     the returned wrapper recompiles at its next call.
     """
