@@ -189,3 +189,12 @@ def test_tmps_load_reads_a_save_pretrained_folder(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert not loaded.training and tmps.is_compressed(loaded)
+
+
+def test_a_sharded_checkpoint_loads(tmp_path):
+    model = compressed(llama, "kv")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
