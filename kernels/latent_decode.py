@@ -419,8 +419,9 @@ def _pick_config(args, kind_key) -> DecodeConfig:
     b, total, r_v = c_v.shape
     key = (c_v.device, c_v.dtype, b, heads, q_len, 0 if c_k is None else c_k.shape[2], r_v, out.shape[-1],
            v_up.shape[0], min(next_pow2(total), 1 << 20), kind_key)
-    if key in _TUNED:
-        return _TUNED[key]
+    config = _TUNED.get(key)  # one lookup: a miss also asks the on-disk cache, where it is on
+    if config is not None:
+        return config
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[0]
     best = autotune(_candidates(scores_given=scores is not None), lambda config: _launch(*args, config),

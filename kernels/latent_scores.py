@@ -221,8 +221,9 @@ def _pick_config(q, c_k, k_up, cos, sin, out) -> ScoresConfig:
         return _FP32_CONFIG
     b, kv_heads, m, head_dim = q.shape
     key = (q.device, q.dtype, b, kv_heads, m, head_dim, c_k.shape[2], min(next_pow2(c_k.shape[1]), 1 << 16))
-    if key in _TUNED:
-        return _TUNED[key]
+    config = _TUNED.get(key)  # one lookup: a miss also asks the on-disk cache, where it is on
+    if config is not None:
+        return config
     if torch.cuda.is_current_stream_capturing():  # cannot benchmark inside a CUDA graph capture
         return _CONFIGS[2]
     best = autotune(_CONFIGS, lambda config: _launch(q, c_k, k_up, cos, sin, out, config),

@@ -13,6 +13,7 @@ import torch
 import tmps
 
 from test_compress import VOCAB, calib
+from test_latent_attention import kernels_run_here
 from test_pretrained import BUILDERS
 
 
@@ -43,19 +44,13 @@ def generated(model, ids, mask, cache):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-def _kernels_run_here():
-    import tmps.kernels_bridge as bridge
-
-    return bridge.triton_path_available(torch.device("cpu"))
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_left_padded_generate_matches_dense(arch, attn, one_thread):
     assert_generate_matches_dense(arch, attn, "torch")
 
 
-@pytest.mark.skipif(not _kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)")
+@pytest.mark.skipif(not kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("arch", ["llama", "opt", "gemma3", "phi3"])
 def test_left_padded_generate_matches_dense_with_the_kernels(arch, one_thread):
     """The same with the Triton kernels forced (the interpreter here): OPT's biases, Llama's RoPE and

@@ -130,14 +130,15 @@ def cached_steps(model, ids, mask, chunk):
     return first.logits, step.logits
 
 
-def _kernels_run_here():
+def kernels_run_here():
+    """Whether the Triton kernels run on this CPU (the interpreter is on: TRITON_INTERPRET=1)."""
     import tmps.kernels_bridge as bridge
 
     return bridge.triton_path_available(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not _kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)"))])
+    not kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)"))])
 @pytest.mark.parametrize("path", ["latent", "rebuild"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["llama", "opt"])

@@ -198,3 +198,13 @@ def test_a_sharded_checkpoint_loads(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 7))
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_a_config_with_other_layers_than_the_record_is_refused(tmp_path):
+    model = compressed(llama, "kv")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="2 compressed layers recorded but the config builds 1"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .models.rope import is_dynamic_ntk
+
 
 class _StopForward(Exception):
     pass
@@ -44,7 +46,7 @@ def position_limit(model: nn.Module) -> int | None:
     rescales its frequencies past it by design, so there it is the original context, not a limit."""
     for module in model.modules():  # HF's rotary embeddings name their kind (a dict per layer kind: Gemma 3)
         kinds = getattr(module, "rope_type", None)
-        if any(isinstance(kind, str) and "dynamic" in kind
+        if any(isinstance(kind, str) and is_dynamic_ntk(kind)
                for kind in (kinds.values() if isinstance(kinds, dict) else [kinds])):
             return None
     limit = getattr(model.config, "max_position_embeddings", None)

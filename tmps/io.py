@@ -53,13 +53,16 @@ def structure_of(model) -> list[dict]:
     return [_layer_structure(arch.attention_of(layer)) for layer in arch.decoder_layers(model)]
 
 
-def build_compressed_skeleton(model, structure: list[dict], dtype: torch.dtype) -> None:
+def build_compressed_skeleton(model, structure: list[dict], dtype: torch.dtype, source: str) -> None:
     """Swap every attention of a dense ``model`` (in place) for compressed attention whose factors have
-    the shapes ``structure`` records (:func:`structure_of`), uninitialised: the tensors are loaded next."""
+    the shapes ``structure`` records (:func:`structure_of`), uninitialised: the tensors are loaded next.
+    ``source`` names where ``structure`` came from, for the error when its layers are not the model's."""
     from .compressor import assemble_attention
 
     arch = architecture_of(model)
     layers = arch.decoder_layers(model)
+    if len(layers) != len(structure):
+        raise ValueError(f"{source}: {len(structure)} compressed layers recorded but the config builds {len(layers)}")
     rotary = arch.rotary_embedding(model)
     for index, layer_meta in enumerate(structure):
         qkv = FactoredProjection.empty(layer_meta["buffers"], dtype)
@@ -151,8 +154,8 @@ def recorded_compression(path: Path) -> dict | None:
             "dtype": config.get("dtype", config.get("torch_dtype")), **recorded}
 
 
-def _from_pretrained(path: Path, device):
-    name = recorded_compression(path)["model_class"]
+def _from_pretrained(path: Path, recorded: dict, device):
+    name = recorded["model_class"]
     model_class = getattr(transformers, name, None) if name else None
     if model_class is None:
         raise ValueError(f"{path / CONFIG} names no model class of the installed transformers ({name!r})")
@@ -164,8 +167,9 @@ def load(path, device: str | torch.device = "cpu"):
     tensors. A folder written by ``save_pretrained`` instead (no tmps.json) loads through transformers'
     ``from_pretrained`` (:mod:`tmps.pretrained`)."""
     path = Path(path)
-    if path.is_dir() and not (path / META).is_file() and recorded_compression(path) is not None:
-        return _from_pretrained(path, device)
+    recorded = None if (path / META).is_file() or not path.is_dir() else recorded_compression(path)
+    if recorded is not None:
+        return _from_pretrained(path, recorded, device)
     meta = _read_meta(path)
     config = transformers.AutoConfig.from_pretrained(path)
     model_class = getattr(transformers, meta["model_class"], None)
@@ -173,10 +177,7 @@ def load(path, device: str | torch.device = "cpu"):
         raise ValueError(f"{meta['model_class']} is not a class of the installed transformers")
     dtype = getattr(torch, meta["dtype"])
     model = model_class(config).to(dtype).eval()
-    layers = architecture_of(model).decoder_layers(model)
-    if len(layers) != len(meta["structure"]):
-        raise ValueError(f"{path}: {len(meta['structure'])} compressed layers recorded but the config builds {len(layers)}")
-    build_compressed_skeleton(model, meta["structure"], dtype)
+    build_compressed_skeleton(model, meta["structure"], dtype, str(path))
     state = load_file(str(path / TENSORS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):

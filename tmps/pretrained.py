@@ -56,13 +56,9 @@ class TmpsCompressedLoader(HfQuantizer):
         from .models.base import architecture_of
 
         arch = architecture_of(model)
-        layers = arch.decoder_layers(model)
-        structure = self.quantization_config.structure
-        if len(layers) != len(structure):
-            raise ValueError(f"the checkpoint records {len(structure)} compressed layers but its config builds "
-                             f"{len(layers)}")
-        dtype = arch.projections(arch.attention_of(layers[0]))[3].weight.dtype  # o_proj: the dtype asked of loading
-        build_compressed_skeleton(model, structure, dtype)
+        first = arch.attention_of(arch.decoder_layers(model)[0])
+        dtype = arch.projections(first)[3].weight.dtype  # o_proj: the dtype asked of loading
+        build_compressed_skeleton(model, self.quantization_config.structure, dtype, "the checkpoint's config.json")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         model.tmps_info = {"config": self.quantization_config.compression, "layers": self.quantization_config.layers}

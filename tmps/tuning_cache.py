@@ -152,9 +152,15 @@ class TunedChoices(dict):
             self._loaded[path] = entries if isinstance(entries, dict) else {}
         return self._loaded[path]
 
-    def _stored(self, key):
+    @staticmethod
+    def _location(key) -> tuple[Path | None, str | None]:
+        """``(file, key as stored there)``; ``(None, None)`` when the cache is off or cannot hold ``key``."""
         path = cache_file()
         encoded = None if path is None else _encoded_or_none(key)
+        return (path, encoded) if encoded is not None else (None, None)
+
+    def _stored(self, key):
+        path, encoded = self._location(key)
         if encoded is None:
             return None
         fields = self._entries(path).get(encoded)
@@ -184,8 +190,7 @@ class TunedChoices(dict):
 
     def __setitem__(self, key, value) -> None:
         dict.__setitem__(self, key, value)
-        path = cache_file()
-        encoded = None if path is None else _encoded_or_none(key)
+        path, encoded = self._location(key)
         if encoded is not None:
             fields = dataclasses.asdict(value)
             self._entries(path)[encoded] = fields

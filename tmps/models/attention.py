@@ -31,8 +31,8 @@ import torch
 from .. import kernels_bridge as bridge
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import (current_frequencies, longrope_call_is_long, longrope_pairs, per_token_pairs, rope_pairs,
-                   rope_type, rotate)
+from .rope import (current_frequencies, is_dynamic_ntk, longrope_call_is_long, longrope_pairs, per_token_pairs,
+                   rope_pairs, rope_type, rotate)
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -187,7 +187,7 @@ class CompressedAttentionMixin:
             long_tokens, offset = self._record_tokens(cache, total, slots, "_tmps_longrope_long",
                                                       longrope_call_is_long(rotary, layer_type))
             pairs = longrope_pairs(rotary, offset + total, q, long_tokens, layer_type)[offset:]
-        elif kind is not None and "dynamic" in kind:  # dynamic NTK, matched as HF's update matches it
+        elif is_dynamic_ntk(kind):
             frequencies, offset = self._record_tokens(cache, total, slots, "_tmps_rope_frequencies",
                                                       current_frequencies(rotary, layer_type))
             pairs = per_token_pairs(rotary, frequencies, q, layer_type)[offset:]

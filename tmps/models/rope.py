@@ -91,6 +91,12 @@ def rope_type(rotary, layer_type: str | None = None) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def is_dynamic_ntk(kind: str | None) -> bool:
+    """Whether the RoPE type ``kind`` (:func:`rope_type`) is HF's dynamic NTK, whose frequencies grow
+    with the longest sequence seen past the original context (``max_position_embeddings``)."""
+    return kind is not None and "dynamic" in kind
+
+
 def _cached_table(rotary, layer_type, name: str, total: int, like: torch.Tensor, compute) -> torch.Tensor:
     """``compute(length)``'s table from the rotary's frequencies ``name`` (``inv_freq``, or longrope's
     ``original_inv_freq`` / ``long_inv_freq``), computed for the next power of two of slots and sliced."""
