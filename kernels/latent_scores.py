@@ -4,7 +4,8 @@ Math
 ----
 kv mode caches key latents ``c_k[b, t]`` (width r) and holds ``U_k: (kv_heads·head_dim, r)``. For a
 RoPE model the key of head g at position t is ``k_g,t = R_t U_k,g c_k,t``, where ``R_t`` rotates the
-pairs ``(j, j + head_dim/2)`` (HF's ``rotate_half`` convention, tables ``cos, sin: (T, head_dim)``)::
+pairs ``(j, j + head_dim/2)`` (HF's ``rotate_half`` convention, tables ``cos, sin: (T, head_dim)``,
+or ``(b, T, head_dim)`` where each sequence has its own: dynamic NTK RoPE with left-padded rows)::
 
     k1, k2         = c_k,t U_k,g[:half]ᵀ,  c_k,t U_k,g[half:]ᵀ                  (half = head_dim/2)
     k1', k2'       = k1·cos[t,:half] − k2·sin[t,:half],  k2·cos[t,half:] + k1·sin[t,half:]
@@ -22,7 +23,7 @@ Shapes and layout
     q        (b, kv_heads, m, head_dim)     any strides, unit stride on head_dim
     c_k      (b, T, r)                       unit stride on r
     k_up     (kv_heads·head_dim, r)          unit stride on r
-    cos, sin (T, head_dim)                   unit stride on head_dim
+    cos, sin (T, head_dim) or (b, T, head_dim)   unit stride on head_dim
     scores   (b, kv_heads, m, T)             float32, contiguous (allocated here)
 
 Tiling
@@ -93,7 +94,7 @@ def _latent_rope_scores_kernel(
     stride_qb, stride_qg, stride_qm,
     stride_cb, stride_ct,
     stride_u,
-    stride_cos, stride_sin,
+    stride_cos_b, stride_sin_b, stride_cos, stride_sin,  # per-sequence strides 0 for shared tables
     # meta-parameters
     M_PAD: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -129,8 +130,8 @@ def _latent_rope_scores_kernel(
 
     # -- rotate by position: RoPE tables for the two halves --------------------------------------
     tj_mask = t_mask[:, None] & j_mask[None, :]
-    cos_rows = cos_ptr + t_offs[:, None].to(tl.int64) * stride_cos
-    sin_rows = sin_ptr + t_offs[:, None].to(tl.int64) * stride_sin
+    cos_rows = cos_ptr + batch * stride_cos_b + t_offs[:, None].to(tl.int64) * stride_cos
+    sin_rows = sin_ptr + batch * stride_sin_b + t_offs[:, None].to(tl.int64) * stride_sin
     cos1 = tl.load(cos_rows + j_offs[None, :], mask=tj_mask, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_rows + half + j_offs[None, :], mask=tj_mask, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_rows + j_offs[None, :], mask=tj_mask, other=0.0).to(tl.float32)
@@ -180,8 +181,9 @@ def _validate(q, c_k, k_up, cos, sin):
         raise ValueError(f"shapes do not match: q {tuple(q.shape)} (even head_dim), c_k {tuple(c_k.shape)}, "
                          f"k_up {tuple(k_up.shape)} (expected ({kv_heads * head_dim}, {r}))")
     for name, table in (("cos", cos), ("sin", sin)):
-        if tuple(table.shape) != (total, head_dim):
-            raise ValueError(f"{name} has shape {tuple(table.shape)}, expected (T={total}, head_dim={head_dim})")
+        if tuple(table.shape) not in ((total, head_dim), (b, total, head_dim)):
+            raise ValueError(f"{name} has shape {tuple(table.shape)}, expected (T={total}, head_dim={head_dim}) "
+                             f"or, one table per sequence, (b={b}, T={total}, head_dim={head_dim})")
     if m > MAX_ROWS:
         raise ValueError(f"{m} query rows per key head; the kernel serves decode (at most {MAX_ROWS})")
     return b, kv_heads, m, head_dim, total, r
@@ -199,7 +201,7 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
         q.stride(0), q.stride(1), q.stride(2),
         c_k.stride(0), c_k.stride(1),
         k_up.stride(0),
-        cos.stride(0), sin.stride(0),
+        _sequence_stride(cos), _sequence_stride(sin), cos.stride(-2), sin.stride(-2),
         M_PAD=max(16, next_pow2(m)), HALF_PAD=max(16, next_pow2(half)),
         BLOCK_T=config.block_t, BLOCK_R=config.block_r,
         DOT_PRECISION=FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
@@ -207,6 +209,11 @@ def _launch(q, c_k, k_up, cos, sin, out, config: ScoresConfig):
         ALIGN=alignment(c_k.stride(0), c_k.stride(1), k_up.stride(0), r),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def _sequence_stride(table) -> int:
+    """A RoPE table's stride between sequences: 0 where one ``(T, head_dim)`` table serves them all."""
+    return table.stride(0) if table.dim() == 3 else 0
 
 
 _TUNED = TunedChoices("latent_scores", ScoresConfig)  # kept on disk too where TMPS_TUNING_CACHE asks (tmps.tuning_cache)
@@ -242,7 +249,8 @@ def latent_rope_scores(q, c_k, k_up, cos, sin, *, out=None, config=None):
     q : (b, kv_heads, m, head_dim)   the m query rows served by key head g (already rotated, scaled)
     c_k : (b, T, r)   key latents of the whole context
     k_up : (kv_heads·head_dim, r)   U_k, rows head-major
-    cos, sin : (T, head_dim)   RoPE tables of the key positions (HF's rotate_half convention)
+    cos, sin : (T, head_dim), or (b, T, head_dim) per sequence   RoPE tables of the key positions
+        (HF's rotate_half convention)
     out : optional contiguous float32 Tensor ``(b, kv_heads, m, T)`` to write into
     config : optional :class:`ScoresConfig` overriding the autotuner
 
@@ -280,6 +288,8 @@ def latent_rope_scores_ref(q, c_k, k_up, cos, sin):
     keys = (c_k @ k_up.T).view(b, c_k.shape[1], kv_heads, head_dim).transpose(1, 2)
     half = head_dim // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    if cos.dim() == 3:  # one table per sequence: broadcast over the key heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     keys = keys * cos.to(keys.dtype) + rotated * sin.to(keys.dtype)
     scores = q.float() @ keys.float().transpose(-1, -2) if q.dtype != torch.float64 else q @ keys.transpose(-1, -2)
     return scores

@@ -90,6 +90,23 @@ def test_strided_queries_and_larger_tiles():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_table_per_sequence(dtype):
+    """Dynamic NTK RoPE with left-padded rows: each sequence's keys sit at their own positions, so
+    each has its own ``(T, head_dim)`` table. Sequence i's table is the shared one shifted by 5·i
+    positions; its scores must match the reference for that table, not the shared one."""
+    b, kv_heads, m, head_dim, total, r = 3, 2, 3, 32, 37, 24
+    low, exact = make_inputs(b, kv_heads, m, head_dim, total, r, dtype)
+    cos, sin = rope_tables(total + 5 * (b - 1), head_dim)
+    tables = [torch.stack([t[5 * i:5 * i + total] for i in range(b)]) for t in (cos, sin)]
+    low[3:], exact[3:] = [t.to(DEVICE, dtype) for t in tables], [t.to(dtype).double() for t in tables]
+    check(low, exact, dtype, config=FIXED)
+    shared = latent_rope_scores_ref(*exact[:3], exact[3][0], exact[4][0])
+    per_sequence = latent_rope_scores(*low, config=FIXED).double().cpu()
+    assert (per_sequence[1:] - shared[1:]).abs().max() > 0.1 * shared.abs().max()  # the tables differ in use
+
+
+@needs_kernel
 def test_allocates_its_output_when_none_is_given():
     low, exact = make_inputs(1, 2, 5, 32, 70, 24, torch.float32)
     out = latent_rope_scores(*low)
@@ -100,6 +117,7 @@ def test_allocates_its_output_when_none_is_given():
     (lambda a: a.update(c_k=a["c_k"].half()), TypeError, "share one dtype"),
     (lambda a: a.update(k_up=a["k_up"][:-1]), ValueError, "shapes do not match"),
     (lambda a: a.update(cos=a["cos"][:-1]), ValueError, r"cos has shape"),
+    (lambda a: a.update(sin=a["sin"].expand(2, 5, 32)), ValueError, r"sin has shape .*one table per sequence"),
     (lambda a: a.update(q=a["q"].expand(1, 2, 200, 32)), ValueError, "serves decode"),
     (lambda a: a.update(q=a["q"].cpu().numpy()), TypeError, "must be a torch.Tensor"),
     (lambda a: a.update(out=torch.empty(1, 2, 1, 5, dtype=torch.float16, device=DEVICE)), ValueError, "out must be"),
