@@ -407,15 +407,19 @@ def dynamic_ntk_llama(context=16):
     return LlamaForCausalLM(LlamaConfig(**{**SHAPE, "max_position_embeddings": context}, rope_parameters=rope)).eval()
 
 
-@pytest.mark.parametrize("rope", ["longrope", pytest.param("dynamic", marks=pytest.mark.xfail(
-    strict=True, reason="kv mode reads the RoPE tables at cache slots; a left-padded row's positions start "
-                        "after its padding, and past the switch its keys and queries score by position"))])
-def test_left_padded_generate_past_the_original_context(rope):
+@pytest.mark.parametrize("path,cache,backend", [
+    ("latent", "dynamic", "torch"), ("rebuild", "dynamic", "torch"), ("latent", "static", "torch"),
+    pytest.param("latent", "static", "triton", marks=pytest.mark.skipif(
+        not kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)"))])
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_left_padded_generate_past_the_original_context(rope, path, cache, backend):
     """HF's ``generate`` numbers a left-padded row's tokens from its first real one, so there a
     token's position is its slot less the padding. Where the frequencies change past the original
-    context, keys and queries rotated with different ones score by absolute position, and kv mode,
-    which reads the tables at slots, is off the dense logits for that row: 1.3e-4 (relative) under
-    dynamic NTK, both transformers versions (a strict xfail until kv mode keeps per-row positions).
+    context, keys and queries rotated with different ones score by absolute position: kv mode, which
+    read the tables at slots, was 1.3e-4 (relative) off the dense logits for that row under dynamic
+    NTK, both transformers versions (a strict xfail until 0ce84e7); it now reads each sequence's
+    tables at its own positions (a static cache: its slots are a device index; the RoPE score kernel
+    takes one table per sequence).
     Phi-3's ``generate`` drops the cache when it crosses the original context (5.25 recomputes the
     sequence; 5.17 feeds the new token alone, the padded row's mask hiding every position), so
     longrope never mixes factors there and matches (on 5.17 once fully masked rows gave zeros, as
@@ -424,13 +428,14 @@ def test_left_padded_generate_past_the_original_context(rope):
 
     dense = longrope_phi3() if rope == "longrope" else dynamic_ntk_llama()
     dense.generation_config.pad_token_id = 0
-    model = tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (16, 12)), mode="kv", ratio=1.0,
-                          progress=False)
+    model = tmps.set_paths(tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (16, 12)), mode="kv",
+                                         ratio=1.0, progress=False), kv_attention=path, backend=backend)
     ids, mask = torch.randint(3, VOCAB, (2, 10)), torch.ones(2, 10, dtype=torch.long)
     ids[0, :4], mask[0, :4] = 0, 0
+    options = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():
         want, got = (torch.stack(m.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
-                                            output_logits=True, return_dict_in_generate=True).logits, 1)
+                                            output_logits=True, return_dict_in_generate=True, **options).logits, 1)
                      for m in (dense, model))
     errors = [rel(g, w) for g, w in zip(got, want)]  # per row: the padded one, then the other
     assert max(errors) < 1e-5, errors  # float noise: ~2e-7

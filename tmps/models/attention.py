@@ -14,7 +14,8 @@ so this is exact (at full rank it reproduces the dense model). Under "longrope" 
 Phi-4-mini) the dense cache holds keys rotated with the short factors, then the long ones, once a
 forward passes the original context, and under "dynamic" (dynamic NTK) the frequencies grow with
 the sequence past it: kv mode reads the rotation of each slot from a record of those forwards, at
-the tokens' positions (see ``_record_tokens``). Models that RMS-normalise each key
+the tokens' positions (see ``_record_tokens``; under dynamic NTK each sequence's own positions, which
+start after a left-padded row's padding: see ``_position_shifts``). Models that RMS-normalise each key
 head (Qwen3, Gemma 3) cache latents of the normalised keys, ``c_k = P_k k_norm(W_k x)``: the
 projection outputs full keys and ``k_down = P_k`` follows the norm (a norm is not linear, so the
 basis cannot be folded into the projection as it is elsewhere).
@@ -67,6 +68,7 @@ class CompressedAttentionMixin:
 
     def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
+        position_ids = kwargs.get("position_ids")  # left in kwargs: HF's attention functions take it too
         # read once: a config attribute costs ~3 us (HF's __getattribute__), and decode is host-bound
         implementation = self.config._attn_implementation
         q, k, v = self.qkv(hidden_states)
@@ -86,14 +88,14 @@ class CompressedAttentionMixin:
             if self._reads_latents(q.shape[1], q.shape[2], attention_mask, implementation):
                 # the whole scale (OPT's query prescale too) rides on the latent score GEMM
                 return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape, cache,
-                                            implementation)
+                                            implementation, position_ids)
         if self.query_prescale:  # as the dense model: q scaled in its dtype, attention at scale 1
             q, scaling = q * self.scaling, 1.0
         if self.mode == "kv":
             k = (k.squeeze(1) @ self.k_up.T).view(k.shape[0], k.shape[2], -1, self.head_dim).transpose(1, 2)
             v = (v.squeeze(1) @ self.v_up.T).view(v.shape[0], v.shape[2], -1, self.head_dim).transpose(1, 2)
             if self.uses_rope:
-                q, k = self._rope_by_relative_position(q, k, cache)
+                q, k = self._rope_by_relative_position(q, k, cache, position_ids)
         else:
             k = k.view(*input_shape, -1, self.head_dim)
             if self.head_norms:
@@ -135,12 +137,13 @@ class CompressedAttentionMixin:
             return True
         return not self.training and readable and prefers_latent(num_heads, q_len, self.k_up.shape[0])
 
-    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache, implementation):
+    def _latent_forward(self, q, c_k, c_v, attention_mask, scaling, input_shape, cache, implementation,
+                        position_ids=None):
         rope = key_scores = values = None
         # no kernel where gradients flow (it has no backward; see bridge.kernels_serve_gradients)
         kernels = bridge.kernels_serve_gradients(self.qkv.backend, q, c_k, c_v, self.k_up, self.v_up)
         if self.uses_rope:
-            q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache)
+            q, cos, sin = self._rotate_queries(q, c_k.shape[1], cache, position_ids)
             rope = (cos, sin)
             if kernels and cos.shape[-1] == self.head_dim:  # the kernel rotates whole heads: not partial RoPE
                 rows = q.shape[1] // (self.k_up.shape[0] // self.head_dim) * q.shape[2]  # query rows per key head
@@ -178,8 +181,9 @@ class CompressedAttentionMixin:
         choice = bridge.faster_path(key, lambda: run(values), lambda: run(None), device=q.device)
         return values if choice == "triton" else None
 
-    def _rotate_queries(self, q, total: int, cache):
-        """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1."""
+    def _rotate_queries(self, q, total: int, cache, position_ids=None):
+        """``(q rotated at its cache slots, cos, sin)``; the tables ``(total, head_dim)`` cover slots 0 … total-1
+        (under dynamic NTK with per-sequence positions, ``(b, total, head_dim)``: one per sequence)."""
         rotary, layer_type = self.rotary_emb(), self.rope_layer_type()
         slots = self._query_slots(cache, total, q.shape[2], q.device)
         kind = rope_type(rotary, layer_type)  # read once: this runs in every layer at every decode step
@@ -190,11 +194,35 @@ class CompressedAttentionMixin:
         elif is_dynamic_ntk(kind):
             frequencies, offset = self._record_tokens(cache, total, slots, "_tmps_rope_frequencies",
                                                       current_frequencies(rotary, layer_type))
-            pairs = per_token_pairs(rotary, frequencies, q, layer_type)[offset:]
+            shifts = self._position_shifts(position_ids, slots, offset)
+            pairs = per_token_pairs(rotary, frequencies, q, layer_type, shifts)
+            if pairs.dim() == 4:  # one table per sequence: (b, tokens, 2, head_dim)
+                pairs = pairs[:, offset:]
+                cos_q, sin_q = pairs[:, slots].unsqueeze(1).unbind(3)  # (b, 1, q_len, head_dim): over the heads
+                return rotate(q, cos_q, sin_q), pairs[:, :, 0], pairs[:, :, 1]
+            pairs = pairs[offset:]
         else:
             pairs = rope_pairs(rotary, total, q, layer_type)
         cos_q, sin_q = pairs[slots].unbind(1)  # one gather for both (static cache), a view otherwise
         return rotate(q, cos_q, sin_q), pairs[:, 0], pairs[:, 1]
+
+    @staticmethod
+    def _position_shifts(position_ids, slots, offset: int):
+        """``(b,)`` float32: how far each sequence's positions lag its tokens' indices (``offset`` + slot),
+        or None where they do not (no position ids, or one row of them: HF's own ``arange``).
+
+        HF's ``generate`` numbers a left-padded row's tokens from its first real one. Where every key
+        is rotated with the queries' frequencies only distances count and the slots serve; under
+        dynamic NTK a key keeps the frequencies of the forward that wrote it, so keys and queries score
+        by position and each sequence's tables must be read at its own positions. The shift is read
+        from this step's last query, a real token in a left-padded row; the padding's keys it mis-places
+        are masked. Longrope's two static tables stay shared: its ``generate`` drops the cache where
+        it would switch them (see test_left_padded_generate_past_the_original_context).
+        """
+        if position_ids is None or position_ids.shape[0] == 1:
+            return None
+        last = offset + (slots.stop - 1 if isinstance(slots, slice) else slots[-1])
+        return (last - position_ids[:, -1]).float()
 
     def _record_tokens(self, cache, total: int, slots, name: str, value: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``(record, offset)``: ``value`` (this forward's RoPE choice: longrope's long-or-short flag, or
@@ -252,6 +280,8 @@ class CompressedAttentionMixin:
             return (filled.to(device) - 1).view(1)
         return filled.to(device) - q_len + torch.arange(q_len, device=device)
 
-    def _rope_by_relative_position(self, q, k, cache):
-        q, cos, sin = self._rotate_queries(q, k.shape[2], cache)
+    def _rope_by_relative_position(self, q, k, cache, position_ids=None):
+        q, cos, sin = self._rotate_queries(q, k.shape[2], cache, position_ids)
+        if cos.dim() == 3:  # one table per sequence: broadcast over the heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return q, rotate(k, cos, sin)

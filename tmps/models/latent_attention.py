@@ -46,7 +46,8 @@ def latent_attention(q, c_k, c_v, k_up, v_up, attention_mask, scaling, rope=None
     k_up : (kv_heads·head_dim, r_k), v_up : (kv_heads·head_dim, r_v)   rows head-major
     attention_mask : None, or (b | 1, 1 | heads, q_len, ≥T), boolean (True = attend) or additive
     scaling : float   softmax scale
-    rope : None, or (cos, sin) of shape (T, head_dim): keys at position t are rotated by row t
+    rope : None, or (cos, sin) of shape (T, head_dim): keys at position t are rotated by row t; or
+        (b, T, head_dim), one table per sequence (dynamic NTK with left-padded rows)
     key_scores : optional callable ``(q_grouped, c_k, k_up, cos, sin) -> (b, kv_heads, G·q_len, T)``
         computing the RoPE key scores (the fused Triton kernel); the torch chain when None.
     values : optional callable with :func:`tmps.kernels.latent_decode.latent_decode_attention`'s
@@ -107,10 +108,12 @@ def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
     """``q · R_t U_k,g c_k,t`` by rebuilding and rotating the keys: (b, kv_heads, m, T).
 
     q_grouped (b, kv_heads, m, head_dim); c_k (b, T, r_k); k_up (kv_heads·head_dim, r_k);
-    cos, sin (T, head_dim) with HF's rotate_half convention.
+    cos, sin (T, head_dim), or (b, T, head_dim) per sequence, with HF's rotate_half convention.
     """
     b, kv_heads, _, head_dim = q_grouped.shape
     keys = (c_k @ k_up.T).view(b, c_k.shape[1], kv_heads, head_dim).transpose(1, 2)
+    if cos.dim() == 3:  # one table per sequence: broadcast over the key heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     keys = rotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
     return q_grouped @ keys.transpose(-1, -2)
 

@@ -133,20 +133,26 @@ def current_frequencies(rotary, layer_type: str | None = None) -> torch.Tensor:
     return getattr(rotary, _prefix(layer_type) + "inv_freq").float()
 
 
-def per_token_pairs(rotary, frequencies: torch.Tensor, like: torch.Tensor, layer_type: str | None = None) -> torch.Tensor:
+def per_token_pairs(rotary, frequencies: torch.Tensor, like: torch.Tensor, layer_type: str | None = None,
+                    shifts: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rope_pairs` with token ``j`` rotated at position ``j`` by its own ``frequencies[j]``
-    (``(n, rotary_dim / 2)`` float32), as the dense cache holds keys under dynamic NTK RoPE.
+    (``(n, rotary_dim / 2)`` float32), as the dense cache holds keys under dynamic NTK RoPE:
+    ``(n, 2, head_dim)``; with ``shifts`` (``(b,)``, float32) sequence ``i``'s token ``j`` sits at
+    position ``j - shifts[i]`` instead (a left-padded row counts from its first real token) and the
+    tables are ``(b, n, 2, head_dim)``.
 
-    HF's forward, row by row: angles ``j · f`` in float32, ``emb = [angles, angles]``, cos and sin
-    times ``attention_scaling``, cast to ``like``'s dtype. The tables change at every step past the
+    HF's forward, row by row: angles ``position · f`` in float32, ``emb = [angles, angles]``, cos and
+    sin times ``attention_scaling``, cast to ``like``'s dtype. The tables change at every step past the
     original context, so they are computed per call (as :func:`rope_pairs` does for dynamic types).
     """
     positions = torch.arange(frequencies.shape[0], device=frequencies.device, dtype=torch.float32)
-    angles = positions[:, None] * frequencies
+    if shifts is not None:  # integers below 2^24: exact in float32, as HF's float position ids
+        positions = positions - shifts[:, None]
+    angles = positions[..., None] * frequencies
     emb = torch.cat((angles, angles), dim=-1)
     scale = getattr(rotary, "attention_scaling", 1.0) if layer_type is None else \
         getattr(rotary, f"{layer_type}_attention_scaling", getattr(rotary, "attention_scaling", 1.0))
-    return torch.stack((emb.cos() * scale, emb.sin() * scale), dim=1).to(like.dtype)
+    return torch.stack((emb.cos() * scale, emb.sin() * scale), dim=-2).to(like.dtype)
 
 
 def longrope_pairs(rotary, total: int, like: torch.Tensor, long_slots: torch.Tensor,
