@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels_bridge as bridge
+from ..compat import attention_cache_keyword, is_paged_cache
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
 from .rope import (current_frequencies, is_dynamic_ntk, longrope_call_is_long, longrope_pairs, per_token_pairs,
@@ -66,7 +67,22 @@ class CompressedAttentionMixin:
         ``architecture`` is set by :func:`tmps.models.base.register`."""
         return self.architecture.sliding_window(self)
 
-    def compressed_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+    def layer_cache(self, cache, past_key_values, kwargs: dict):
+        """The KV cache the model passed this layer, from the forward's ``cache`` / ``past_key_values``.
+
+        From transformers 5.24 the layer's cache is ``cache`` (``past_key_values`` its deprecated alias).
+        Before, it was ``past_key_values``, and a ``cache`` keyword belonged to the paged attention
+        functions of continuous batching, which update it themselves: it goes back into ``kwargs``.
+        """
+        if attention_cache_keyword(self.architecture.dense_attention_class) == "cache":
+            return cache if cache is not None else past_key_values
+        if cache is not None:
+            kwargs["cache"] = cache
+        return past_key_values
+
+    def compressed_forward(self, hidden_states, attention_mask=None, kv_cache=None, **kwargs):
+        """``kv_cache``: :meth:`layer_cache`'s (``kwargs`` may hold a ``cache`` of the attention function's)."""
+        cache = kv_cache
         input_shape = hidden_states.shape[:-1]
         position_ids = kwargs.get("position_ids")  # left in kwargs: HF's attention functions take it too
         # read once: a config attribute costs ~3 us (HF's __getattribute__), and decode is host-bound
@@ -80,6 +96,11 @@ class CompressedAttentionMixin:
         window = self.attention_window()
 
         if self.mode == "kv":
+            if is_paged_cache(cache) or is_paged_cache(kwargs.get("cache")):
+                raise ValueError(
+                    "kv mode caches latent keys and values, and transformers' continuous batching "
+                    "(generate_batch) keeps full ones per head in its paged cache: use model.generate, or "
+                    "compress with mode='weights' (its cache is the dense model's)")
             if self.k_down is not None:  # full keys: normalise each head, then take the latent (c_k = P_k k̂)
                 k = self.k_norm(k.view(*input_shape, -1, self.head_dim)).flatten(-2) @ self.k_down.T
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
@@ -106,8 +127,9 @@ class CompressedAttentionMixin:
                 cos, sin = kwargs.pop("position_embeddings")
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            if cache is not None:
-                k, v = cache.update(k, v, self.layer_idx)
+            if cache is not None:  # the paged cache (5.24+) reads this batch's indices from kwargs, as HF passes them
+                k, v = (cache.update(k, v, self.layer_idx, kwargs=kwargs) if is_paged_cache(cache)
+                        else cache.update(k, v, self.layer_idx))
         kwargs.pop("position_embeddings", None)
         if window is not None:
             kwargs["sliding_window"] = window

@@ -36,7 +36,7 @@ class LlamaFamilyForward(CompressedAttentionMixin):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
         return self.compressed_forward(hidden_states, attention_mask=attention_mask,
-                                       cache=cache if cache is not None else past_key_values,
+                                       kv_cache=self.layer_cache(cache, past_key_values, kwargs),
                                        position_embeddings=position_embeddings, **kwargs)
 
 

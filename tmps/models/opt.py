@@ -28,7 +28,7 @@ class OPTTuckerMPSAttention(CompressedAttentionMixin, OPTAttention):
                 past_key_values=None, **kwargs):
         kwargs.pop("position_ids", None)
         return self.compressed_forward(hidden_states, attention_mask=attention_mask,
-                                       cache=cache if cache is not None else past_key_values, **kwargs)
+                                       kv_cache=self.layer_cache(cache, past_key_values, kwargs), **kwargs)
 
 
 class OPTTuckerMPSDecoderLayer(OPTDecoderLayer):
