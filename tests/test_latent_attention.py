@@ -441,6 +441,33 @@ def test_left_padded_generate_past_the_original_context(rope, path, cache, backe
     assert max(errors) < 1e-5, errors  # float noise: ~2e-7
 
 
+@pytest.mark.parametrize("path", ["latent", "rebuild"])
+@pytest.mark.parametrize("shifts", [(3,), (3, 3), (0, 5)])
+def test_dynamic_ntk_honours_shifted_position_ids(shifts, path):
+    """Position ids that start past 0 (one row for every sequence, or one row each), through a
+    prompt and cached steps that cross the original context: under dynamic NTK scores depend on
+    absolute positions, so kv mode must rotate at the positions given, not at the cache slots."""
+    dense = dynamic_ntk_llama()
+    model = tmps.set_paths(tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (8, 12)), mode="kv",
+                                         ratio=1.0, progress=False), kv_attention=path)
+    ids = torch.randint(1, VOCAB, (2, 8))
+    start = torch.tensor(shifts)[:, None]  # (1 | 2, 1)
+
+    def run(m):
+        cache, logits = DynamicCache(config=dense.config), []
+        keyword = cache_keyword(m)
+        out = m(ids, position_ids=start + torch.arange(8), **{keyword: cache}, use_cache=True)
+        logits.append(out.logits)
+        for step in range(8, 16):
+            out = m(out.logits[:, -1:].argmax(-1), position_ids=start + step, **{keyword: cache}, use_cache=True)
+            logits.append(out.logits)
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        want, got = run(dense), run(model)
+    assert rel(got, want) < 1e-5, rel(got, want)
+
+
 @pytest.mark.parametrize("outcome", ["compressed", "failed"])
 def test_compressing_leaves_dynamic_ntk_rope_as_it_was(outcome, monkeypatch):
     """HF's dynamic NTK RoPE remembers the longest forward it ran: after 24-token calibration past

@@ -230,8 +230,9 @@ class CompressedAttentionMixin:
 
     @staticmethod
     def _position_shifts(position_ids, slots, offset: int):
-        """``(b,)`` float32: how far each sequence's positions lag its tokens' indices (``offset`` + slot),
-        or None where they do not (no position ids, or one row of them: HF's own ``arange``).
+        """``(b,)`` float32: how far each sequence's positions lag its tokens' indices (``offset`` + slot);
+        ``(1,)`` for one row of position ids, which serves every sequence (HF's own, ``cache_position``,
+        where the caller passed none: then 0); None without position ids.
 
         HF's ``generate`` numbers a left-padded row's tokens from its first real one. Where every key
         is rotated with the queries' frequencies only distances count and the slots serve; under
@@ -241,7 +242,7 @@ class CompressedAttentionMixin:
         are masked. Longrope's two static tables stay shared: its ``generate`` drops the cache where
         it would switch them (see test_left_padded_generate_past_the_original_context).
         """
-        if position_ids is None or position_ids.shape[0] == 1:
+        if position_ids is None:
             return None
         last = offset + (slots.stop - 1 if isinstance(slots, slice) else slots[-1])
         return (last - position_ids[:, -1]).float()

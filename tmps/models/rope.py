@@ -137,9 +137,10 @@ def per_token_pairs(rotary, frequencies: torch.Tensor, like: torch.Tensor, layer
                     shifts: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rope_pairs` with token ``j`` rotated at position ``j`` by its own ``frequencies[j]``
     (``(n, rotary_dim / 2)`` float32), as the dense cache holds keys under dynamic NTK RoPE:
-    ``(n, 2, head_dim)``; with ``shifts`` (``(b,)``, float32) sequence ``i``'s token ``j`` sits at
+    ``(n, 2, head_dim)``. With ``shifts`` (``(b,)``, float32) sequence ``i``'s token ``j`` sits at
     position ``j - shifts[i]`` instead (a left-padded row counts from its first real token) and the
-    tables are ``(b, n, 2, head_dim)``.
+    tables are ``(b, n, 2, head_dim)``; one shift (``b = 1``) moves every sequence alike, and the
+    tables stay ``(n, 2, head_dim)``.
 
     HF's forward, row by row: angles ``position · f`` in float32, ``emb = [angles, angles]``, cos and
     sin times ``attention_scaling``, cast to ``like``'s dtype. The tables change at every step past the
@@ -148,6 +149,7 @@ def per_token_pairs(rotary, frequencies: torch.Tensor, like: torch.Tensor, layer
     positions = torch.arange(frequencies.shape[0], device=frequencies.device, dtype=torch.float32)
     if shifts is not None:  # integers below 2^24: exact in float32, as HF's float position ids
         positions = positions - shifts[:, None]
+        positions = positions[0] if shifts.shape[0] == 1 else positions
     angles = positions[..., None] * frequencies
     emb = torch.cat((angles, angles), dim=-1)
     scale = getattr(rotary, "attention_scaling", 1.0) if layer_type is None else \
