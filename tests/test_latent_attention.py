@@ -411,7 +411,7 @@ def dynamic_ntk_llama(context=16):
     ("latent", "dynamic", "torch"), ("rebuild", "dynamic", "torch"), ("latent", "static", "torch"),
     pytest.param("latent", "static", "triton", marks=pytest.mark.skipif(
         not kernels_run_here(), reason="Triton's interpreter is not on (TRITON_INTERPRET=1)"))])
-@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+@pytest.mark.parametrize("rope", ["longrope", "dynamic", "dynamic_window"])
 def test_left_padded_generate_past_the_original_context(rope, path, cache, backend):
     """HF's ``generate`` numbers a left-padded row's tokens from its first real one, so there a
     token's position is its slot less the padding. Where the frequencies change past the original
@@ -423,10 +423,16 @@ def test_left_padded_generate_past_the_original_context(rope, path, cache, backe
     Phi-3's ``generate`` drops the cache when it crosses the original context (5.25 recomputes the
     sequence; 5.17 feeds the new token alone, the padded row's mask hiding every position), so
     longrope never mixes factors there and matches (on 5.17 once fully masked rows gave zeros, as
-    SDPA: test_a_decode_query_that_attends_to_nothing_gets_what_dense_gives)."""
+    SDPA: test_a_decode_query_that_attends_to_nothing_gets_what_dense_gives). ``dynamic_window``: a
+    Mistral with a 6-token window, whose cache drops the oldest tokens and shifts the slots."""
     from test_phi3 import longrope_phi3
 
-    dense = longrope_phi3() if rope == "longrope" else dynamic_ntk_llama()
+    if rope == "dynamic_window":
+        config = MistralConfig(**{**SHAPE, "max_position_embeddings": 16}, sliding_window=6,
+                               rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+        dense = MistralForCausalLM(config).eval()
+    else:
+        dense = longrope_phi3() if rope == "longrope" else dynamic_ntk_llama()
     dense.generation_config.pad_token_id = 0
     model = tmps.set_paths(tmps.compress(copy.deepcopy(dense), torch.randint(0, VOCAB, (16, 12)), mode="kv",
                                          ratio=1.0, progress=False), kv_attention=path, backend=backend)
