@@ -141,6 +141,10 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     if config.metric == "fisher" and not has_lm_head:
         raise ValueError(f"metric='fisher' needs the language-model loss, which a bare {type(model).__name__} "
                          "has not: pass the *ForCausalLM, or use metric='analytic'")
+    if config.metric == "fisher" and _flex_attention_on_cpu(model):
+        raise ValueError("metric='fisher' runs the loss backward through attention, and flex_attention has no "
+                         "backward on the CPU: call model.set_attn_implementation('sdpa') (or load the model "
+                         "with attn_implementation='sdpa') before compressing, or use metric='analytic'")
     with rotary_state_kept(model):  # dynamic NTK RoPE remembers the longest forward
         if calibration is None:
             calibration = sample_from_model(model, calibration_samples, calibration_seq_len, seed, batch_size)
@@ -161,6 +165,13 @@ def compress(model: nn.Module, calibration=None, *, mode: str = "kv", method: st
     model.tmps_info = {"config": config.to_dict(), "layers": info}
     record_compression(model)  # for save_pretrained / from_pretrained (tmps.pretrained)
     return wrapper
+
+
+def _flex_attention_on_cpu(model: nn.Module) -> bool:
+    """Whether ``model`` attends with flex_attention on the CPU, where torch has no backward for it."""
+    if getattr(model.config, "_attn_implementation", None) != "flex_attention":
+        return False
+    return any(p.device.type == "cpu" for p in model.parameters())
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
