@@ -7,7 +7,7 @@ accept both.)
 
 Continuous batching (``model.generate_batch``) keeps keys and values in a paged cache. transformers
 5.17 hands it to the attention function as its ``cache`` keyword (the paged attention functions update
-it themselves); 5.24 on passes it as the layer's own cache, which the attention updates with the
+it themselves); 5.25 passes it as the layer's own cache, which the attention updates with the
 batch's indices (``cache.update(k, v, layer, kwargs=kwargs)``). See :func:`attention_cache_keyword`
 and :func:`is_paged_cache`.
 """

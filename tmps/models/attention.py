@@ -127,7 +127,7 @@ class CompressedAttentionMixin:
                 cos, sin = kwargs.pop("position_embeddings")
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            if cache is not None:  # the paged cache (5.24+) reads this batch's indices from kwargs, as HF passes them
+            if cache is not None:  # the paged cache (5.25) reads this batch's indices from kwargs, as HF passes them
                 k, v = (cache.update(k, v, self.layer_idx, kwargs=kwargs) if is_paged_cache(cache)
                         else cache.update(k, v, self.layer_idx))
         kwargs.pop("position_embeddings", None)
