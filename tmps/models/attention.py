@@ -33,8 +33,8 @@ from .. import kernels_bridge as bridge
 from ..compat import attention_cache_keyword, is_paged_cache
 from ..paths import KV_ATTENTION
 from .latent_attention import LATENT_IMPLEMENTATIONS, latent_attention, prefers_latent
-from .rope import (current_frequencies, is_dynamic_ntk, longrope_call_is_long, longrope_pairs, per_token_pairs,
-                   rope_pairs, rope_type, rotate)
+from .rope import (current_frequencies, is_dynamic_ntk, longrope_call_is_long, longrope_pairs, over_heads,
+                   per_token_pairs, rope_pairs, rope_type, rotate)
 
 try:  # transformers 5.x
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -82,7 +82,6 @@ class CompressedAttentionMixin:
 
     def compressed_forward(self, hidden_states, attention_mask=None, kv_cache=None, **kwargs):
         """``kv_cache``: :meth:`layer_cache`'s (``kwargs`` may hold a ``cache`` of the attention function's)."""
-        cache = kv_cache
         input_shape = hidden_states.shape[:-1]
         position_ids = kwargs.get("position_ids")  # left in kwargs: HF's attention functions take it too
         # read once: a config attribute costs ~3 us (HF's __getattribute__), and decode is host-bound
@@ -96,7 +95,7 @@ class CompressedAttentionMixin:
         window = self.attention_window()
 
         if self.mode == "kv":
-            if is_paged_cache(cache) or is_paged_cache(kwargs.get("cache")):
+            if is_paged_cache(kv_cache) or is_paged_cache(kwargs.get("cache")):
                 raise ValueError(
                     "kv mode caches latent keys and values, and transformers' continuous batching "
                     "(generate_batch) keeps full ones per head in its paged cache: use model.generate, or "
@@ -104,19 +103,19 @@ class CompressedAttentionMixin:
             if self.k_down is not None:  # full keys: normalise each head, then take the latent (c_k = P_k k̂)
                 k = self.k_norm(k.view(*input_shape, -1, self.head_dim)).flatten(-2) @ self.k_down.T
             k, v = k.unsqueeze(1), v.unsqueeze(1)  # latents as one pseudo-head: (b, 1, s, r)
-            if cache is not None:
-                k, v = cache.update(k, v, self.layer_idx)
+            if kv_cache is not None:
+                k, v = kv_cache.update(k, v, self.layer_idx)
             if self._reads_latents(q.shape[1], q.shape[2], attention_mask, implementation):
                 # the whole scale (OPT's query prescale too) rides on the latent score GEMM
-                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape, cache,
-                                            implementation, position_ids)
+                return self._latent_forward(q, k.squeeze(1), v.squeeze(1), attention_mask, scaling, input_shape,
+                                            kv_cache, implementation, position_ids)
         if self.query_prescale:  # as the dense model: q scaled in its dtype, attention at scale 1
             q, scaling = q * self.scaling, 1.0
         if self.mode == "kv":
             k = (k.squeeze(1) @ self.k_up.T).view(k.shape[0], k.shape[2], -1, self.head_dim).transpose(1, 2)
             v = (v.squeeze(1) @ self.v_up.T).view(v.shape[0], v.shape[2], -1, self.head_dim).transpose(1, 2)
             if self.uses_rope:
-                q, k = self._rope_by_relative_position(q, k, cache, position_ids)
+                q, k = self._rope_by_relative_position(q, k, kv_cache, position_ids)
         else:
             k = k.view(*input_shape, -1, self.head_dim)
             if self.head_norms:
@@ -127,9 +126,9 @@ class CompressedAttentionMixin:
                 cos, sin = kwargs.pop("position_embeddings")
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            if cache is not None:  # the paged cache (5.25) reads this batch's indices from kwargs, as HF passes them
-                k, v = (cache.update(k, v, self.layer_idx, kwargs=kwargs) if is_paged_cache(cache)
-                        else cache.update(k, v, self.layer_idx))
+            if kv_cache is not None:  # the paged cache (5.25) reads this batch's indices from kwargs, as HF passes them
+                k, v = (kv_cache.update(k, v, self.layer_idx, kwargs=kwargs) if is_paged_cache(kv_cache)
+                        else kv_cache.update(k, v, self.layer_idx))
         kwargs.pop("position_embeddings", None)
         if window is not None:
             kwargs["sliding_window"] = window
@@ -217,16 +216,12 @@ class CompressedAttentionMixin:
             frequencies, offset = self._record_tokens(cache, total, slots, "_tmps_rope_frequencies",
                                                       current_frequencies(rotary, layer_type))
             shifts = self._position_shifts(position_ids, slots, offset)
-            pairs = per_token_pairs(rotary, frequencies, q, layer_type, shifts)
-            if pairs.dim() == 4:  # one table per sequence: (b, tokens, 2, head_dim)
-                pairs = pairs[:, offset:]
-                cos_q, sin_q = pairs[:, slots].unsqueeze(1).unbind(3)  # (b, 1, q_len, head_dim): over the heads
-                return rotate(q, cos_q, sin_q), pairs[:, :, 0], pairs[:, :, 1]
-            pairs = pairs[offset:]
+            pairs = per_token_pairs(rotary, frequencies, q, layer_type, shifts)[..., offset:, :, :]
         else:
             pairs = rope_pairs(rotary, total, q, layer_type)
-        cos_q, sin_q = pairs[slots].unbind(1)  # one gather for both (static cache), a view otherwise
-        return rotate(q, cos_q, sin_q), pairs[:, 0], pairs[:, 1]
+        # pairs: (total, 2, head_dim), or (b, total, 2, head_dim) with one table per sequence
+        cos_q, sin_q = pairs[..., slots, :, :].unbind(-2)  # one gather for both (static cache), a view otherwise
+        return rotate(q, over_heads(cos_q), over_heads(sin_q)), pairs[..., 0, :], pairs[..., 1, :]
 
     @staticmethod
     def _position_shifts(position_ids, slots, offset: int):
@@ -305,6 +300,4 @@ class CompressedAttentionMixin:
 
     def _rope_by_relative_position(self, q, k, cache, position_ids=None):
         q, cos, sin = self._rotate_queries(q, k.shape[2], cache, position_ids)
-        if cos.dim() == 3:  # one table per sequence: broadcast over the heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q, rotate(k, cos, sin)
+        return q, rotate(k, over_heads(cos), over_heads(sin))

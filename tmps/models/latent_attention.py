@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import rotate
+from .rope import over_heads, rotate
 
 # Attention implementations whose masks this module reads: 4-D boolean (True = attend) from sdpa,
 # 4-D additive from eager, or None (no padding).  Others (flash, flex) take the rebuild path.
@@ -112,9 +112,7 @@ def rope_key_scores_torch(q_grouped, c_k, k_up, cos, sin):
     """
     b, kv_heads, _, head_dim = q_grouped.shape
     keys = (c_k @ k_up.T).view(b, c_k.shape[1], kv_heads, head_dim).transpose(1, 2)
-    if cos.dim() == 3:  # one table per sequence: broadcast over the key heads
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    keys = rotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
+    keys = rotate(keys, over_heads(cos).to(keys.dtype), over_heads(sin).to(keys.dtype))
     return q_grouped @ keys.transpose(-1, -2)
 
 

@@ -25,6 +25,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((rotary * cos + rotate_half(rotary) * sin, passed), dim=-1)
 
 
+def over_heads(table: torch.Tensor) -> torch.Tensor:
+    """A RoPE table (cos or sin) shaped to broadcast against ``(b, heads, n, head_dim)``: one table for
+    every sequence, ``(n, head_dim)``, as it is; one per sequence, ``(b, n, head_dim)``, as ``(b, 1, n, head_dim)``."""
+    return table.unsqueeze(-3) if table.dim() == 3 else table
+
+
 def rope_average(m: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
     """``m: (heads·head_dim, heads·head_dim)``, a second moment of RoPE'd projections' outputs, averaged
     over the rotation angles: what RoPE leaves of it for any position.
